@@ -1,0 +1,1 @@
+"""stackwatch.daemon: the service (watcher, catalogue, queue, pipeline driver, checkpoints) and the CLI."""

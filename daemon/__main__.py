@@ -1,0 +1,5 @@
+import sys
+
+from stackwatch.daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""The `stackwatch` command: one parser, one module per subcommand.
+
+Each subcommand module (``cmd_<name>.py`` beside this file) has ``register(subparsers)``, which adds
+its parser and sets ``func`` to a ``run(args) -> int``. Modules import heavy dependencies inside
+``run`` so that ``stackwatch --help`` stays fast.
+
+Exit status: 0 success, 1 failure, 2 bad usage. User errors (``StackwatchError``) print one line,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from stackwatch.engine.errors import StackwatchError
+
+__all__ = ["build_parser", "main"]
+
+# Order is the order of `stackwatch --help`.
+COMMAND_MODULES = [
+    "stackwatch.daemon.cmd_config",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stackwatch",
+        description="Live stacking for astrophotography: calibrate, register, normalise and integrate FITS frames.",
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parser.add_argument("--version", action="version", version=f"%(prog)s {version('stackwatch')}")
+    except PackageNotFoundError:  # running from a source tree without an install
+        pass
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except StackwatchError as exc:
+        print(f"stackwatch {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stackwatch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `stackwatch inspect ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
