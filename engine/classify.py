@@ -1,0 +1,432 @@
+"""Classify a frame from its header (and, where the header is silent, its path).
+
+Pure and table-driven: :func:`classify` reads only the header and the path string.
+
+Kind, in this order:
+
+1. The first frame-type keyword that has a recognised value: IMAGETYP, IMAGETYPE, FRAMETYP, FRAME
+   (INDI/Ekos), OBSTYPE. Values are compared case-folded with spaces, '-' and '_' removed and a
+   trailing "frame"/"image" dropped, so "Light Frame", "LIGHT", "light_frame" are the same; see
+   ``_KIND_WORDS`` for every spelling.
+2. Otherwise the path: the file name first, then its folders from the nearest up. Each component is
+   cut into words (at non-letters and camelCase humps: "FlatWizard" -> flat, wizard) and the first
+   rule that matches wins, in the order darkflat (darkflat, flatdark, or "dark" next to "flat"),
+   bias (bias, offset, zero), dark, flat, light (light, science).
+3. Otherwise: a light when the header names a target or pointing (non-empty OBJECT, RA/DEC,
+   OBJCTRA/OBJCTDEC) with an exposure > 0 -- e.g. MicroObservatory files, which have neither a type
+   keyword nor a telling name; else "unknown".
+
+A "dark" with an exposure of at most ``BIAS_MAX_EXPOSURE_S`` (1 ms; covers 0 s, CMOS minimum
+exposures of tens of microseconds and DSLR 1/1000-1/4000 s bias shots) is a bias.
+
+Temperatures: CCD-TEMP, CCD_TEMP, CCDTEMP, TEMPERAT, SENSTEMP, CAMTEMP, then SET-TEMP. A value above
+150 is taken as kelvin and converted (no sensor runs at 150 °C; MicroObservatory writes CAMTEMP in K,
+-1 meaning no data); values below -273.15 °C are ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import PurePath
+from typing import Any
+
+from astropy.io import fits
+from stackwatch.engine.fitsio import bayer_pattern, image_shape
+
+__all__ = [
+    "BIAS_MAX_EXPOSURE_S",
+    "KINDS",
+    "FrameInfo",
+    "classify",
+    "kind_from_name",
+    "kind_from_value",
+    "normalize_filter",
+]
+
+KINDS = ("light", "bias", "dark", "flat", "darkflat", "unknown")
+BIAS_MAX_EXPOSURE_S = 0.001
+
+_TYPE_KEYWORDS = ("IMAGETYP", "IMAGETYPE", "FRAMETYP", "FRAMETYPE", "FRAME", "OBSTYPE")
+
+# Normalised keyword values (lower case, no spaces/-/_, trailing "frame"/"image" removed).
+_KIND_WORDS: dict[str, str] = {
+    **dict.fromkeys(("light", "lights", "object", "science", "sci", "obj", "lightframe"), "light"),
+    **dict.fromkeys(("bias", "biases", "offset", "offsets", "zero", "zeros", "biasframe"), "bias"),
+    **dict.fromkeys(("dark", "darks", "darkcurrent"), "dark"),
+    **dict.fromkeys(
+        ("flat", "flats", "flatfield", "skyflat", "domeflat", "twilightflat", "panelflat", "lampflat"), "flat"
+    ),
+    **dict.fromkeys(
+        ("darkflat", "darkflats", "flatdark", "flatdarks", "darkforflat", "flatdarkframe", "darkflatframe"),
+        "darkflat",
+    ),
+}
+
+_EXPOSURE_KEYWORDS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "EXP-TIME", "EXP")
+_TEMP_KEYWORDS = ("CCD-TEMP", "CCD_TEMP", "CCDTEMP", "TEMPERAT", "SENSTEMP", "CAMTEMP", "DET-TEMP", "SET-TEMP")
+_GAIN_KEYWORDS = ("GAIN", "ISOSPEED", "ISO")
+_OFFSET_KEYWORDS = ("OFFSET", "BLKLEVEL", "BLACKLEV")
+_PIXEL_KEYWORDS = ("XPIXSZ", "PIXSIZE1", "PIXSIZE", "XPIXELSZ", "PIXSZ")
+_FOCAL_KEYWORDS = ("FOCALLEN", "FOCAL", "FOCLEN")
+_FILTER_KEYWORDS = ("FILTER", "FILTNAME", "FILTER1")
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What a frame is, from its header: everything matching and grouping needs.
+
+    ``exposure_s``, ``gain``, ``offset``, ``temperature_c``, ``ra_deg``, ``dec_deg``,
+    ``pixel_size_um`` and ``focal_length_mm`` are None when the header does not say. ``kind_source``
+    tells where the kind came from: "header:<KEYWORD>", "name", "content" or "none".
+    """
+
+    path: str
+    kind: str
+    camera: str
+    exposure_s: float | None
+    gain: float | None
+    offset: float | None
+    temperature_c: float | None
+    binning: tuple[int, int]
+    shape: tuple[int, ...]
+    filter: str
+    object: str
+    ra_deg: float | None
+    dec_deg: float | None
+    bayer: str | None
+    pixel_size_um: float | None
+    focal_length_mm: float | None
+    date_obs: str | None
+    kind_source: str = "none"
+    header_pixel_scale_arcsec: float | None = None
+
+    @property
+    def is_calibration(self) -> bool:
+        """True for bias, dark, flat and flat-dark frames."""
+        return self.kind in ("bias", "dark", "flat", "darkflat")
+
+    @property
+    def sensor_key(self) -> tuple[Any, ...]:
+        """Camera, gain, offset, binning, geometry and CFA: what every master must share with a light."""
+        return (self.camera, self.gain, self.offset, self.binning, self.shape, self.bayer)
+
+    @property
+    def pixel_scale_arcsec(self) -> float | None:
+        """Arcsec per pixel: 206.265 * pixel size / focal length when both are known (pixel size as
+        written, which includes binning for MaxIm/N.I.N.A.), else a scale keyword (PIXSCALE, SECPIX1,
+        IM_SCALE, SCALE), else None."""
+        if self.pixel_size_um and self.focal_length_mm:
+            return 206.264806 * self.pixel_size_um / self.focal_length_mm
+        return self.header_pixel_scale_arcsec
+
+
+# --------------------------------------------------------------------------------------------------
+# Small header readers
+
+
+def _num(header: fits.Header, key: str) -> float | None:
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _first_num(header: fits.Header, keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = _num(header, key)
+        if value is not None:
+            return value
+    return None
+
+
+def _str(header: fits.Header, key: str) -> str:
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return ""
+    return str(value).strip()
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[\s_\-.]+", "", text.casefold())
+
+
+def kind_from_value(value: str) -> str | None:
+    """Kind named by a frame-type keyword value ("Light Frame", "Flat-Dark", "Offset"...), else None."""
+    word = _squash(value)
+    if word in _KIND_WORDS:
+        return _KIND_WORDS[word]
+    for suffix in ("frames", "frame", "images", "image", "field", "fields"):
+        if word.endswith(suffix) and word[: -len(suffix)] in _KIND_WORDS:
+            return _KIND_WORDS[word[: -len(suffix)]]
+    return None
+
+
+_WORD_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("darkflat", frozenset({"darkflat", "darkflats", "flatdark", "flatdarks"})),
+    ("bias", frozenset({"bias", "biases", "offset", "offsets", "zero", "zeros"})),
+    ("dark", frozenset({"dark", "darks"})),
+    ("flat", frozenset({"flat", "flats", "flatfield", "flatfields"})),
+    ("light", frozenset({"light", "lights", "science"})),
+)
+
+
+def _words(component: str) -> list[str]:
+    return [w.casefold() for w in _WORD_RE.findall(component)]
+
+
+def _kind_of_component(component: str) -> str | None:
+    words = _words(component)
+    # "offset50", "Offset_30": the offset setting in a file name pattern, not a frame type
+    wordset = {
+        w for i, w in enumerate(words) if not (w == "offset" and i + 1 < len(words) and words[i + 1].isdigit())
+    }
+    # "dark" next to "flat" in either order (Dark_Flat, FlatDark, flat-darks)
+    for a, b in itertools.pairwise(words):
+        pair = {a.rstrip("s"), b.rstrip("s")}
+        if pair == {"dark", "flat"}:
+            return "darkflat"
+    for kind, names in _NAME_RULES:
+        if wordset & names:
+            return kind
+    return None
+
+
+def kind_from_name(path: str) -> str | None:
+    """Kind told by a path: the file name first, then the folders from the nearest up; else None."""
+    parts = PurePath(path).parts
+    if not parts:
+        return None
+    name = parts[-1]
+    stem = re.sub(r"(\.(fits|fit|fts))?(\.gz|\.fz)?$", "", name, flags=re.IGNORECASE)
+    for component in [stem, *reversed(parts[:-1])]:
+        kind = _kind_of_component(component)
+        if kind is not None:
+            return kind
+    return None
+
+
+def normalize_filter(name: str) -> str:
+    """Filter name as used for matching: trimmed and case-folded ("" when none)."""
+    text = name.strip().casefold()
+    return "" if text in ("none", "n/a", "no filter", "nofilter") else text
+
+
+def _temperature(header: fits.Header) -> float | None:
+    for key in _TEMP_KEYWORDS:
+        value = _num(header, key)
+        if value is None:
+            continue
+        if key == "CAMTEMP" and value == -1:
+            continue  # MicroObservatory: -1 = no data
+        if value > 150.0:
+            value -= 273.15  # kelvin
+        if value < -273.15:
+            continue
+        return round(value, 3)
+    return None
+
+
+def _exposure(header: fits.Header) -> float | None:
+    value = _first_num(header, _EXPOSURE_KEYWORDS)
+    if value is None:
+        us = _num(header, "EXPOINUS")  # SharpCap: exposure in microseconds
+        if us is not None:
+            value = us * 1e-6
+    return value if value is None or value >= 0 else None
+
+
+def _binning(header: fits.Header) -> tuple[int, int]:
+    def one(keys: tuple[str, ...]) -> int:
+        value = _first_num(header, keys)
+        return int(value) if value is not None and value >= 1 else 1
+
+    return one(("XBINNING", "BINX", "CCDXBIN", "HBIN")), one(("YBINNING", "BINY", "CCDYBIN", "VBIN"))
+
+
+def _sexagesimal(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"([+-]?)\s*(\d+(?:\.\d*)?)(?:[\s:hHdD°]+(\d+(?:\.\d*)?))?(?:[\s:mM']+(\d+(?:\.\d*)?))?[\s\"sS]*", text)
+    if not m:
+        return None
+    sign = -1.0 if m.group(1) == "-" else 1.0
+    value = float(m.group(2)) + float(m.group(3) or 0) / 60.0 + float(m.group(4) or 0) / 3600.0
+    return sign * value
+
+
+def _pointing(header: fits.Header) -> tuple[float | None, float | None]:
+    def ra_of(key: str, hours_if_str: bool) -> float | None:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            return None
+        if isinstance(value, int | float):
+            return float(value) % 360.0 if math.isfinite(value) else None
+        text = str(value)
+        try:
+            return float(text) % 360.0
+        except ValueError:
+            pass
+        v = _sexagesimal(text)
+        if v is None:
+            return None
+        return (v * 15.0) % 360.0 if hours_if_str else v % 360.0
+
+    def dec_of(key: str) -> float | None:
+        value = header.get(key)
+        if value is None or isinstance(value, bool):
+            return None
+        if isinstance(value, int | float):
+            v: float | None = float(value)
+        else:
+            text = str(value)
+            try:
+                v = float(text)
+            except ValueError:
+                v = _sexagesimal(text)
+        return v if v is not None and -90.0 <= v <= 90.0 else None
+
+    for ra_key, dec_key in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("RA_OBJ", "DEC_OBJ"), ("TELRA", "TELDEC")):
+        ra, dec = ra_of(ra_key, True), dec_of(dec_key)
+        if ra is not None and dec is not None:
+            return ra, dec
+    if str(header.get("CTYPE1", "")).startswith("RA--") and str(header.get("CTYPE2", "")).startswith("DEC-"):
+        ra, dec = _num(header, "CRVAL1"), _num(header, "CRVAL2")
+        if ra is not None and dec is not None and -90 <= dec <= 90:
+            return ra % 360.0, dec
+    return None, None
+
+
+_DATE_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def _parse_date(text: str) -> datetime | None:
+    m = _DATE_RE.match(text.strip())
+    if not m:
+        return None
+    y, mo, d, hh, mm, ss, frac, zone = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(hh or 0), int(mm or 0), int(ss or 0), micro, tzinfo=UTC)
+    except ValueError:
+        return None
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        dt -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return dt
+
+
+def _date_obs(header: fits.Header) -> str | None:
+    """DATE-OBS as ISO UTC without zone ('YYYY-MM-DDTHH:MM:SS.ffffff' trimmed to ms)."""
+    text = _str(header, "DATE-OBS")
+    dt = _parse_date(text) if text else None
+    if dt is not None and "T" not in text and " " not in text.strip():
+        time_obs = _str(header, "TIME-OBS") or _str(header, "UT") or _str(header, "UTSTART")
+        if time_obs:
+            dt = _parse_date(f"{text.strip()}T{time_obs}") or dt
+    if dt is None:
+        for key in ("UT-OBS", "DATE-BEG", "DATE_OBS"):
+            dt = _parse_date(_str(header, key))
+            if dt is not None:
+                break
+    if dt is None:
+        mjd = _num(header, "MJD-OBS")
+        if mjd is not None:
+            dt = datetime(1858, 11, 17, tzinfo=UTC) + timedelta(days=mjd)
+    if dt is None:
+        return None
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}"
+
+
+def _kind(header: fits.Header, path: str, exposure: float | None, has_target: bool) -> tuple[str, str]:
+    kind: str | None = None
+    source = "none"
+    for key in _TYPE_KEYWORDS:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            kind = kind_from_value(value)
+            if kind is not None:
+                source = f"header:{key}"
+                break
+    if kind is None:
+        kind = kind_from_name(path)
+        if kind is not None:
+            source = "name"
+    if kind is None and has_target and exposure is not None and exposure > 0:
+        kind, source = "light", "content"
+    if kind == "dark" and exposure is not None and exposure <= BIAS_MAX_EXPOSURE_S:
+        kind = "bias"
+    return kind or "unknown", source
+
+
+def classify(header: fits.Header, path: str = "") -> FrameInfo:
+    """Describe a frame from its header (as :func:`~stackwatch.engine.fitsio.read_header` returns it).
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        The image HDU header (raw from the file, or as rewritten by ``read_image``: same result).
+    path : str, optional
+        The file path; used for the kind when no keyword names it. Default is "".
+
+    Returns
+    -------
+    FrameInfo
+    """
+    exposure = _exposure(header)
+    ra, dec = _pointing(header)
+    obj = _str(header, "OBJECT")
+    has_target = obj.casefold() not in ("", "unknown", "none") or ra is not None
+    kind, source = _kind(header, path, exposure, has_target)
+    filt = ""
+    for key in _FILTER_KEYWORDS:
+        filt = normalize_filter(_str(header, key))
+        if filt:
+            break
+    camera = _str(header, "INSTRUME") or _str(header, "CAMERA") or _str(header, "DETECTOR")
+    return FrameInfo(
+        path=str(path),
+        kind=kind,
+        camera=camera,
+        exposure_s=exposure,
+        gain=_first_num(header, _GAIN_KEYWORDS),
+        offset=_first_num(header, _OFFSET_KEYWORDS),
+        temperature_c=_temperature(header),
+        binning=_binning(header),
+        shape=image_shape(header),
+        filter=filt,
+        object=obj,
+        ra_deg=ra,
+        dec_deg=dec,
+        bayer=bayer_pattern(header),
+        pixel_size_um=_first_num(header, _PIXEL_KEYWORDS),
+        focal_length_mm=_first_num(header, _FOCAL_KEYWORDS),
+        date_obs=_date_obs(header),
+        kind_source=source,
+        header_pixel_scale_arcsec=_pixel_scale(header),
+    )
+
+
+def _pixel_scale(header: fits.Header) -> float | None:
+    for key in ("PIXSCALE", "SECPIX1", "SECPIX", "IM_SCALE", "SCALE"):
+        value = _num(header, key)
+        if value is not None and 0.01 < abs(value) < 3600.0:
+            return abs(value)
+    return None

@@ -1,0 +1,642 @@
+"""FITS input and output: the one place where file conventions become stackwatch conventions.
+
+Reading (:func:`read_image`, :func:`read_rows`) returns native-endian, C-contiguous float32 pixels,
+full scale 1.0, top-down (ROWORDER honoured), NaN for no data. Writing (:func:`write_image`) is
+atomic float32 FITS with provenance.
+
+Full scale (``Image.scale``: ``data = physical * scale`` where ``physical = raw * BSCALE + BZERO``):
+
+============================================  ==================================================
+stored as                                     scale
+============================================  ==================================================
+BITPIX 8 (unsigned by the standard)           1/255
+BITPIX 16 with BZERO 32768 (unsigned 16-bit)  1/65535
+BITPIX 16 without BZERO (signed)              1/65535; see *signed 16-bit* below
+BITPIX 32 with BZERO 2**31 (unsigned 32-bit)  1/4294967295
+BITPIX 32 signed                              1/65535 if every value fits 16 bits (ADU written as
+                                              int32), else 1/2147483647
+BITPIX -32/-64 (float)                        1 if already normalised (99th percentile of a sample
+                                              <= 1.5), else 1/65535 (float ADU, as many capture
+                                              and stacking programs write)
+============================================  ==================================================
+
+*Signed 16-bit without BZERO*: real cameras write non-negative ADU (12- or 14-bit data, e.g. the
+MicroObservatory frames, 0..4095). Negative values are kept as negative values (bias-subtracted
+products legitimately have them) unless the frame looks like unsigned data written without BZERO
+(wrapped): negatives make up at most 1 % of a sample whose median is >= 64 ADU; then 65536 is added to
+the negative values.
+
+Orientation and colour: arrays are top-down. ``ROWORDER = 'BOTTOM-UP'`` flips the rows; absent
+ROWORDER means TOP-DOWN (what camera drivers write). The Bayer pattern is read from BAYERPAT (also
+COLORTYP, CFATYPE, CFA-PAT), folded with XBAYROFF/YBAYROFF and the flip into the effective pattern of
+``data[0:2, 0:2]`` (algorithms.md §5.1). The header returned with an image is rewritten to match the
+array: ROWORDER='TOP-DOWN', BAYERPAT = effective pattern, XBAYROFF = YBAYROFF = 0, no BZERO/BSCALE/BLANK.
+
+Everything that cannot be read raises :class:`~stackwatch.engine.errors.FrameError` naming the file
+and the reason; sizes are checked from the header before any pixel is allocated.
+
+XISF is not read: it would need a hand-written XML + attachment reader (the ``xisf`` package is not a
+dependency); capture programs all write FITS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from numba import njit, prange
+from stackwatch.engine.errors import FrameError
+
+__all__ = [
+    "FITS_SUFFIXES",
+    "Image",
+    "bayer_pattern",
+    "image_shape",
+    "is_fits_name",
+    "read_header",
+    "read_image",
+    "read_rows",
+    "write_image",
+]
+
+# Recognised file names: .fits .fit .fts, any case, optionally + .gz or .fz.
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+_NAME_RE = re.compile(r"\.(fits|fit|fts)(\.gz|\.fz)?$", re.IGNORECASE)
+
+_BAYER_KEYWORDS = ("BAYERPAT", "COLORTYP", "CFATYPE", "CFA-PAT", "CFAPAT")
+_VALID_TILE = re.compile(r"^[RGB]{4}$")
+_STRUCTURAL = (
+    "SIMPLE",
+    "XTENSION",
+    "BITPIX",
+    "EXTEND",
+    "PCOUNT",
+    "GCOUNT",
+    "BZERO",
+    "BSCALE",
+    "BLANK",
+    "CHECKSUM",
+    "DATASUM",
+    "EXTNAME",
+)
+
+_SAMPLE_TARGET = 65536  # pixels in the sample used for data-dependent decisions
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """One frame as stackwatch sees it.
+
+    Attributes
+    ----------
+    data : np.ndarray
+        float32, (H, W) mono/CFA or (3, H, W) RGB, top-down, full scale 1.0, NaN = no data.
+    header : astropy.io.fits.Header
+        Header of the image HDU, rewritten to describe ``data`` (see module docstring).
+    scale : float
+        ``data = physical * scale`` (1/65535 for 16-bit).
+    bayer : str or None
+        Effective 2x2 pattern of ``data[0:2, 0:2]`` (e.g. "RGGB"); None for mono or RGB.
+    path : str
+        The file read.
+    saturation : float
+        Data value at or above which a raw pixel counts as saturated: SATURATE (physical units) times
+        ``scale`` when present, else 0.999 of the full scale of the stored bit depth.
+    """
+
+    data: np.ndarray
+    header: fits.Header
+    scale: float
+    bayer: str | None
+    path: str
+    saturation: float
+
+
+def is_fits_name(name: str | os.PathLike[str]) -> bool:
+    """True for names ending in .fits/.fit/.fts (any case), optionally followed by .gz or .fz."""
+    return bool(_NAME_RE.search(os.fspath(name)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Header helpers
+
+
+def image_shape(header: fits.Header) -> tuple[int, ...]:
+    """Array shape a header declares: (H, W) or (3, H, W); ``()`` when it holds no image.
+
+    A third axis of length 1 is dropped. Other shapes are returned as declared (numpy order) so that
+    the caller can say what is wrong with them.
+    """
+    prefix = "ZNAXIS" if header.get("ZIMAGE") and "ZNAXIS" in header else "NAXIS"
+    try:
+        naxis = int(header.get(prefix, 0))
+        dims = [int(header.get(f"{prefix}{i}", 0)) for i in range(1, naxis + 1)]
+    except (TypeError, ValueError):
+        return ()
+    if naxis == 0:
+        return ()
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    return tuple(reversed(dims))
+
+
+def _header_str(header: fits.Header, key: str) -> str:
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return ""
+    return str(value).strip()
+
+
+def _header_int(header: fits.Header, key: str, default: int = 0) -> int:
+    value = header.get(key, default)
+    try:
+        return round(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
+def _raw_bayer(header: fits.Header) -> str | None:
+    for key in _BAYER_KEYWORDS:
+        value = _header_str(header, key).upper().replace(" ", "")
+        if _VALID_TILE.match(value):
+            return value
+    return None
+
+
+def _bottom_up(header: fits.Header) -> bool:
+    return _header_str(header, "ROWORDER").upper().replace("_", "-") in ("BOTTOM-UP", "BOTTOMUP")
+
+
+def bayer_pattern(header: fits.Header) -> str | None:
+    """Effective Bayer pattern of the top-down array that :func:`read_image` returns for this header.
+
+    Follows algorithms.md §5.1: colour(x, y) = BAYERPAT[((y + YBAYROFF) % 2) * 2 + (x + XBAYROFF) % 2]
+    in file order; BOTTOM-UP files are flipped, so data row r is file row H - 1 - r. None when the
+    header names no pattern or the image is a colour cube.
+    """
+    tile = _raw_bayer(header)
+    shape = image_shape(header)
+    if tile is None or len(shape) != 2:
+        return None
+    xoff = _header_int(header, "XBAYROFF") % 2
+    yoff = _header_int(header, "YBAYROFF") % 2
+    height = shape[0]
+    flip = _bottom_up(header)
+    out = []
+    for r in range(2):
+        file_row = (height - 1 - r) if flip else r
+        for c in range(2):
+            out.append(tile[((file_row + yoff) % 2) * 2 + (c + xoff) % 2])
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening and validation
+
+
+def _open(path: str) -> fits.HDUList:
+    try:
+        return fits.open(
+            path,
+            memmap=True,
+            do_not_scale_image_data=True,
+            lazy_load_hdus=True,
+            ignore_missing_simple=True,
+        )
+    except FileNotFoundError:
+        raise FrameError(path, "file not found") from None
+    except IsADirectoryError:
+        raise FrameError(path, "is a folder, not a file") from None
+    except PermissionError:
+        raise FrameError(path, "permission denied") from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+        raise FrameError(path, f"not a readable FITS file ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def _find_image_hdu(path: str, hdul: fits.HDUList) -> int:
+    """Index of the primary HDU if it holds an image, else of the first image extension."""
+    index = 0
+    try:
+        while True:
+            try:
+                hdu = hdul[index]
+            except IndexError:
+                break
+            if isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU) and image_shape(hdu.header):
+                return index
+            index += 1
+    except (OSError, ValueError, EOFError) as exc:
+        raise FrameError(path, f"corrupt FITS structure ({_short(exc)})") from None
+    if index == 0:
+        raise FrameError(path, "no FITS header found")
+    raise FrameError(path, "no image in the file (no HDU with image data, e.g. tables only)")
+
+
+def _validate_shape(path: str, header: fits.Header, max_mpix: float) -> tuple[int, ...]:
+    shape = image_shape(header)
+    if any(n <= 0 for n in shape):
+        raise FrameError(path, f"image has a zero-size axis (shape {shape})")
+    if len(shape) == 3 and shape[0] != 3:
+        raise FrameError(path, f"image cube with {shape[0]} planes; only 2-D images and 3-colour cubes are supported")
+    if len(shape) not in (2, 3):
+        raise FrameError(path, f"{len(shape)}-D image {shape}; only 2-D images and 3-colour cubes are supported")
+    mpix = shape[-1] * shape[-2] / 1e6
+    if mpix > max_mpix:
+        raise FrameError(path, f"image declares {mpix:.1f} Mpix per plane, more than the limit of {max_mpix:g} Mpix")
+    bitpix = _header_int(header, "BITPIX")
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        raise FrameError(path, f"unsupported BITPIX {header.get('BITPIX')!r}")
+    return shape
+
+
+def _check_truncated(path: str, hdul: fits.HDUList, index: int, shape: tuple[int, ...]) -> None:
+    hdu = hdul[index]
+    if isinstance(hdu, fits.CompImageHDU):
+        return  # checked by the decompressor
+    info = hdul.fileinfo(index)
+    fileobj = info.get("file") if info else None
+    if fileobj is None or getattr(fileobj, "compression", None):
+        return  # gzip: the size is only known by decompressing; read errors are caught instead
+    expected = int(info["datLoc"]) + math.prod(shape) * abs(_header_int(hdu.header, "BITPIX")) // 8
+    actual = os.path.getsize(path)
+    if actual < expected:
+        raise FrameError(
+            path, f"truncated file: {actual} bytes, the header needs {expected} (still being written?)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    bscale: float
+    bzero: float
+    blank: int | None
+    scale: float  # full-scale factor applied to the physical value
+    wrap16: bool  # add 65536 to negative physical values
+    full_scale_physical: float  # physical value of "full scale" of the stored bit depth
+
+
+def _sample(raw: np.ndarray) -> np.ndarray:
+    h, w = raw.shape[-2], raw.shape[-1]
+    step = max(1, int(math.sqrt(h * w / _SAMPLE_TARGET)))
+    plane = raw[0] if raw.ndim == 3 else raw
+    return np.asarray(plane[::step, ::step], dtype=np.float64)
+
+
+def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
+    bitpix = _header_int(header, "BITPIX")
+    bscale = float(header.get("BSCALE", 1.0) or 1.0)
+    bzero = float(header.get("BZERO", 0.0) or 0.0)
+    blank = header.get("BLANK") if bitpix > 0 else None
+    blank_int = int(blank) if isinstance(blank, int | float) and not isinstance(blank, bool) else None
+    wrap16 = False
+    if bitpix == 8:
+        scale, fs = 1.0 / 255.0, 255.0
+    elif bitpix == 16:
+        scale, fs = 1.0 / 65535.0, 65535.0 if bzero == 32768.0 else 32767.0
+        if bzero == 0.0 and bscale == 1.0:
+            s = _sample(raw)
+            if s.size and s.min() < 0:
+                neg = float(np.mean(s < 0))
+                if neg <= 0.01 and float(np.median(s)) >= 64.0:
+                    wrap16, fs = True, 65535.0
+    elif bitpix == 32:
+        if bzero == 2147483648.0:
+            scale, fs = 1.0 / 4294967295.0, 4294967295.0
+        else:
+            s = _sample(raw) * bscale + bzero
+            small = s.size == 0 or float(np.max(np.abs(s))) <= 65535.0 * 1.01
+            scale, fs = (1.0 / 65535.0, 65535.0) if small else (1.0 / 2147483647.0, 2147483647.0)
+    elif bitpix == 64:
+        scale, fs = 1.0 / 65535.0, 65535.0
+    else:  # float
+        s = _sample(raw) * bscale + bzero
+        s = s[np.isfinite(s)]
+        normalised = s.size == 0 or float(np.percentile(s, 99.0)) <= 1.5
+        scale, fs = (1.0, 1.0) if normalised else (1.0 / 65535.0, 65535.0)
+    return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _k_be16(raw: np.ndarray, out: np.ndarray, bscale: float, bzero: float, scale: float, flip: bool) -> None:
+    """Big-endian 16-bit bytes (H, 2W) -> float32 (H, W), (raw*bscale + bzero)*scale, optional flip."""
+    h = out.shape[0]
+    w = out.shape[1]
+    for yy in prange(h):
+        y = np.int64(yy)
+        oy = h - 1 - y if flip else y
+        for x in range(w):
+            v = (np.int32(raw[y, 2 * x]) << 8) | np.int32(raw[y, 2 * x + 1])
+            if v >= 32768:
+                v -= 65536
+            out[oy, x] = np.float32((v * bscale + bzero) * scale)
+
+
+def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
+    """Raw stored values (file order) -> float32 top-down full-scale-1 array, NaN for no data."""
+    out = np.empty(raw.shape, dtype=np.float32)
+    fast16 = (
+        raw.dtype == np.dtype(">i2") and sc.blank is None and not sc.wrap16 and raw.flags.c_contiguous
+    )
+    if fast16:
+        planes = [raw] if raw.ndim == 2 else list(raw)
+        outs = [out] if raw.ndim == 2 else list(out)
+        for p, o in zip(planes, outs):
+            _k_be16(p.view(np.uint8), o, sc.bscale, sc.bzero, sc.scale, flip)
+        return out
+    band = 512
+    height = raw.shape[-2]
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        block = np.asarray(raw[..., y0:y1, :])
+        phys = block.astype(np.float64) * sc.bscale + sc.bzero
+        if sc.wrap16:
+            phys[phys < 0] += 65536.0
+        if sc.blank is not None:
+            phys[block == sc.blank] = np.nan
+        vals = (phys * sc.scale).astype(np.float32)
+        if not np.issubdtype(block.dtype, np.integer):
+            vals[~np.isfinite(vals)] = np.nan
+        if flip:
+            out[..., height - y1 : height - y0, :] = vals[..., ::-1, :]
+        else:
+            out[..., y0:y1, :] = vals
+    return out
+
+
+def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]) -> fits.Header:
+    out = header.copy(strip=False)
+    for key in _STRUCTURAL:
+        out.remove(key, ignore_missing=True, remove_all=True)
+    for key in [k for k in out if k.startswith("ZNAXIS") or k in ("ZIMAGE", "ZBITPIX", "ZCMPTYPE")]:
+        out.remove(key, ignore_missing=True, remove_all=True)
+    was_bottom_up = _bottom_up(header)
+    out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
+    if was_bottom_up:
+        out.add_history("stackwatch: file was ROWORDER=BOTTOM-UP; rows flipped to top-down")
+    if bayer is not None:
+        for key in _BAYER_KEYWORDS:
+            out.remove(key, ignore_missing=True, remove_all=True)
+        out["BAYERPAT"] = (bayer, "Bayer pattern of data[0:2,0:2], top-down")
+        out["XBAYROFF"] = (0, "folded into BAYERPAT")
+        out["YBAYROFF"] = (0, "folded into BAYERPAT")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Public readers
+
+
+def read_header(path: str | os.PathLike[str]) -> fits.Header:
+    """Header of the image HDU (primary, or first image extension), without reading pixel data.
+
+    The header is returned as stored in the file (not rewritten); use :func:`bayer_pattern` and
+    :func:`image_shape` on it for the effective values. Raises FrameError when there is no image HDU.
+    """
+    spath = os.fspath(path)
+    hdul = _open(spath)
+    try:
+        index = _find_image_hdu(spath, hdul)
+        return hdul[index].header.copy()
+    finally:
+        hdul.close()
+
+
+def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0) -> Image:
+    """Read one frame as float32, full scale 1.0, top-down.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A FITS file (.fits/.fit/.fts, plain, .gz or tile-compressed .fz).
+    max_mpix : float, optional
+        Refuse images declaring more than this many megapixels per plane (checked from the header
+        before reading pixels). Default is 200.0.
+
+    Returns
+    -------
+    Image
+
+    Raises
+    ------
+    FrameError
+        Unreadable, truncated, too large, no image, unsupported shape, or no finite pixel.
+    """
+    spath = os.fspath(path)
+    hdul = _open(spath)
+    try:
+        index = _find_image_hdu(spath, hdul)
+        hdu = hdul[index]
+        header = hdu.header
+        shape = _validate_shape(spath, header, max_mpix)
+        _check_truncated(spath, hdul, index, shape)
+        try:
+            raw = hdu.data
+            if raw is None:
+                raise FrameError(spath, "image HDU has no data")
+            raw = raw.reshape(shape)
+            sc = _scaling(header, raw)
+            data = _convert(raw, sc, _bottom_up(header))
+            del raw
+        except FrameError:
+            raise
+        except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile, MemoryError) as exc:
+            raise FrameError(spath, f"cannot read pixel data: truncated or corrupt ({_short(exc)})") from None
+        if not _any_finite(data):
+            raise FrameError(spath, "no valid pixels (all NaN or infinite)")
+        bayer = bayer_pattern(header)
+        saturate = header.get("SATURATE")
+        if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
+            saturation = float(saturate) * sc.scale
+        else:
+            saturation = 0.999 * sc.full_scale_physical * sc.scale
+        clean = _clean_header(header, bayer, shape)
+    finally:
+        hdul.close()
+    return Image(data=data, header=clean, scale=sc.scale, bayer=bayer, path=spath, saturation=saturation)
+
+
+def _any_finite(data: np.ndarray) -> bool:
+    flat = data.reshape(-1)
+    step = max(1, flat.size // 4096)
+    if np.isfinite(flat[::step]).any():
+        return True
+    return bool(np.isfinite(flat).any())
+
+
+_SCALE_CACHE: dict[tuple[str, int, int], _Scaling] = {}
+_SCALE_LOCK = threading.Lock()
+
+
+def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
+    """Rows ``[y0, y1)`` of the top-down image, converted exactly as :func:`read_image` would.
+
+    Uses a memory map (only those rows are read) for uncompressed files; .gz and .fz files are read
+    whole and sliced. Returns float32 (y1 - y0, W) or (3, y1 - y0, W). The data-dependent scale
+    decision (float and signed files) is made once per file version and cached.
+    """
+    spath = os.fspath(path)
+    hdul = _open(spath)
+    try:
+        index = _find_image_hdu(spath, hdul)
+        hdu = hdul[index]
+        header = hdu.header
+        shape = _validate_shape(spath, header, float("inf"))
+        height = shape[-2]
+        if not (0 <= y0 <= y1 <= height):
+            raise FrameError(spath, f"rows [{y0}, {y1}) outside the image height {height}")
+        _check_truncated(spath, hdul, index, shape)
+        flip = _bottom_up(header)
+        fy0, fy1 = (height - y1, height - y0) if flip else (y0, y1)
+        try:
+            raw = hdu.data.reshape(shape)
+            st = os.stat(spath)
+            key = (os.path.abspath(spath), st.st_mtime_ns, st.st_size)
+            with _SCALE_LOCK:
+                sc = _SCALE_CACHE.get(key)
+            if sc is None:
+                sc = _scaling(header, raw)
+                with _SCALE_LOCK:
+                    if len(_SCALE_CACHE) > 4096:
+                        _SCALE_CACHE.clear()
+                    _SCALE_CACHE[key] = sc
+            band = np.ascontiguousarray(raw[..., fy0:fy1, :])
+            out = _convert(band, sc, flip)
+            del raw
+        except FrameError:
+            raise
+        except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile) as exc:
+            raise FrameError(spath, f"cannot read pixel data: truncated or corrupt ({_short(exc)})") from None
+    finally:
+        hdul.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _prepare_header(header: fits.Header | None, history: Iterable[str]) -> fits.Header:
+    out = fits.Header() if header is None else header.copy(strip=True)
+    for key in _STRUCTURAL:
+        out.remove(key, ignore_missing=True, remove_all=True)
+    for key in [k for k in out if k.startswith("NAXIS") or k.startswith("ZNAXIS")]:
+        out.remove(key, ignore_missing=True, remove_all=True)
+    out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
+    for line in history:
+        for chunk in _chunks(str(line), 70):
+            out.add_history(chunk)
+    return out
+
+
+def _chunks(text: str, width: int) -> list[str]:
+    text = text.replace("\n", " ")
+    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+
+
+def _extra_array(name: str, array: np.ndarray) -> np.ndarray:
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8)
+    if a.dtype.kind in "iu" and a.dtype.itemsize <= 4:
+        return a.astype(a.dtype.newbyteorder("="), copy=False)
+    if a.dtype.kind in "iuf":
+        return a.astype(np.float32)
+    raise ValueError(f"extra HDU {name!r}: unsupported dtype {a.dtype}")
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    *,
+    header: fits.Header | None = None,
+    history: Iterable[str] = (),
+    extra_hdus: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Write a float32 FITS file atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Destination; a name ending in .gz is written gzip-compressed, .fz as a lossless
+        tile-compressed (GZIP_2, no quantisation) image extension.
+    data : np.ndarray
+        (H, W) or (3, H, W) image; written as float32, top-down (ROWORDER='TOP-DOWN').
+    header : astropy.io.fits.Header, optional
+        Cards to carry over (structural keywords are dropped and regenerated). Default is None.
+    history : iterable of str, optional
+        HISTORY lines (provenance), wrapped at 70 characters. Default is ().
+    extra_hdus : mapping of str to np.ndarray, optional
+        Additional image extensions by EXTNAME (bool as uint8, integers as is, others float32).
+        Default is None.
+
+    The file is written under a temporary name in the destination folder, flushed and fsync'ed, then
+    renamed over the destination (``os.replace``) and the folder fsync'ed: readers never see a partial
+    file.
+    """
+    spath = os.fspath(path)
+    arr = np.asarray(data)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[0] != 3):
+        raise ValueError(f"write_image: data must be (H, W) or (3, H, W), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    hdr = _prepare_header(header, history)
+    lower = spath.lower()
+    if lower.endswith(".fz"):
+        hdus: list[Any] = [
+            fits.PrimaryHDU(),
+            fits.CompImageHDU(arr, header=hdr, compression_type="GZIP_2", quantize_level=0.0),
+        ]
+    else:
+        hdus = [fits.PrimaryHDU(arr, header=hdr)]
+    for name, extra in (extra_hdus or {}).items():
+        hdus.append(fits.ImageHDU(_extra_array(name, extra), name=str(name).upper()))
+    hdul = fits.HDUList(hdus)
+    folder = os.path.dirname(os.path.abspath(spath))
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            if lower.endswith(".gz"):
+                with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=4) as gz:
+                    hdul.writeto(gz, output_verify="silentfix")
+            else:
+                hdul.writeto(fh, output_verify="silentfix")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, spath)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,356 @@
+"""fitsio: every supported encoding reads back what was written; orientation, Bayer, refusals."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stackwatch.engine import fitsio
+from stackwatch.engine.errors import FrameError
+
+RNG_SEED = 20261122
+
+
+def _ramp(shape: tuple[int, ...], seed: int = RNG_SEED) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 65536, size=shape, dtype=np.int64)
+
+
+def _write(path: Path, hdus: list, *, gz: bool = False) -> Path:
+    hdul = fits.HDUList(hdus)
+    if gz:
+        with gzip.open(path, "wb") as fh:
+            hdul.writeto(fh)
+    else:
+        hdul.writeto(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Encodings
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".FIT", ".fts", ".fits.gz", ".fit.fz"])
+def test_uint16_roundtrip_every_container(tmp_path: Path, suffix: str) -> None:
+    raw = _ramp((40, 60)).astype(np.uint16)
+    path = tmp_path / f"frame{suffix}"
+    if suffix.endswith(".fz"):
+        _write(path, [fits.PrimaryHDU(), fits.CompImageHDU(raw, compression_type="RICE_1")])
+    else:
+        _write(path, [fits.PrimaryHDU(raw)], gz=suffix.endswith(".gz"))
+    assert fitsio.is_fits_name(path)
+    img = fitsio.read_image(path)
+    assert img.data.dtype == np.float32 and img.data.dtype.isnative and img.data.flags.c_contiguous
+    assert img.scale == pytest.approx(1 / 65535)
+    np.testing.assert_array_equal(img.data, (raw / 65535.0).astype(np.float32))
+    assert img.saturation == pytest.approx(0.999)
+    assert "BZERO" not in img.header and img.header["ROWORDER"] == "TOP-DOWN"
+
+
+def test_uint8(tmp_path: Path) -> None:
+    raw = _ramp((30, 20)).astype(np.uint8)
+    path = _write(tmp_path / "a.fits", [fits.PrimaryHDU(raw)])
+    img = fitsio.read_image(path)
+    assert img.scale == pytest.approx(1 / 255)
+    np.testing.assert_array_equal(img.data, (raw / 255.0).astype(np.float32))
+
+
+def test_uint32_and_int32(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    u32 = rng.integers(0, 2**32, size=(20, 30), dtype=np.uint64).astype(np.uint32)
+    img = fitsio.read_image(_write(tmp_path / "u32.fits", [fits.PrimaryHDU(u32)]))
+    assert img.scale == pytest.approx(1 / 4294967295)
+    np.testing.assert_allclose(img.data, u32 / 4294967295.0, rtol=1e-7, atol=0)
+    # int32 holding 16-bit ADU (some programs): 1/65535
+    adu = _ramp((20, 30)).astype(np.int32)
+    img = fitsio.read_image(_write(tmp_path / "i32.fits", [fits.PrimaryHDU(adu)]))
+    assert img.scale == pytest.approx(1 / 65535)
+    np.testing.assert_array_equal(img.data, (adu / 65535.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_normalised_and_adu(tmp_path: Path, dtype: type) -> None:
+    rng = np.random.default_rng(2)
+    norm = rng.uniform(0, 1.2, size=(30, 40)).astype(dtype)
+    norm[3, 4] = np.nan
+    img = fitsio.read_image(_write(tmp_path / "n.fits", [fits.PrimaryHDU(norm)]))
+    assert img.scale == 1.0
+    np.testing.assert_array_equal(img.data, norm.astype(np.float32))
+    assert np.isnan(img.data[3, 4])
+    adu = (norm * 50000).astype(dtype)
+    adu[0, 0] = np.inf
+    img = fitsio.read_image(_write(tmp_path / "adu.fits", [fits.PrimaryHDU(adu)]))
+    assert img.scale == pytest.approx(1 / 65535)
+    finite = np.isfinite(adu)
+    np.testing.assert_allclose(img.data[finite], (adu[finite] / 65535.0), rtol=1e-6)
+    assert np.isnan(img.data[0, 0]) and np.isnan(img.data[3, 4])  # inf is no data, never a number
+
+
+def test_signed16_without_bzero(tmp_path: Path) -> None:
+    # 12-bit camera data in signed 16-bit (MicroObservatory style): kept as ADU / 65535
+    adu = (np.random.default_rng(3).integers(200, 4096, size=(50, 60))).astype(np.int16)
+    hdu = fits.PrimaryHDU(adu)
+    assert "BZERO" not in hdu.header
+    img = fitsio.read_image(_write(tmp_path / "s.fits", [hdu]))
+    np.testing.assert_array_equal(img.data, (adu / 65535.0).astype(np.float32))
+    # bias-subtracted data: negatives around 0 stay negative
+    sub = (np.random.default_rng(4).normal(0, 20, size=(50, 60))).astype(np.int16)
+    img = fitsio.read_image(_write(tmp_path / "sub.fits", [fits.PrimaryHDU(sub)]))
+    assert img.data.min() < 0
+    np.testing.assert_array_equal(img.data, (sub / 65535.0).astype(np.float32))
+    # unsigned data written without BZERO (wrapped): a few bright pixels became negative
+    true = np.random.default_rng(5).integers(500, 3000, size=(100, 100)).astype(np.int64)
+    true[10, 10:20] = 60000
+    wrapped = true.astype(np.uint16).view(np.int16)
+    img = fitsio.read_image(_write(tmp_path / "w.fits", [fits.PrimaryHDU(wrapped)]))
+    np.testing.assert_array_equal(img.data, (true / 65535.0).astype(np.float32))
+
+
+def test_blank_becomes_nan(tmp_path: Path) -> None:
+    raw = _ramp((20, 20)).astype(np.int16)
+    raw[5, 5] = -32768
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BLANK"] = -32768
+    img = fitsio.read_image(_write(tmp_path / "b.fits", [hdu]))
+    assert np.isnan(img.data[5, 5]) and np.isfinite(img.data).sum() == 399
+
+
+def test_first_image_extension_and_cube(tmp_path: Path) -> None:
+    raw = _ramp((3, 20, 30)).astype(np.uint16)
+    path = _write(tmp_path / "rgb.fits", [fits.PrimaryHDU(), fits.ImageHDU(raw, name="SCI")])
+    img = fitsio.read_image(path)
+    assert img.data.shape == (3, 20, 30) and img.bayer is None
+    np.testing.assert_array_equal(img.data, (raw / 65535.0).astype(np.float32))
+    # NAXIS3 = 1 is a plain 2-D image
+    one = _ramp((1, 20, 30)).astype(np.uint16)
+    assert fitsio.read_image(_write(tmp_path / "one.fits", [fits.PrimaryHDU(one)])).data.shape == (20, 30)
+
+
+def test_saturate_keyword(tmp_path: Path) -> None:
+    hdu = fits.PrimaryHDU(_ramp((10, 10)).astype(np.uint16))
+    hdu.header["SATURATE"] = 60000
+    img = fitsio.read_image(_write(tmp_path / "s.fits", [hdu]))
+    assert img.saturation == pytest.approx(60000 / 65535)
+
+
+# --------------------------------------------------------------------------------------------------
+# Orientation and Bayer pattern (algorithms.md §5.1)
+
+
+def test_bottom_up_bayer_flip(tmp_path: Path) -> None:
+    raw = _ramp((40, 60)).astype(np.uint16)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["ROWORDER"] = "BOTTOM-UP"
+    hdu.header["BAYERPAT"] = "RGGB"
+    path = _write(tmp_path / "bu.fits", [hdu])
+    img = fitsio.read_image(path)
+    np.testing.assert_array_equal(img.data, (raw[::-1] / 65535.0).astype(np.float32))
+    assert img.bayer == "GBRG"  # v-flip with even H: CD/AB
+    assert img.header["BAYERPAT"] == "GBRG" and img.header["ROWORDER"] == "TOP-DOWN"
+    assert fitsio.bayer_pattern(fitsio.read_header(path)) == "GBRG"
+    # the rewritten header describes the array: classifying it again gives the same pattern
+    assert fitsio.bayer_pattern(img.header) == "GBRG"
+    np.testing.assert_array_equal(fitsio.read_rows(path, 5, 17), img.data[5:17])
+
+
+@pytest.mark.parametrize(
+    ("tile", "xoff", "yoff", "order", "height", "expected"),
+    [
+        ("RGGB", 0, 0, "TOP-DOWN", 10, "RGGB"),
+        ("RGGB", 1, 0, "TOP-DOWN", 10, "GRBG"),
+        ("RGGB", 0, 1, "TOP-DOWN", 10, "GBRG"),
+        ("RGGB", 1, 1, "TOP-DOWN", 10, "BGGR"),
+        ("BGGR", 0, 0, "BOTTOM-UP", 10, "GRBG"),
+        ("GRBG", 0, 0, "BOTTOM-UP", 10, "BGGR"),
+        ("RGGB", 0, 0, "BOTTOM-UP", 11, "RGGB"),  # odd H: v-flip keeps the pattern
+        ("RGGB", 0, 1, "BOTTOM-UP", 10, "RGGB"),
+        ("GBRG", 1, 0, None, 10, "BGGR"),
+    ],
+)
+def test_bayer_table(tile: str, xoff: int, yoff: int, order: str | None, height: int, expected: str) -> None:
+    h = fits.Header()
+    h["NAXIS"] = 2
+    h["NAXIS1"] = 12
+    h["NAXIS2"] = height
+    h["BAYERPAT"] = tile
+    h["XBAYROFF"] = xoff
+    h["YBAYROFF"] = yoff
+    if order:
+        h["ROWORDER"] = order
+    assert fitsio.bayer_pattern(h) == expected
+
+
+def test_bayer_pattern_matches_pixels(tmp_path: Path) -> None:
+    """Ground truth: paint each CFA colour with its own value and check the effective pattern."""
+    code = {"R": 1000, "G": 2000, "B": 3000}
+    for tile, xoff, yoff, order, h in [("RGGB", 1, 0, "BOTTOM-UP", 8), ("GBRG", 0, 1, "BOTTOM-UP", 9), ("BGGR", 1, 1, "TOP-DOWN", 8)]:
+        raw = np.zeros((h, 10), dtype=np.uint16)
+        for y in range(h):
+            for x in range(10):
+                raw[y, x] = code[tile[((y + yoff) % 2) * 2 + (x + xoff) % 2]]  # file order, §5.1
+        hdu = fits.PrimaryHDU(raw)
+        hdu.header.update({"BAYERPAT": tile, "XBAYROFF": xoff, "YBAYROFF": yoff, "ROWORDER": order})
+        img = fitsio.read_image(_write(tmp_path / f"{tile}{h}.fits", [hdu]))
+        seen = "".join({1000: "R", 2000: "G", 3000: "B"}[round(v * 65535)] for v in img.data[0:2, 0:2].ravel())
+        assert img.bayer == seen, (tile, xoff, yoff, order, h)
+
+
+@pytest.mark.parametrize("key", ["BAYERPAT", "COLORTYP", "CFATYPE"])
+def test_bayer_keywords(key: str) -> None:
+    h = fits.Header({"NAXIS": 2, "NAXIS1": 4, "NAXIS2": 4, key: "gbrg "})
+    assert fitsio.bayer_pattern(h) == "GBRG"
+    h[key] = "MONO"
+    assert fitsio.bayer_pattern(h) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# read_rows
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".fits.gz", ".fits.fz"])
+def test_read_rows_equals_read_image(tmp_path: Path, suffix: str) -> None:
+    raw = np.random.default_rng(7).uniform(100, 30000, size=(3, 37, 23)).astype(np.float32)
+    path = tmp_path / f"c{suffix}"
+    fitsio.write_image(path, raw)
+    full = fitsio.read_image(path).data
+    for y0, y1 in [(0, 37), (0, 1), (10, 20), (36, 37), (5, 5)]:
+        band = fitsio.read_rows(path, y0, y1)
+        assert band.dtype == np.float32 and band.shape == (3, y1 - y0, 23)
+        np.testing.assert_array_equal(band, full[:, y0:y1])
+    with pytest.raises(FrameError, match="outside"):
+        fitsio.read_rows(path, 30, 40)
+
+
+# --------------------------------------------------------------------------------------------------
+# write_image
+
+
+@pytest.mark.parametrize("suffix", [".fits", ".fits.gz", ".fits.fz"])
+def test_write_roundtrip(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(8)
+    data = rng.normal(0.1, 0.02, size=(33, 47)).astype(np.float32)
+    data[1, 2] = np.nan
+    header = fits.Header({"OBJECT": "M 31", "BZERO": 32768, "EXPTIME": 300.0})
+    path = tmp_path / f"out{suffix}"
+    mask = rng.uniform(size=(33, 47)) > 0.9
+    cov = rng.integers(0, 50, size=(33, 47)).astype(np.uint16)
+    fitsio.write_image(path, data, header=header, history=["made by a test", "x" * 150], extra_hdus={"rej": mask, "coverage": cov})
+    img = fitsio.read_image(path)
+    np.testing.assert_array_equal(img.data, data)
+    assert img.scale == 1.0 and img.header["OBJECT"] == "M 31" and img.header["EXPTIME"] == 300.0
+    hist = [str(h) for h in img.header["HISTORY"]]
+    assert "made by a test" in hist and "".join(hist).count("x") == 150
+    with fits.open(path) as hdul:
+        assert np.array_equal(hdul["REJ"].data.astype(bool), mask)
+        assert np.array_equal(hdul["COVERAGE"].data, cov)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_write_is_atomic_replace(tmp_path: Path) -> None:
+    path = tmp_path / "p.fits"
+    fitsio.write_image(path, np.zeros((4, 4), np.float32))
+    inode = os.stat(path).st_ino
+    fitsio.write_image(path, np.ones((4, 4), np.float32))
+    assert os.stat(path).st_ino != inode  # a new file was renamed over the old one
+    assert fitsio.read_image(path).data.min() == 1.0
+    with pytest.raises(ValueError):
+        fitsio.write_image(tmp_path / "bad.fits", np.zeros((2, 3, 3), np.float32))
+    assert sorted(os.listdir(tmp_path)) == ["p.fits"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: each names the file and the reason
+
+
+def test_refuse_too_large_before_reading(tmp_path: Path) -> None:
+    # A header that declares 30000 x 30000 16-bit without the data: refused from the header alone
+    h = fits.Header({"SIMPLE": True, "BITPIX": 16, "NAXIS": 2, "NAXIS1": 30000, "NAXIS2": 30000})
+    path = tmp_path / "huge.fits"
+    path.write_bytes(h.tostring().encode())
+    with pytest.raises(FrameError, match=r"900\.0 Mpix.*limit of 200") as info:
+        fitsio.read_image(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(FrameError, match="truncated"):
+        fitsio.read_image(path, max_mpix=1000)
+
+
+def test_refuse_truncated(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.fits", [fits.PrimaryHDU(_ramp((100, 100)).astype(np.uint16))])
+    whole = path.read_bytes()
+    path.write_bytes(whole[: 2880 + 5000])
+    with pytest.raises(FrameError, match="truncated"):
+        fitsio.read_image(path)
+    gz = tmp_path / "t.fits.gz"
+    gz.write_bytes(gzip.compress(whole)[:3000])
+    with pytest.raises(FrameError, match=r"t\.fits\.gz"):
+        fitsio.read_image(gz)
+
+
+def test_refuse_table_only(tmp_path: Path) -> None:
+    table = fits.BinTableHDU.from_columns([fits.Column(name="a", format="E", array=np.arange(3.0))])
+    path = _write(tmp_path / "table.fits", [fits.PrimaryHDU(), table])
+    with pytest.raises(FrameError, match="no image"):
+        fitsio.read_image(path)
+    with pytest.raises(FrameError, match="no image"):
+        fitsio.read_header(path)
+
+
+def test_refuse_nan_only(tmp_path: Path) -> None:
+    path = _write(tmp_path / "nan.fits", [fits.PrimaryHDU(np.full((10, 10), np.nan, np.float32))])
+    with pytest.raises(FrameError, match="no valid pixels"):
+        fitsio.read_image(path)
+
+
+def test_refuse_bad_cubes_and_zero_axes(tmp_path: Path) -> None:
+    path = _write(tmp_path / "cube.fits", [fits.PrimaryHDU(np.zeros((5, 8, 8), np.uint16))])
+    with pytest.raises(FrameError, match="5 planes"):
+        fitsio.read_image(path)
+    path = _write(tmp_path / "4d.fits", [fits.PrimaryHDU(np.zeros((2, 3, 8, 8), np.uint16))])
+    with pytest.raises(FrameError, match="4-D"):
+        fitsio.read_image(path)
+    h = fits.Header({"SIMPLE": True, "BITPIX": 16, "NAXIS": 2, "NAXIS1": 0, "NAXIS2": 10})
+    path = tmp_path / "zero.fits"
+    path.write_bytes(h.tostring().encode())
+    with pytest.raises(FrameError, match=r"no image|zero-size"):
+        fitsio.read_image(path)
+
+
+def test_refuse_not_fits_and_missing(tmp_path: Path) -> None:
+    path = tmp_path / "text.fits"
+    path.write_text("hello, this is not FITS\n" * 200)
+    with pytest.raises(FrameError, match=r"text\.fits"):
+        fitsio.read_image(path)
+    with pytest.raises(FrameError, match="not found"):
+        fitsio.read_image(tmp_path / "missing.fits")
+    empty = tmp_path / "empty.fits"
+    empty.write_bytes(b"")
+    with pytest.raises(FrameError):
+        fitsio.read_image(empty)
+
+
+def test_is_fits_name() -> None:
+    for good in ["a.fits", "a.FIT", "b.fts", "c.fits.gz", "d.fit.fz", "E.FITS.GZ"]:
+        assert fitsio.is_fits_name(good)
+    for bad in ["a.txt", "a.fits.bak", "a.xisf", "fits", "a.fits.part"]:
+        assert not fitsio.is_fits_name(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real frames
+
+
+def test_real_frames(real_data: Path) -> None:
+    asi = sorted((real_data / "asi224mc_m27").glob("*.fits.gz"))[0]
+    img = fitsio.read_image(asi)
+    assert img.data.shape == (976, 1304) and img.bayer == "RGGB" and img.scale == pytest.approx(1 / 65535)
+    with fits.open(asi) as hdul:
+        ref = hdul[0].data.astype(np.float64) / 65535.0  # astropy applies BZERO itself
+    np.testing.assert_allclose(img.data, ref, rtol=1e-7)
+    mo = sorted((real_data / "microobs_hatp32").glob("*.fits.gz"))[0]
+    img = fitsio.read_image(mo)
+    assert img.data.shape == (500, 650) and img.bayer is None
+    assert 0 < float(np.nanmax(img.data)) <= 4095 / 65535 + 1e-9
