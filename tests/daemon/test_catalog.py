@@ -9,7 +9,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from stackwatch.daemon.catalog import Catalog
 
 

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from stackwatch.daemon.sdnotify import SdNotifier
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from stackwatch.daemon.watcher import FileFilter, StabilityTracker, Watcher, scan_folder
 
 
