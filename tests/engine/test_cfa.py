@@ -1,0 +1,93 @@
+"""Bayer helpers and debayering: flat fields, channel ratios, NaN handling, orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stackwatch.engine import cfa
+from stackwatch.engine.errors import StackwatchError
+
+PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+
+
+def _mosaic(rgb: np.ndarray, bayer: str) -> np.ndarray:
+    """CFA sampling of a (3, H, W) image: each pixel keeps its own colour."""
+    cmap = cfa.channel_map(bayer)
+    h, w = rgb.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w]
+    return rgb[cmap[yy % 2, xx % 2], yy, xx].astype(np.float32)
+
+
+def test_channel_map_and_offsets() -> None:
+    assert cfa.channel_map("RGGB").tolist() == [[0, 1], [1, 2]]
+    assert cfa.channel_map("gbrg").tolist() == [[1, 2], [0, 1]]
+    assert cfa.channel_offsets("GRBG") == {"R": [(0, 1)], "G": [(0, 0), (1, 1)], "B": [(1, 0)]}
+    with pytest.raises(StackwatchError, match="XGGB"):
+        cfa.channel_map("XGGB")
+
+
+@pytest.mark.parametrize("bayer", PATTERNS)
+@pytest.mark.parametrize("method", ["bilinear", "vng"])
+def test_flat_cfa_gives_flat_rgb_with_exact_ratios(bayer: str, method: str) -> None:
+    levels = np.array([0.30, 0.50, 0.20], dtype=np.float32)
+    rgb = np.broadcast_to(levels[:, None, None], (3, 40, 50)).copy()
+    out = cfa.debayer(_mosaic(rgb, bayer), bayer, method=method)
+    assert out.shape == (3, 40, 50) and out.dtype == np.float32
+    np.testing.assert_allclose(out, rgb, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "vng"])
+def test_smooth_gradient_is_reproduced(method: str) -> None:
+    h, w = 60, 64
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([0.1 + 0.002 * xx, 0.2 + 0.001 * yy, 0.15 + 0.001 * (xx + yy)]).astype(np.float32)
+    out = cfa.debayer(_mosaic(rgb, "RGGB"), "RGGB", method=method)
+    # linear ramps are reproduced exactly by bilinear interpolation away from the border
+    np.testing.assert_allclose(out[:, 2:-2, 2:-2], rgb[:, 2:-2, 2:-2], atol=2e-6)
+
+
+def test_bilinear_matches_textbook_neighbours() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0.1, 0.9, (8, 8)).astype(np.float32)
+    out = cfa.debayer(img, "RGGB", method="bilinear")
+    y, x = 2, 2  # R site
+    assert out[0, y, x] == img[y, x]
+    assert out[1, y, x] == pytest.approx((img[y - 1, x] + img[y + 1, x] + img[y, x - 1] + img[y, x + 1]) / 4, rel=1e-6)
+    assert out[2, y, x] == pytest.approx((img[y - 1, x - 1] + img[y - 1, x + 1] + img[y + 1, x - 1] + img[y + 1, x + 1]) / 4, rel=1e-6)
+    y, x = 2, 3  # G site on an R row: R from left/right, B from above/below
+    assert out[0, y, x] == pytest.approx((img[y, x - 1] + img[y, x + 1]) / 2, rel=1e-6)
+    assert out[2, y, x] == pytest.approx((img[y - 1, x] + img[y + 1, x]) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "vng"])
+def test_single_bright_pixel_no_nan_no_negative(method: str) -> None:
+    img = np.full((21, 21), 0.1, dtype=np.float32)
+    img[10, 10] = 0.9
+    out = cfa.debayer(img, "RGGB", method=method)
+    assert np.isfinite(out).all()
+    assert out.min() >= 0.1 - 1e-6
+
+
+def test_nan_is_interpolated_from_finite_same_colour_neighbours() -> None:
+    img = np.full((12, 12), 0.25, dtype=np.float32)
+    img[4, 4] = np.nan  # an R site of RGGB
+    out = cfa.debayer(img, "RGGB")
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, 0.25, rtol=1e-6)
+    all_nan = np.full((6, 6), np.nan, dtype=np.float32)
+    assert np.isnan(cfa.debayer(all_nan, "RGGB")).all()
+
+
+def test_superpixel() -> None:
+    img = np.array([[1, 2, 1, 2], [3, 4, 3, np.nan]], dtype=np.float32)
+    out = cfa.debayer(img, "RGGB", method="superpixel")
+    assert out.shape == (3, 1, 2)
+    assert out[:, 0, 0].tolist() == [1.0, 2.5, 4.0]
+    assert out[0, 0, 1] == 1.0 and out[1, 0, 1] == 2.5 and np.isnan(out[2, 0, 1])
+    out = cfa.debayer(img, "GBRG", method="superpixel")
+    assert out[:, 0, 0].tolist() == [3.0, 2.5, 2.0]
+
+
+def test_bad_method_is_a_user_error() -> None:
+    with pytest.raises(StackwatchError, match="debayer method"):
+        cfa.debayer(np.zeros((4, 4), np.float32), "RGGB", method="ahd")
