@@ -35,6 +35,7 @@ from pathlib import PurePath
 from typing import Any
 
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from stackwatch.engine.fitsio import bayer_pattern, image_shape
 
 __all__ = [
@@ -125,11 +126,18 @@ class FrameInfo:
 
 
 # --------------------------------------------------------------------------------------------------
-# Small header readers
+# Small header readers: a malformed card (seen in the wild) reads as absent, never as an exception
+
+
+def _get(header: fits.Header, key: str) -> Any:
+    try:
+        return header.get(key)
+    except (VerifyError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _num(header: fits.Header, key: str) -> float | None:
-    value = header.get(key)
+    value = _get(header, key)
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -153,7 +161,7 @@ def _first_num(header: fits.Header, keys: tuple[str, ...]) -> float | None:
 
 
 def _str(header: fits.Header, key: str) -> str:
-    value = header.get(key)
+    value = _get(header, key)
     if value is None or isinstance(value, bool):
         return ""
     return str(value).strip()
@@ -271,7 +279,7 @@ def _sexagesimal(text: str) -> float | None:
 
 def _pointing(header: fits.Header) -> tuple[float | None, float | None]:
     def ra_of(key: str, hours_if_str: bool) -> float | None:
-        value = header.get(key)
+        value = _get(header, key)
         if value is None or isinstance(value, bool):
             return None
         if isinstance(value, int | float):
@@ -287,7 +295,7 @@ def _pointing(header: fits.Header) -> tuple[float | None, float | None]:
         return (v * 15.0) % 360.0 if hours_if_str else v % 360.0
 
     def dec_of(key: str) -> float | None:
-        value = header.get(key)
+        value = _get(header, key)
         if value is None or isinstance(value, bool):
             return None
         if isinstance(value, int | float):
@@ -304,7 +312,7 @@ def _pointing(header: fits.Header) -> tuple[float | None, float | None]:
         ra, dec = ra_of(ra_key, True), dec_of(dec_key)
         if ra is not None and dec is not None:
             return ra, dec
-    if str(header.get("CTYPE1", "")).startswith("RA--") and str(header.get("CTYPE2", "")).startswith("DEC-"):
+    if str(_get(header, "CTYPE1") or "").startswith("RA--") and str(_get(header, "CTYPE2") or "").startswith("DEC-"):
         ra, dec = _num(header, "CRVAL1"), _num(header, "CRVAL2")
         if ra is not None and dec is not None and -90 <= dec <= 90:
             return ra % 360.0, dec
@@ -359,7 +367,7 @@ def _kind(header: fits.Header, path: str, exposure: float | None, has_target: bo
     kind: str | None = None
     source = "none"
     for key in _TYPE_KEYWORDS:
-        value = header.get(key)
+        value = _get(header, key)
         if isinstance(value, str) and value.strip():
             kind = kind_from_value(value)
             if kind is not None:

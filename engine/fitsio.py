@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from numba import njit, prange
 from stackwatch.engine.errors import FrameError
 
@@ -137,10 +138,10 @@ def image_shape(header: fits.Header) -> tuple[int, ...]:
     A third axis of length 1 is dropped. Other shapes are returned as declared (numpy order) so that
     the caller can say what is wrong with them.
     """
-    prefix = "ZNAXIS" if header.get("ZIMAGE") and "ZNAXIS" in header else "NAXIS"
+    prefix = "ZNAXIS" if _hget(header, "ZIMAGE") and "ZNAXIS" in header else "NAXIS"
     try:
-        naxis = int(header.get(prefix, 0))
-        dims = [int(header.get(f"{prefix}{i}", 0)) for i in range(1, naxis + 1)]
+        naxis = int(_hget(header, prefix, 0))
+        dims = [int(_hget(header, f"{prefix}{i}", 0)) for i in range(1, naxis + 1)]
     except (TypeError, ValueError):
         return ()
     if naxis == 0:
@@ -150,15 +151,23 @@ def image_shape(header: fits.Header) -> tuple[int, ...]:
     return tuple(reversed(dims))
 
 
+def _hget(header: fits.Header, key: str, default: Any = None) -> Any:
+    """header.get that reads a malformed card (seen in the wild) as absent instead of raising."""
+    try:
+        return header.get(key, default)
+    except (VerifyError, ValueError, KeyError, IndexError, TypeError):
+        return default
+
+
 def _header_str(header: fits.Header, key: str) -> str:
-    value = header.get(key)
+    value = _hget(header, key)
     if value is None or isinstance(value, bool):
         return ""
     return str(value).strip()
 
 
 def _header_int(header: fits.Header, key: str, default: int = 0) -> int:
-    value = header.get(key, default)
+    value = _hget(header, key, default)
     try:
         return round(float(value))
     except (TypeError, ValueError, OverflowError):
@@ -303,9 +312,9 @@ def _sample(raw: np.ndarray) -> np.ndarray:
 
 def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
     bitpix = _header_int(header, "BITPIX")
-    bscale = float(header.get("BSCALE", 1.0) or 1.0)
-    bzero = float(header.get("BZERO", 0.0) or 0.0)
-    blank = header.get("BLANK") if bitpix > 0 else None
+    bscale = float(_hget(header, "BSCALE", 1.0) or 1.0)
+    bzero = float(_hget(header, "BZERO", 0.0) or 0.0)
+    blank = _hget(header, "BLANK") if bitpix > 0 else None
     blank_int = int(blank) if isinstance(blank, int | float) and not isinstance(blank, bool) else None
     wrap16 = False
     if bitpix == 8:
@@ -383,7 +392,14 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
 
 
 def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]) -> fits.Header:
-    out = header.copy(strip=False)
+    out = fits.Header()
+    for card in header.cards:
+        try:
+            card.verify("exception")
+            _ = card.value
+        except (VerifyError, ValueError, KeyError, IndexError, TypeError):
+            continue  # a malformed card would make the header unusable downstream: dropped
+        out.append(card, end=True)
     for key in _STRUCTURAL:
         out.remove(key, ignore_missing=True, remove_all=True)
     for key in [k for k in out if k.startswith("ZNAXIS") or k in ("ZIMAGE", "ZBITPIX", "ZCMPTYPE")]:
@@ -463,7 +479,7 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0) -> Imag
         if not _any_finite(data):
             raise FrameError(spath, "no valid pixels (all NaN or infinite)")
         bayer = bayer_pattern(header)
-        saturate = header.get("SATURATE")
+        saturate = _hget(header, "SATURATE")
         if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
             saturation = float(saturate) * sc.scale
         else:
