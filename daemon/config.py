@@ -51,6 +51,11 @@ class WatchConfig:
         [".*", "*.part", "*~", "*.tmp", "*.partial", "*.crdownload"],
         "file-name patterns never read (hidden, temporary and partial files)",
     )
+    extensions: list[str] = _f(
+        [".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fz"],
+        "only files whose names end with one of these (case-insensitive) are read",
+    )
+    rescan_interval_s: float = _f(300.0, "rescan the whole folder this often to catch missed events (0 disables)")
 
 
 @dataclass
@@ -171,6 +176,9 @@ class ServiceConfig:
     workers: int = _f(2, "threads for CPU work")
     preview_max_px: int = _f(2048, "longest side of the cached stack preview")
     continue_stacks_across_nights: bool = _f(True, "the same target and filter on a later night continues its stack")
+    min_free_space_mb: float = _f(500.0, "pause processing while the state folder has less free space than this")
+    disk_check_interval_s: float = _f(10.0, "while paused for disk space, check again this often")
+    shutdown_timeout_s: float = _f(60.0, "on SIGTERM, wait this long for the frame in flight before exiting")
 
 
 @dataclass
