@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 
 # Order is the order of `stackwatch --help`.
 COMMAND_MODULES = [
+    "stackwatch.daemon.cmd_inspect",
     "stackwatch.daemon.cmd_config",
 ]
 
