@@ -23,6 +23,8 @@ __all__ = ["build_parser", "main"]
 COMMAND_MODULES = [
     "stackwatch.daemon.cmd_inspect",
     "stackwatch.daemon.cmd_config",
+    "stackwatch.daemon.cmd_simulate",
+    "stackwatch.daemon.cmd_run",
 ]
 
 

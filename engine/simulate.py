@@ -1,0 +1,1042 @@
+"""A realistic simulated night with its ground truth.
+
+`SimulationSpec` describes the night (camera, sky, target, schedule, defects); `make_truth` draws every
+random quantity once (star field, per-frame pointing, seeing, transparency, sky, trails, cosmic rays,
+sensor maps) into a `Truth`; `render_frame` / `render_light` turn one frame of the truth into the
+uint16 pixels a camera would write; `iter_night` yields the frames in capture order with N.I.N.A.-
+style headers and file names; `simulate_night` writes the whole night and the truth to a folder.
+
+Conventions (same as the rest of stackwatch): x = column, y = row, 0-based, pixel centres at
+integers, arrays top-down (ROWORDER = 'TOP-DOWN'). A frame's ``matrix`` is the 3x3 transform mapping
+(x, y) in that frame to (x, y) in the reference grid = the grid of the first light (identity for it).
+Frame indices in the API are 0-based in capture order within their kind; file names count from 0001.
+
+Physics of a light (electrons unless stated), for frame i at pixel p:
+
+    lam(p)  = (T_i * signal_i(p) + sky_i(p) + trail_i(p)) * response(p) + dark_rate(p, temp) * t
+    e(p)    = min(Poisson(lam(p)) + cosmic_i(p), full_well)
+    ADU(p)  = clip(round(e(p) / gain + bias(p) + row_noise_i(y) + N(0, read_noise / gain)), 0, 65535)
+
+signal_i = stars (Moffat PSF of frame i) + galaxy/nebula, at transparency 1; T_i = extinction
+10^(-0.4 k (X_i - 1)) times thin cloud; sky_i = light-pollution sky with a gradient growing with
+airmass (plus extra sky from cloud reflecting it); response = vignetting * dust * PRNU, mean 1 (for
+colour cameras each CFA pixel also sees only its channel's share of the light, see `FILTER_RESPONSE`).
+
+Truth files written by `simulate_night` into ``truth/`` (all float32 FITS, ADU = 16-bit data numbers):
+- ``truth.json``: spec, gain, every frame (file, kind, date, exposure, temperature; for lights the
+  matrix, fwhm_px, eccentricity, psf angle, beta, airmass, transparency, scale = T_0 / T_i, sky level
+  and gradient polynomial, trails, cosmic rays), hot/warm/cold pixels, flat panel colour.
+- ``scene_adu.fits``: the noiseless object + stars of light 1 in its grid, with light 1's PSF and
+  transparency, no sky, no flat, ADU; (3, H, W) R, G, B for colour cameras (each channel as a CFA pixel
+  of that colour would see it).
+- ``sky_adu.fits``: the sky of light 1 in ADU (same shape rule). A perfectly calibrated light 1
+  (``(raw - dark) / flat`` with the flat normalised to its mean) is scene + sky (colour: divided by the
+  flat panel colour relative to its mean).
+- ``bias_adu.fits``: bias level + fixed row, column and pixel pattern (ADU).
+- ``dark_current_adu_per_s.fits``: dark current incl. hot/warm pixels and amp glow at ``temperature_c``.
+- ``flat_response.fits``: optical response (vignetting, dust, PRNU, cold pixels), mean 1.
+- ``stars.csv``: x, y (reference grid), flux_adu (as in light 1: T_0 applied, no flat; colour: R, G, B
+  columns), mag, bv.
+- ``trail_mask_<stem>.npy``: bool mask (frame grid) of pixels where a trail adds >= 2 electrons.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from stackwatch.engine import simulate_sky as _sky
+from stackwatch.engine.errors import StackwatchError
+
+__all__ = [
+    "KINDS",
+    "PRESETS",
+    "FrameTruth",
+    "LightComponents",
+    "SimFrame",
+    "SimulationSpec",
+    "StarCatalog",
+    "Truth",
+    "frame_header",
+    "iter_night",
+    "light_components",
+    "make_truth",
+    "preset",
+    "render_frame",
+    "render_light",
+    "scene_adu",
+    "simulate_night",
+    "sky_model_e",
+    "trail_mask",
+    "write_fits",
+    "write_truth",
+]
+
+KINDS = ("bias", "dark", "light", "flat", "darkflat")
+_FOLDERS = {"light": "lights", "dark": "darks", "flat": "flats", "darkflat": "darkflats", "bias": "biases"}
+_IMAGETYP = {"light": "LIGHT", "dark": "DARK", "flat": "FLAT", "darkflat": "DARKFLAT", "bias": "BIAS"}
+_KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_SKY_COLOUR = np.array([0.45, 0.35, 0.20])  # light-pollution sky share in R, G, B
+_GALAXY_COLOUR = np.array([0.40, 0.34, 0.26])
+_NEBULA_COLOUR = np.array([0.62, 0.22, 0.16])
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """Everything that defines a simulated night. All fields have defaults (the `small` preset).
+
+    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``) are 0-based
+    light indices in capture order.
+    """
+
+    width: int = 512
+    height: int = 384
+    n_lights: int = 10  # per filter
+    n_darks: int = 5
+    n_flats: int = 5  # per filter
+    n_darkflats: int = 5
+    n_biases: int = 5
+    exposure_s: float = 120.0
+    dark_exposure_s: float | None = None  # None: same as exposure_s
+    flat_exposure_s: float = 1.5
+    # camera
+    camera: str = "ZWO ASI2600MM Pro"  # "MC" replaces "MM" for colour when osc and the default is kept
+    osc: bool = False
+    bayer: str = "RGGB"
+    filters: tuple[str, ...] | None = None  # None: ("L",) mono, () colour (no FILTER keyword)
+    gain_setting: int = 100
+    offset_setting: int = 50
+    gain_e_per_adu: float = 0.25
+    read_noise_e: float = 1.5
+    full_well_e: float = 20000.0
+    bias_adu: float = 800.0
+    bias_row_pattern_adu: float = 0.8  # fixed per-row offsets (sigma)
+    bias_column_pattern_adu: float = 0.6  # fixed per-column offsets (sigma)
+    bias_pixel_pattern_adu: float = 0.5  # fixed per-pixel offsets (sigma)
+    row_noise_adu: float = 0.4  # temporal per-row noise (sigma, new each frame)
+    dark_current_e_per_s: float = 0.02  # at temperature_c
+    dark_doubling_c: float = 6.0
+    hot_pixel_frac: float = 2e-4
+    warm_pixel_frac: float = 2e-3
+    cold_pixel_frac: float = 5e-5
+    amp_glow_e_per_s: float = 0.3  # at the top-right corner, exponential fall-off
+    amp_glow_scale_frac: float = 0.08  # e-folding length as a fraction of the width
+    temperature_c: float = -10.0
+    dark_temperature_c: float | None = None  # None: same as temperature_c
+    pixel_size_um: float = 3.76
+    binning: int = 1
+    # optics and site
+    telescope: str = "Sky-Watcher Esprit 100ED"
+    focal_length_mm: float = 530.0
+    aperture_mm: float = 100.0
+    latitude_deg: float = 45.0
+    longitude_deg: float = 10.0
+    start_utc: str = "2026-11-21T17:30:00"
+    overhead_s: float = 4.0  # download and save per frame
+    settle_s: float = 8.0  # after each dither
+    # target
+    object_name: str = "NGC 7331"
+    ra_deg: float = 339.2671
+    dec_deg: float = 34.4156
+    target: str = "galaxy"  # galaxy, nebula, none
+    target_brightness: float = 1.0  # scales the extended target
+    stars_per_mpix: float = 12000.0  # down to the faint flux limit (about V 21 at 530 mm f/5.3, 120 s)
+    star_flux_range_e: tuple[float, float] = (40.0, 4.0e5)  # in one light at transparency 1 (L)
+    n_saturated_stars: int = 2
+    lf_slope: float = 0.33  # log10 number counts per magnitude
+    # pointing
+    dither_px: float = 6.0
+    dither_every: int = 1
+    drift_px_per_frame: tuple[float, float] = (0.35, -0.2)
+    rotation_deg_per_frame: float = 0.004
+    meridian_flip_after: int | None = None
+    flip_recentre_px: float = 15.0
+    # seeing
+    fwhm_px: float = 3.0
+    fwhm_jitter: float = 0.08  # relative, AR(1) frame to frame
+    moffat_beta: float = 4.0
+    eccentricity: float = 0.15  # typical tracking eccentricity (each frame draws around it)
+    elongated: tuple[tuple[int, float, float], ...] = ()  # (light index, eccentricity, angle deg)
+    # sky and atmosphere
+    sky_e_per_s: float = 2.0  # per pixel, L band, zenith, clear
+    sky_airmass_coeff: float = 0.5  # sky *= 1 + coeff * (X - 1)
+    gradient_frac: float = 0.06  # fractional sky change from centre to the long-axis edge at X = 1
+    extinction_mag: float = 0.2  # per airmass
+    clouds: tuple[tuple[int, float], ...] = ()  # (light index, cloud transparency 0..1)
+    cloud_sky_boost: float = 1.0  # sky *= 1 + boost * (1 - cloud transparency)
+    # transients
+    trails: tuple[int, ...] = ()  # lights with a satellite trail
+    aircraft: tuple[int, ...] = ()  # lights with an aircraft (two blinking wing lights)
+    cosmics: bool = True
+    cosmics_per_mpix_per_min: float = 1.5
+    # flats
+    flat_level_frac: float = 0.45  # of full scale, at the response maximum channel
+    vignetting: float = 0.3  # fractional loss at the farthest corner
+    n_dust: int = 3
+    prnu: float = 0.005
+    sky_flats_with_stars: bool = False
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.width < 16 or self.height < 16 or self.width % 2 or self.height % 2:
+            raise StackwatchError(f"simulation size {self.width}x{self.height}: need even sizes >= 16")
+        if self.n_lights < 1:
+            raise StackwatchError("simulation needs at least one light")
+        if self.target not in ("galaxy", "nebula", "none"):
+            raise StackwatchError(f"simulation target {self.target!r}: expected galaxy, nebula or none")
+        if min(self.n_darks, self.n_flats, self.n_darkflats, self.n_biases) < 0:
+            raise StackwatchError("simulation frame counts must be >= 0")
+        if self.gain_e_per_adu <= 0 or self.exposure_s <= 0:
+            raise StackwatchError("simulation gain and exposure must be > 0")
+        for f in self.filter_list:
+            if f.upper() not in _sky.FILTER_RESPONSE:
+                raise StackwatchError(f"simulation filter {f!r}: expected one of L, R, G, B, Ha, OIII, SII")
+
+    @property
+    def filter_list(self) -> tuple[str, ...]:
+        if self.filters is not None:
+            return tuple(self.filters) if self.filters else ("",)
+        return ("",) if self.osc else ("L",)
+
+    @property
+    def total_lights(self) -> int:
+        return self.n_lights * len(self.filter_list)
+
+    @property
+    def camera_name(self) -> str:
+        if self.osc and self.camera == "ZWO ASI2600MM Pro":
+            return "ZWO ASI2600MC Pro"
+        return self.camera
+
+    @property
+    def dark_exposure(self) -> float:
+        return self.exposure_s if self.dark_exposure_s is None else self.dark_exposure_s
+
+    @property
+    def dark_temperature(self) -> float:
+        return self.temperature_c if self.dark_temperature_c is None else self.dark_temperature_c
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {},
+    "medium": {"width": 2048, "height": 1536, "n_lights": 20, "n_darks": 10, "n_flats": 10, "n_darkflats": 10,
+               "n_biases": 10, "exposure_s": 180.0},
+    "full": {"width": 6248, "height": 4176, "n_lights": 10, "n_darks": 5, "n_flats": 5, "n_darkflats": 5,
+             "n_biases": 5, "exposure_s": 300.0},
+}
+
+
+def preset(name: str, **overrides: Any) -> SimulationSpec:
+    """The spec of a named preset (small 512x384, medium 2048x1536, full 6248x4176) with overrides."""
+    if name not in PRESETS:
+        raise StackwatchError(f"simulation preset {name!r}: expected one of {', '.join(PRESETS)}")
+    kw = dict(PRESETS[name])
+    kw.update(overrides)
+    return SimulationSpec(**kw)
+
+
+# --------------------------------------------------------------------------------------- truth
+
+
+@dataclass(frozen=True)
+class StarCatalog:
+    """True stars in the reference grid. flux_e: (N, 3) electrons per R, G, B band in one light at
+    transparency 1 with an unfiltered (L) mono pixel seeing the sum of the three."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux_e: np.ndarray
+    mag: np.ndarray
+    bv: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.size)
+
+
+@dataclass(frozen=True)
+class FrameTruth:
+    """What is true about one frame. Light-only fields are None for calibration frames."""
+
+    kind: str
+    index: int  # 0-based within its kind, capture order
+    file: str  # relative path inside the night folder, e.g. "lights/LIGHT_...fits"
+    date_obs: str
+    exposure_s: float
+    temperature_c: float  # the sensor temperature the header reports
+    filter: str
+    cosmics: tuple[tuple[float, ...], ...] = ()  # (x, y, e-, length px, angle deg)
+    matrix: tuple[tuple[float, ...], ...] | None = None  # 3x3 frame -> reference
+    fwhm_px: float | None = None
+    eccentricity: float | None = None
+    psf_angle_deg: float | None = None
+    beta: float | None = None
+    hour_angle_h: float | None = None
+    altitude_deg: float | None = None
+    airmass: float | None = None
+    pier_side: str | None = None
+    cloud: float | None = None  # cloud transparency (1 = clear)
+    transparency: float | None = None  # extinction * cloud, relative to zenith in clear sky
+    scale: float | None = None  # T_0 / T_i: multiply this light's signal to match light 1
+    sky_e: float | None = None  # mean sky level in the frame centre, electrons (L band sum)
+    sky_poly: tuple[float, ...] | None = None  # (c00, c10, c01, c20, c11, c02) x level, in u, v
+    trails: tuple[dict[str, Any], ...] = ()
+    flat_star_seed: int | None = None  # sky flats with stars: seed of the star field of this flat
+
+    @property
+    def matrix_array(self) -> np.ndarray:
+        return np.eye(3) if self.matrix is None else np.array(self.matrix, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The drawn night: spec, frames in capture order, star catalogue and sensor maps."""
+
+    spec: SimulationSpec
+    frames: tuple[FrameTruth, ...]
+    stars: StarCatalog = field(repr=False)
+    bias_adu: np.ndarray = field(repr=False)  # (H, W) level + fixed pattern
+    dark_e_per_s: np.ndarray = field(repr=False)  # (H, W) at spec.temperature_c
+    response: np.ndarray = field(repr=False)  # (H, W) mean 1
+    panel_colour: tuple[float, float, float]  # relative flat-panel signal in R, G, B (max 1)
+    hot_pixels: tuple[tuple[int, int], ...]
+    warm_pixels: tuple[tuple[int, int], ...]
+    cold_pixels: tuple[tuple[int, int], ...]
+    galaxy: np.ndarray = field(repr=False)  # Sérsic component rows (see simulate_sky.render_galaxy)
+    nebula: np.ndarray = field(repr=False)  # coarse field (electrons), or empty
+    nebula_origin: tuple[float, float] = (0.0, 0.0)
+    nebula_step_px: float = 16.0
+    sky_centre: tuple[float, float, float] = (0.0, 0.0, 1.0)  # (cx, cy, R) of the u, v sky coordinates
+
+    def lights(self) -> list[FrameTruth]:
+        return [f for f in self.frames if f.kind == "light"]
+
+    def frame(self, kind: str, index: int) -> FrameTruth:
+        for f in self.frames:
+            if f.kind == kind and f.index == index:
+                return f
+        raise StackwatchError(f"simulated night has no {kind} {index}")
+
+
+def _rng(spec: SimulationSpec, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([spec.seed & 0xFFFFFFFF, *stream]))
+
+
+def _similarity(theta: float, t: tuple[float, float], c: tuple[float, float]) -> np.ndarray:
+    ct, st = math.cos(theta), math.sin(theta)
+    m = np.eye(3)
+    m[0, 0], m[0, 1], m[1, 0], m[1, 1] = ct, -st, st, ct
+    m[0, 2] = c[0] + t[0] - (ct * c[0] - st * c[1])
+    m[1, 2] = c[1] + t[1] - (st * c[0] + ct * c[1])
+    return m
+
+
+def _gmst_deg(when: _dt.datetime) -> float:
+    jd = when.timestamp() / 86400.0 + 2440587.5
+    d = jd - 2451545.0
+    return (280.46061837 + 360.98564736629 * d) % 360.0
+
+
+def _alt_airmass_pa(spec: SimulationSpec, when: _dt.datetime) -> tuple[float, float, float, float]:
+    """(hour angle h, altitude deg, airmass, parallactic angle rad) of the target at ``when``."""
+    lst = (_gmst_deg(when) + spec.longitude_deg) % 360.0
+    ha = ((lst - spec.ra_deg + 180.0) % 360.0) - 180.0
+    h, d, p = math.radians(ha), math.radians(spec.dec_deg), math.radians(spec.latitude_deg)
+    sin_alt = math.sin(p) * math.sin(d) + math.cos(p) * math.cos(d) * math.cos(h)
+    alt = math.degrees(math.asin(max(-1.0, min(1.0, sin_alt))))
+    z = math.radians(90.0 - max(alt, 5.0))
+    airmass = 1.0 / (math.cos(z) + 0.50572 * (6.07995 + 90.0 - math.degrees(z)) ** -1.6364)  # Kasten-Young
+    q = math.atan2(math.sin(h), math.tan(p) * math.cos(d) - math.sin(d) * math.cos(h))
+    return ha / 15.0, alt, airmass, q
+
+
+def _fmt_time(t: _dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+
+
+def _file_name(kind: str, when: _dt.datetime, obj: str, filt: str, exposure: float, number: int) -> str:
+    stamp = when.strftime("%Y-%m-%d_%H-%M-%S")
+    parts = [_IMAGETYP[kind], stamp]
+    if kind == "light":
+        parts.append(obj.replace(" ", ""))
+    if filt and kind in ("light", "flat"):
+        parts.append(filt)
+    parts.append(f"{exposure:.2f}s")
+    parts.append(f"{number:04d}")
+    return f"{_FOLDERS[kind]}/{'_'.join(parts)}.fits"
+
+
+def _cosmics(rng: np.random.Generator, spec: SimulationSpec, exposure: float) -> tuple[tuple[float, ...], ...]:
+    if not spec.cosmics:
+        return ()
+    mpix = spec.width * spec.height / 1e6
+    n = int(rng.poisson(spec.cosmics_per_mpix_per_min * mpix * exposure / 60.0))
+    out = []
+    for _ in range(n):
+        x = float(rng.uniform(2, spec.width - 3))
+        y = float(rng.uniform(2, spec.height - 3))
+        energy = float(np.clip(rng.lognormal(math.log(3000.0), 0.8), 400.0, 40000.0))
+        length = float(rng.choice([0.0, 0.0, 1.0, 2.0, 3.0, 5.0]))
+        angle = float(rng.uniform(0, 360))
+        out.append((round(x, 3), round(y, 3), round(energy, 1), length, round(angle, 2)))
+    return tuple(out)
+
+
+def _trail(rng: np.random.Generator, spec: SimulationSpec, kind: str, fwhm: float) -> dict[str, Any]:
+    w, h = spec.width, spec.height
+    ang = rng.uniform(0, math.pi)
+    px, py = rng.uniform(0.25 * w, 0.75 * w), rng.uniform(0.25 * h, 0.75 * h)
+    half = math.hypot(w, h)
+    x0, y0 = px - half * math.cos(ang), py - half * math.sin(ang)
+    x1, y1 = px + half * math.cos(ang), py + half * math.sin(ang)
+    if kind == "satellite":
+        return {"kind": kind, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "sigma_px": fwhm / 2.3548,
+                "peak_e": float(rng.uniform(300.0, 3000.0)), "period_px": 0.0, "duty": 1.0, "offset_px": 0.0}
+    return {"kind": kind, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "sigma_px": 0.6 * fwhm,
+            "peak_e": float(rng.uniform(1500.0, 6000.0)), "period_px": float(rng.uniform(25, 60)),
+            "duty": 0.25, "offset_px": float(rng.uniform(5.0, 9.0))}
+
+
+def make_truth(spec: SimulationSpec) -> Truth:
+    """Draw everything random about the night (deterministic for ``spec.seed``)."""
+    h, w = spec.shape
+    c = ((w - 1) / 2.0, (h - 1) / 2.0)
+    start = _dt.datetime.fromisoformat(spec.start_utc).replace(tzinfo=_dt.UTC)
+    frames: list[FrameTruth] = []
+    filters = spec.filter_list
+
+    # --- calibration library shot in the afternoon (cap on), biases then darks
+    t = start - _dt.timedelta(hours=3)
+    rng_c = _rng(spec, 1)
+    temp_rng = _rng(spec, 2)
+
+    def temp_reading(target: float) -> float:
+        return round(target + float(temp_rng.normal(0, 0.08)), 1)
+
+    for kind, n, exp, temp in (("bias", spec.n_biases, 0.0, spec.dark_temperature),
+                               ("dark", spec.n_darks, spec.dark_exposure, spec.dark_temperature)):
+        for i in range(n):
+            frames.append(FrameTruth(kind=kind, index=i, file=_file_name(kind, t, "", "", exp, i + 1),
+                                     date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(temp),
+                                     filter="", cosmics=_cosmics(rng_c, spec, exp)))
+            t += _dt.timedelta(seconds=exp + spec.overhead_s)
+
+    # --- lights
+    rng_l = _rng(spec, 3)
+    n_all = spec.total_lights
+    clouds = dict(spec.clouds)
+    elong = {i: (e, a) for i, e, a in spec.elongated}
+    z = 0.0
+    theta = 0.0
+    drift = np.zeros(2)
+    dither = np.zeros(2)
+    flip_offset = np.zeros(2)
+    t = start
+    first_airmass = None
+    first_transparency = None
+    light_records = []
+    for i in range(n_all):
+        filt = filters[i // spec.n_lights]
+        if spec.meridian_flip_after is not None and i == spec.meridian_flip_after + 1:
+            t += _dt.timedelta(seconds=120)  # the flip and re-centring
+        ha, alt, airmass, q = _alt_airmass_pa(spec, t + _dt.timedelta(seconds=spec.exposure_s / 2))
+        if first_airmass is None:
+            first_airmass = airmass
+        flipped = spec.meridian_flip_after is not None and i > spec.meridian_flip_after
+        if i > 0:
+            drift += np.asarray(spec.drift_px_per_frame)
+            theta += math.radians(spec.rotation_deg_per_frame)
+            if spec.dither_every > 0 and i % spec.dither_every == 0:
+                r = spec.dither_px * math.sqrt(rng_l.uniform())
+                a = rng_l.uniform(0, 2 * math.pi)
+                dither = np.array([r * math.cos(a), r * math.sin(a)])
+            if flipped and spec.meridian_flip_after is not None and i == spec.meridian_flip_after + 1:
+                a = rng_l.uniform(0, 2 * math.pi)
+                flip_offset = spec.flip_recentre_px * np.array([math.cos(a), math.sin(a)])
+                drift[:] = 0.0
+        tvec = drift + dither + flip_offset
+        matrix = np.eye(3) if i == 0 else _similarity(theta + (math.pi if flipped else 0.0), (tvec[0], tvec[1]), c)
+        # seeing: AR(1) jitter on top of the airmass dependence
+        z = 0.7 * z + math.sqrt(1 - 0.49) * float(rng_l.normal())
+        fwhm = spec.fwhm_px * (airmass / first_airmass) ** 0.6 * math.exp(spec.fwhm_jitter * z)
+        ecc = float(np.clip(spec.eccentricity * (1.0 + 0.3 * rng_l.normal()), 0.0, 0.6))
+        pa = float(rng_l.uniform(-90, 90))
+        if i in elong:
+            ecc, pa = elong[i]
+        cloud = float(clouds.get(i, 1.0))
+        transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
+        if first_transparency is None:
+            first_transparency = transparency
+        sky = spec.sky_e_per_s * spec.exposure_s * (1.0 + spec.sky_airmass_coeff * (airmass - 1.0))
+        sky *= 1.0 + spec.cloud_sky_boost * (1.0 - cloud)
+        # light pollution grows towards the horizon; direction = parallactic angle seen in the frame
+        g = spec.gradient_frac * airmass
+        phi = q + math.pi / 2 - (theta + (math.pi if flipped else 0.0))
+        gx, gy = g * math.cos(phi), g * math.sin(phi)
+        c2 = 0.25 * g
+        poly = (1.0, gx, gy, c2 * math.cos(phi) ** 2, 2 * c2 * math.cos(phi) * math.sin(phi), c2 * math.sin(phi) ** 2)
+        trails = []
+        if i in spec.trails:
+            trails.append(_trail(rng_l, spec, "satellite", fwhm))
+        if i in spec.aircraft:
+            trails.append(_trail(rng_l, spec, "aircraft", fwhm))
+        cos_ = _cosmics(rng_l, spec, spec.exposure_s)
+        number = i % spec.n_lights + 1
+        light_records.append(FrameTruth(
+            kind="light", index=i, file=_file_name("light", t, spec.object_name, filt, spec.exposure_s, number),
+            date_obs=_fmt_time(t), exposure_s=spec.exposure_s, temperature_c=temp_reading(spec.temperature_c),
+            filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
+            fwhm_px=fwhm, eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
+            altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
+            transparency=transparency, scale=first_transparency / transparency, sky_e=sky,
+            sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
+        t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if spec.dither_every else 0))
+    frames.extend(light_records)
+
+    # --- flats at dawn (05:30 UTC the next morning, or 40 min after the last light), then flat-darks
+    dawn = (start + _dt.timedelta(days=1)).replace(hour=5, minute=30, second=0, microsecond=0)
+    t = max(t + _dt.timedelta(minutes=40), dawn)
+    rng_f = _rng(spec, 4)
+    for filt in filters:
+        for i in range(spec.n_flats):
+            idx = filters.index(filt) * spec.n_flats + i
+            frames.append(FrameTruth(
+                kind="flat", index=idx, file=_file_name("flat", t, "", filt, spec.flat_exposure_s, i + 1),
+                date_obs=_fmt_time(t), exposure_s=spec.flat_exposure_s, temperature_c=temp_reading(spec.temperature_c),
+                filter=filt, cosmics=_cosmics(rng_f, spec, spec.flat_exposure_s),
+                flat_star_seed=int(rng_f.integers(0, 2**31)) if spec.sky_flats_with_stars else None))
+            t += _dt.timedelta(seconds=spec.flat_exposure_s + spec.overhead_s)
+    for i in range(spec.n_darkflats):
+        frames.append(FrameTruth(
+            kind="darkflat", index=i, file=_file_name("darkflat", t, "", "", spec.flat_exposure_s, i + 1),
+            date_obs=_fmt_time(t), exposure_s=spec.flat_exposure_s, temperature_c=temp_reading(spec.temperature_c),
+            filter="", cosmics=_cosmics(rng_f, spec, spec.flat_exposure_s)))
+        t += _dt.timedelta(seconds=spec.flat_exposure_s + spec.overhead_s)
+
+    # --- stars over the union of all light footprints
+    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], dtype=np.float64).T
+    pts = np.concatenate([(f.matrix_array @ corners)[:2] for f in light_records], axis=1)
+    margin = 20.0 + 4 * spec.fwhm_px
+    x_lo, y_lo = pts.min(axis=1) - margin
+    x_hi, y_hi = pts.max(axis=1) + margin
+    rng_s = _rng(spec, 5)
+    area = (x_hi - x_lo) * (y_hi - y_lo) / 1e6
+    n_stars = int(rng_s.poisson(spec.stars_per_mpix * area))
+    f_lo, f_hi = spec.star_flux_range_e
+    m_lo, m_hi = -2.5 * math.log10(f_hi), -2.5 * math.log10(f_lo)  # bright .. faint instrumental mags
+    a = spec.lf_slope * math.log(10.0)
+    uu = rng_s.uniform(size=n_stars)
+    mags = m_lo + np.log1p(uu * np.expm1(a * (m_hi - m_lo))) / a  # pdf ~ 10^(slope m)
+    xs = rng_s.uniform(x_lo, x_hi, size=n_stars)
+    ys = rng_s.uniform(y_lo, y_hi, size=n_stars)
+    # saturated stars inside the reference frame, away from the edges
+    sat_flux = spec.full_well_e * 40.0
+    nsat = spec.n_saturated_stars
+    xs = np.concatenate([xs, rng_s.uniform(0.15 * w, 0.85 * w, size=nsat)])
+    ys = np.concatenate([ys, rng_s.uniform(0.15 * h, 0.85 * h, size=nsat)])
+    mags = np.concatenate([mags, -2.5 * np.log10(sat_flux * rng_s.uniform(1.0, 3.0, size=nsat))])
+    bv = np.clip(rng_s.normal(0.7, 0.35, size=mags.size), -0.3, 2.0)
+    flux_l = 10 ** (-0.4 * mags)
+    flux = flux_l[:, None] * _sky.star_colour_weights(bv)
+    order = np.argsort(mags, kind="stable")
+    stars = StarCatalog(x=xs[order], y=ys[order], flux_e=flux[order], mag=mags[order], bv=bv[order])
+
+    # --- extended target (reference grid)
+    rng_t = _rng(spec, 6)
+    galaxy = np.zeros((0, 10))
+    nebula = np.zeros((0, 0))
+    neb_origin = (float(x_lo), float(y_lo))
+    neb_step = max(8.0, min(w, h) / 48.0)
+    scale_len = min(w, h)
+    if spec.target == "galaxy":
+        gx0 = c[0] + rng_t.uniform(-0.08, 0.08) * w
+        gy0 = c[1] + rng_t.uniform(-0.08, 0.08) * h
+        pa = rng_t.uniform(0, math.pi)
+        q = rng_t.uniform(0.3, 0.6)
+        sky_rate = spec.sky_e_per_s * spec.exposure_s
+        rows = []
+        for ie, re, n, qq in ((1.5, 0.03, 4.0, min(1.0, q + 0.3)), (0.6, 0.12, 1.0, q)):
+            bn = 2.0 * n - 1.0 / 3.0 + 0.009876 / n
+            rows.append([gx0, gy0, ie * sky_rate * spec.target_brightness, re * scale_len, n, bn, qq,
+                         math.cos(pa), math.sin(pa), 0.5 * spec.fwhm_px])
+        galaxy = np.array(rows)
+    elif spec.target == "nebula":
+        from scipy.ndimage import gaussian_filter
+
+        nx = int((x_hi - x_lo) / neb_step) + 4
+        ny = int((y_hi - y_lo) / neb_step) + 4
+        raw = rng_t.normal(size=(ny, nx))
+        smooth = gaussian_filter(raw, 2.5) + 0.6 * gaussian_filter(raw, 1.2)
+        smooth /= smooth.std() + 1e-12
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        env = np.exp(-(((xx - nx / 2) / (0.35 * nx)) ** 2 + ((yy - ny / 2) / (0.35 * ny)) ** 2))
+        nebula = np.maximum(smooth + 0.5, 0.0) ** 2 * env
+        nebula *= 0.8 * spec.sky_e_per_s * spec.exposure_s * spec.target_brightness / max(nebula.max(), 1e-12)
+
+    # --- sensor maps
+    rng_m = _rng(spec, 7)
+    bias = (spec.bias_adu
+            + rng_m.normal(0, spec.bias_row_pattern_adu, size=(h, 1))
+            + rng_m.normal(0, spec.bias_column_pattern_adu, size=(1, w))
+            + rng_m.normal(0, spec.bias_pixel_pattern_adu, size=(h, w)))
+    dark = spec.dark_current_e_per_s * rng_m.lognormal(0.0, 0.25, size=(h, w))
+    yy, xx = np.mgrid[0:h, 0:w]
+    glow_len = max(spec.amp_glow_scale_frac * w, 1.0)
+    dark += spec.amp_glow_e_per_s * np.exp(-np.hypot(w - 1 - xx, yy) / glow_len)
+    npx = h * w
+    perm = rng_m.permutation(npx)
+    n_hot = round(spec.hot_pixel_frac * npx)
+    n_warm = round(spec.warm_pixel_frac * npx)
+    n_cold = round(spec.cold_pixel_frac * npx)
+    hot = perm[:n_hot]
+    warm = perm[n_hot:n_hot + n_warm]
+    cold = perm[n_hot + n_warm:n_hot + n_warm + n_cold]
+    dflat = dark.reshape(-1)
+    dflat[hot] += np.exp(rng_m.uniform(math.log(0.5), math.log(20.0), size=hot.size))
+    dflat[warm] += np.exp(rng_m.uniform(math.log(0.03), math.log(0.5), size=warm.size))
+    dflat[cold] = 0.0
+    # optics: vignetting centre slightly off the frame centre; dust donuts
+    dust = []
+    dscale = min(4.0, max(1.0, w / 1024.0))
+    for _ in range(spec.n_dust):
+        dust.append((float(rng_m.uniform(0.1 * w, 0.9 * w)), float(rng_m.uniform(0.1 * h, 0.9 * h)),
+                     float(rng_m.uniform(10.0, 30.0) * dscale), float(rng_m.uniform(0.01, 0.03))))
+    vc = (c[0] + rng_m.uniform(-0.04, 0.04) * w, c[1] + rng_m.uniform(-0.04, 0.04) * h)
+    resp = _sky.dust_and_vignetting((h, w), vignetting=spec.vignetting, centre=vc, dust=dust)
+    resp *= 1.0 + rng_m.normal(0, spec.prnu, size=(h, w))
+    rflat = resp.reshape(-1)
+    rflat[cold] *= rng_m.uniform(0.05, 0.5, size=cold.size)
+    resp /= resp.mean()
+    panel = (0.75, 1.0, 0.55) if spec.osc else (1.0, 1.0, 1.0)
+
+    def coords(idx: np.ndarray) -> tuple[tuple[int, int], ...]:
+        return tuple((int(i % w), int(i // w)) for i in np.sort(idx))
+
+    return Truth(spec=spec, frames=tuple(frames), stars=stars, bias_adu=bias.astype(np.float32),
+                 dark_e_per_s=dark.astype(np.float32), response=resp.astype(np.float32), panel_colour=panel,
+                 hot_pixels=coords(hot), warm_pixels=coords(warm), cold_pixels=coords(cold), galaxy=galaxy,
+                 nebula=nebula, nebula_origin=neb_origin, nebula_step_px=neb_step,
+                 sky_centre=(c[0], c[1], max(w, h) / 2.0))
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _channel_setup(spec: SimulationSpec, filt: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cmap, band weights (C, 3)): how a pixel's channel weights the R, G, B bands of the light."""
+    resp = np.array(_sky.FILTER_RESPONSE[filt.upper()], dtype=np.float64)
+    if spec.osc:
+        return _sky.bayer_channel_map(spec.bayer), np.diag(resp)
+    return _sky.bayer_channel_map(None), resp[None, :]
+
+
+def _signal_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) -> np.ndarray:
+    """Noiseless stars + extended target of a light at transparency 1, in the frame grid (electrons).
+
+    channel: for colour cameras, render every pixel as that channel (0 R, 1 G, 2 B) instead of the CFA.
+    """
+    spec = truth.spec
+    cmap, bands = _channel_setup(spec, frame.filter)
+    if channel is not None:
+        cmap = np.full((2, 2), channel, dtype=np.int64)
+    out = np.zeros(spec.shape, dtype=np.float32)
+    m = frame.matrix_array
+    inv = np.linalg.inv(m)
+    st = truth.stars
+    fx = inv[0, 0] * st.x + inv[0, 1] * st.y + inv[0, 2]
+    fy = inv[1, 0] * st.x + inv[1, 1] * st.y + inv[1, 2]
+    assert frame.fwhm_px is not None and frame.beta is not None
+    reach = 40 * frame.fwhm_px + 12
+    keep = (fx > -reach) & (fx < spec.width + reach) & (fy > -reach) & (fy < spec.height + reach)
+    flux = st.flux_e[keep] @ bands.T  # (N, C)
+    # PSF angle is fixed on the sky (tracking errors follow RA): rotate with the frame
+    rot = math.degrees(math.atan2(m[1, 0], m[0, 0]))
+    _sky.render_stars(out, fx[keep], fy[keep], flux, fwhm_px=frame.fwhm_px, eccentricity=frame.eccentricity or 0.0,
+                      angle_deg=(frame.psf_angle_deg or 0.0) - rot, beta=frame.beta, cmap=cmap)
+    if truth.galaxy.size:
+        comps = truth.galaxy.copy()
+        comps[:, 9] = 0.5 * frame.fwhm_px
+        _sky.render_galaxy(out, m, comps, colour=_GALAXY_COLOUR @ bands.T, cmap=cmap)
+    if truth.nebula.size:
+        _sky.render_nebula(out, m, truth.nebula, origin=truth.nebula_origin, step_px=truth.nebula_step_px,
+                           colour=_NEBULA_COLOUR @ bands.T, cmap=cmap)
+    return out
+
+
+def sky_model_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) -> np.ndarray:
+    """The noiseless sky of a light in its own grid (electrons, before the flat response)."""
+    spec = truth.spec
+    assert frame.sky_poly is not None
+    cx, cy, r = truth.sky_centre
+    u = ((np.arange(spec.width) - cx) / r)[None, :]
+    v = ((np.arange(spec.height) - cy) / r)[:, None]
+    p = frame.sky_poly
+    sky = p[0] + p[1] * u + p[2] * v + p[3] * u * u + p[4] * u * v + p[5] * v * v
+    cmap, bands = _channel_setup(spec, frame.filter)
+    col = _SKY_COLOUR @ bands.T  # (C,)
+    if channel is not None:
+        return (sky * col[channel]).astype(np.float32)
+    colour = col[cmap]  # (2, 2)
+    tile = np.tile(colour, (spec.height // 2, spec.width // 2))
+    return (sky * tile).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LightComponents:
+    """Noiseless parts of one light, in its grid, electrons: ``signal`` (T applied) and ``sky`` before
+    the flat ``response``; dark current ``dark`` over the exposure; ``bias`` in ADU."""
+
+    signal: np.ndarray
+    sky: np.ndarray
+    response: np.ndarray
+    dark: np.ndarray
+    bias: np.ndarray
+
+
+def _dark_factor(spec: SimulationSpec, temperature_c: float) -> float:
+    return float(2.0 ** ((temperature_c - spec.temperature_c) / spec.dark_doubling_c))
+
+
+def light_components(truth: Truth, index: int) -> LightComponents:
+    """The noiseless model of light ``index`` (see `LightComponents`)."""
+    frame = truth.frame("light", index)
+    assert frame.transparency is not None
+    sig = _signal_e(truth, frame) * np.float32(frame.transparency)
+    dark = truth.dark_e_per_s * np.float32(frame.exposure_s * _dark_factor(truth.spec, truth.spec.temperature_c))
+    return LightComponents(signal=sig, sky=sky_model_e(truth, frame), response=truth.response, dark=dark,
+                           bias=truth.bias_adu)
+
+
+def _digitise(truth: Truth, lam: np.ndarray, rng: np.random.Generator, cosmics: tuple[tuple[float, ...], ...],
+              *, band_rows: int = 512) -> np.ndarray:
+    """Poisson + cosmics + full well + gain + bias + read noise + 16-bit clip; lam in electrons."""
+    spec = truth.spec
+    h, w = lam.shape
+    if cosmics:
+        cr = np.zeros((h, w), dtype=np.float32)
+        _sky.add_cosmic_rays(cr, cosmics)
+    else:
+        cr = None
+    out = np.empty((h, w), dtype=np.uint16)
+    row_noise = rng.normal(0.0, spec.row_noise_adu, size=(h, 1))
+    for y0 in range(0, h, band_rows):
+        y1 = min(h, y0 + band_rows)
+        e = rng.poisson(np.maximum(lam[y0:y1], 0.0)).astype(np.float64)
+        if cr is not None:
+            e += cr[y0:y1]
+        np.minimum(e, spec.full_well_e, out=e)
+        adu = e / spec.gain_e_per_adu + truth.bias_adu[y0:y1] + row_noise[y0:y1]
+        adu += rng.normal(0.0, spec.read_noise_e / spec.gain_e_per_adu, size=adu.shape)
+        np.rint(adu, out=adu)
+        np.clip(adu, 0, 65535, out=adu)
+        out[y0:y1] = adu.astype(np.uint16)
+    return out
+
+
+def _noise_rng(truth: Truth, frame: FrameTruth) -> np.random.Generator:
+    return _rng(truth.spec, 100, _KIND_CODE[frame.kind], frame.index)
+
+
+def render_frame(truth: Truth, frame: FrameTruth) -> np.ndarray:
+    """The uint16 (H, W) pixels of one frame of the night, as the camera writes them (top-down)."""
+    spec = truth.spec
+    rng = _noise_rng(truth, frame)
+    temp = spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature
+    dark_rate = truth.dark_e_per_s * np.float32(_dark_factor(spec, temp) * frame.exposure_s)
+    if frame.kind in ("bias", "dark", "darkflat"):
+        lam = dark_rate if frame.kind != "bias" else np.zeros(spec.shape, dtype=np.float32)
+        return _digitise(truth, lam, rng, frame.cosmics)
+    cmap, _ = _channel_setup(spec, frame.filter)
+    if frame.kind == "flat":
+        # the user sets the flat exposure so that the brightest channel averages flat_level_frac
+        panel = np.array(truth.panel_colour) if spec.osc else np.ones(1)
+        level_e = spec.flat_level_frac * 65535.0 * spec.gain_e_per_adu
+        pcol = (panel / panel.max())[cmap]
+        illum = level_e * np.tile(pcol, (spec.height // 2, spec.width // 2)).astype(np.float32)
+        if frame.flat_star_seed is not None:
+            srng = np.random.default_rng(frame.flat_star_seed)
+            n = max(3, int(spec.width * spec.height / 1e6 * 200))
+            sx = srng.uniform(0, spec.width, n)
+            sy = srng.uniform(0, spec.height, n)
+            sf = 10 ** srng.uniform(3.0, 4.5, n) * (level_e / 2e4)
+            fl = np.repeat(sf[:, None], 3, axis=1)
+            _sky.render_stars(illum, sx, sy, fl, fwhm_px=spec.fwhm_px * 1.2, beta=spec.moffat_beta,
+                              cmap=cmap if spec.osc else None)
+        lam = illum * truth.response + dark_rate
+        return _digitise(truth, lam, rng, frame.cosmics)
+    # light
+    assert frame.transparency is not None
+    scene = _signal_e(truth, frame)
+    scene *= np.float32(frame.transparency)
+    scene += sky_model_e(truth, frame)
+    if frame.trails:
+        _, bands = _channel_setup(spec, frame.filter)
+        col = bands @ np.full(3, 1.0 / 3.0)  # reflected sunlight: grey, a third per band
+        for tr in frame.trails:
+            _add_trail(scene, np.zeros(spec.shape, dtype=bool), tr, col, cmap)
+    scene *= truth.response
+    scene += dark_rate
+    return _digitise(truth, scene, rng, frame.cosmics)
+
+
+def _add_trail(out: np.ndarray, mask: np.ndarray, tr: dict[str, Any], col: np.ndarray, cmap: np.ndarray) -> None:
+    if tr["kind"] == "aircraft":
+        dx, dy = tr["x1"] - tr["x0"], tr["y1"] - tr["y0"]
+        ln = math.hypot(dx, dy)
+        nx, ny = -dy / ln, dx / ln
+        for sgn in (-1.0, 1.0):
+            o = sgn * tr["offset_px"]
+            _sky.render_trail(out, mask, x0=tr["x0"] + o * nx, y0=tr["y0"] + o * ny, x1=tr["x1"] + o * nx,
+                              y1=tr["y1"] + o * ny, sigma_px=tr["sigma_px"], peak_e=tr["peak_e"],
+                              period_px=tr["period_px"], duty=tr["duty"], colour=col, cmap=cmap)
+        _sky.render_trail(out, mask, x0=tr["x0"], y0=tr["y0"], x1=tr["x1"], y1=tr["y1"],
+                          sigma_px=1.5 * tr["sigma_px"], peak_e=0.08 * tr["peak_e"], colour=col, cmap=cmap)
+    else:
+        _sky.render_trail(out, mask, x0=tr["x0"], y0=tr["y0"], x1=tr["x1"], y1=tr["y1"],
+                          sigma_px=tr["sigma_px"], peak_e=tr["peak_e"], colour=col, cmap=cmap)
+
+
+def trail_mask(truth: Truth, frame: FrameTruth) -> np.ndarray:
+    """Bool (H, W) mask of the pixels where the frame's trails add >= 2 electrons (before the flat)."""
+    spec = truth.spec
+    mask = np.zeros(spec.shape, dtype=bool)
+    scratch = np.zeros(spec.shape, dtype=np.float32)
+    for tr in frame.trails:
+        _add_trail(scratch, mask, tr, np.ones(1), np.zeros((2, 2), dtype=np.int64))
+    return mask
+
+
+def render_light(truth: Truth, index: int) -> np.ndarray:
+    """uint16 pixels of light ``index`` (0-based, capture order)."""
+    return render_frame(truth, truth.frame("light", index))
+
+
+def scene_adu(truth: Truth) -> tuple[np.ndarray, np.ndarray]:
+    """(scene, sky) of light 1 in ADU, float32: (H, W) mono or (3, H, W) colour (see module doc)."""
+    spec = truth.spec
+    f0 = truth.lights()[0]
+    assert f0.transparency is not None
+    g = np.float32(1.0 / spec.gain_e_per_adu)
+    if not spec.osc:
+        return (_signal_e(truth, f0) * np.float32(f0.transparency) * g, sky_model_e(truth, f0) * g)
+    scene = np.stack([_signal_e(truth, f0, channel=ch) for ch in range(3)]) * np.float32(f0.transparency) * g
+    sky = np.stack([sky_model_e(truth, f0, channel=ch) for ch in range(3)]) * g
+    return scene.astype(np.float32), sky.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- headers, files
+
+
+def _sexagesimal(value: float, *, hours: bool) -> str:
+    v = value / 15.0 if hours else value
+    sign = "-" if v < 0 else ("" if hours else "+")
+    v = abs(v)
+    d = int(v)
+    m = int((v - d) * 60)
+    s = (v - d - m / 60) * 3600
+    return f"{sign}{d:02d} {m:02d} {s:04.1f}" if hours else f"{sign}{d:02d} {m:02d} {s:02.0f}"
+
+
+def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
+    """The N.I.N.A.-style header of a frame (the data keywords BITPIX/BZERO are added on writing)."""
+    spec = truth.spec
+    hdr = fits.Header()
+    hdr["IMAGETYP"] = (_IMAGETYP[frame.kind], "Type of exposure")
+    hdr["EXPOSURE"] = (float(frame.exposure_s), "[s] Exposure duration")
+    hdr["EXPTIME"] = (float(frame.exposure_s), "[s] Exposure duration")
+    hdr["DATE-LOC"] = (frame.date_obs, "Time of observation (local)")
+    hdr["DATE-OBS"] = (frame.date_obs, "Time of observation (UTC)")
+    hdr["XBINNING"] = (spec.binning, "X axis binning factor")
+    hdr["YBINNING"] = (spec.binning, "Y axis binning factor")
+    hdr["GAIN"] = (spec.gain_setting, "Sensor gain")
+    hdr["OFFSET"] = (spec.offset_setting, "Sensor gain offset")
+    hdr["EGAIN"] = (spec.gain_e_per_adu, "[e-/ADU] Electrons per A/D unit")
+    hdr["XPIXSZ"] = (spec.pixel_size_um * spec.binning, "[um] Pixel X axis size")
+    hdr["YPIXSZ"] = (spec.pixel_size_um * spec.binning, "[um] Pixel Y axis size")
+    hdr["INSTRUME"] = (spec.camera_name, "Imaging instrument name")
+    hdr["SET-TEMP"] = (spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature,
+                       "[degC] CCD temperature setpoint")
+    hdr["CCD-TEMP"] = (frame.temperature_c, "[degC] CCD temperature")
+    hdr["READOUTM"] = ("Normal", "Sensor readout mode")
+    if spec.osc:
+        hdr["BAYERPAT"] = (spec.bayer, "Sensor Bayer pattern")
+        hdr["XBAYROFF"] = (0, "Bayer pattern X axis offset")
+        hdr["YBAYROFF"] = (0, "Bayer pattern Y axis offset")
+    hdr["USBLIMIT"] = (40, "Camera-specific USB setting")
+    hdr["TELESCOP"] = (spec.telescope, "Name of telescope")
+    hdr["FOCALLEN"] = (spec.focal_length_mm, "[mm] Focal length")
+    hdr["FOCRATIO"] = (round(spec.focal_length_mm / spec.aperture_mm, 2), "Focal ratio")
+    hdr["SITELAT"] = (spec.latitude_deg, "[deg] Observation site latitude")
+    hdr["SITELONG"] = (spec.longitude_deg, "[deg] Observation site longitude")
+    if frame.kind == "light":
+        hdr["RA"] = (spec.ra_deg, "[deg] RA of telescope")
+        hdr["DEC"] = (spec.dec_deg, "[deg] Declination of telescope")
+        hdr["CENTALT"] = (round(frame.altitude_deg or 0.0, 3), "[deg] Altitude of telescope")
+        hdr["AIRMASS"] = (round(frame.airmass or 0.0, 4), "Airmass at frame center (Gueymard 1993)")
+        hdr["PIERSIDE"] = (frame.pier_side, "Telescope pointing state")
+        hdr["OBJECT"] = (spec.object_name, "Name of the object of interest")
+        hdr["OBJCTRA"] = (_sexagesimal(spec.ra_deg, hours=True), "[H M S] RA of imaged object")
+        hdr["OBJCTDEC"] = (_sexagesimal(spec.dec_deg, hours=False), "[D M S] Declination of imaged object")
+        hdr["OBJCTROT"] = (0.0, "[deg] planned rotation of imaged object")
+    if frame.filter and frame.kind in ("light", "flat"):
+        hdr["FILTER"] = (frame.filter, "Active filter name")
+    hdr["ROWORDER"] = ("TOP-DOWN", "FITS Image Orientation")
+    hdr["EQUINOX"] = (2000.0, "Equinox of celestial coordinate system")
+    hdr["SWCREATE"] = ("N.I.N.A. 3.0.0.9001 (x64)", "Software that created this file")
+    return hdr
+
+
+def _fits_bytes(data: np.ndarray, header: fits.Header) -> bytes:
+    hdu = fits.PrimaryHDU(data=data, header=header)
+    buf = io.BytesIO()
+    hdu.writeto(buf)
+    return buf.getvalue()
+
+
+def write_fits(path: str | os.PathLike[str], data: np.ndarray, header: fits.Header, *,
+               chunk_bytes: int = 0, chunk_delay_s: float = 0.0) -> None:
+    """Write a 16-bit FITS file the way a capture program does: straight to its final name.
+
+    With ``chunk_bytes`` > 0 the file is written in chunks with ``chunk_delay_s`` between them (a
+    slow writer, for the demo and for watcher tests). Default is one write.
+    """
+    blob = _fits_bytes(np.asarray(data, dtype=np.uint16), header)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "wb") as fh:
+        if chunk_bytes <= 0:
+            fh.write(blob)
+        else:
+            for k in range(0, len(blob), chunk_bytes):
+                fh.write(blob[k:k + chunk_bytes])
+                fh.flush()
+                if chunk_delay_s > 0 and k + chunk_bytes < len(blob):
+                    time.sleep(chunk_delay_s)
+
+
+@dataclass(frozen=True)
+class SimFrame:
+    """One frame in capture order: where it goes, its pixels and header, and when it is taken
+    (``offset_s``: seconds after the first frame of the night started, end of exposure)."""
+
+    kind: str
+    filename: str
+    data: np.ndarray
+    header: fits.Header
+    offset_s: float
+    truth: FrameTruth
+
+
+def iter_night(truth: Truth, *, kinds: tuple[str, ...] = KINDS) -> Iterator[SimFrame]:
+    """Render the frames of the night lazily in capture order (biases and darks first, flats at dawn)."""
+    first = _dt.datetime.fromisoformat(truth.frames[0].date_obs) if truth.frames else None
+    for f in truth.frames:
+        if f.kind not in kinds:
+            continue
+        t = _dt.datetime.fromisoformat(f.date_obs)
+        off = (t - first).total_seconds() + f.exposure_s if first else 0.0
+        yield SimFrame(kind=f.kind, filename=f.file, data=render_frame(truth, f), header=frame_header(truth, f),
+                       offset_s=off, truth=f)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _write_f32(path: Path, data: np.ndarray, comment: str) -> None:
+    hdr = fits.Header()
+    hdr["COMMENT"] = comment
+    fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=hdr).writeto(path, overwrite=True)
+
+
+def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
+    """Write ``truth/`` (see the module doc) under ``outdir``; returns the truth folder."""
+    spec = truth.spec
+    tdir = Path(outdir) / "truth"
+    tdir.mkdir(parents=True, exist_ok=True)
+    g = 1.0 / spec.gain_e_per_adu
+    frames = []
+    for f in truth.frames:
+        rec = _jsonable(f)
+        if f.kind == "light":
+            assert f.sky_e is not None and f.sky_poly is not None
+            rec["sky_adu"] = f.sky_e * g
+            rec["sky_poly_adu"] = [v * g for v in f.sky_poly]
+            if f.trails:
+                stem = Path(f.file).stem
+                np.save(tdir / f"trail_mask_{stem}.npy", trail_mask(truth, f))
+                rec["trail_mask"] = f"trail_mask_{stem}.npy"
+        frames.append(rec)
+    cx, cy, r = truth.sky_centre
+    doc = {
+        "format": "stackwatch-simulation-truth/1",
+        "spec": _jsonable(spec),
+        "gain_e_per_adu": spec.gain_e_per_adu,
+        "reference": truth.lights()[0].file,
+        "sky_coordinates": {"cx": cx, "cy": cy, "r": r,
+                            "doc": "sky = c00 + c10 u + c01 v + c20 u^2 + c11 u v + c02 v^2, u = (x - cx) / r, "
+                                   "v = (y - cy) / r; mono/L sum; colour pixels see sky_colour times this"},
+        "sky_colour": _SKY_COLOUR.tolist(),
+        "flat_panel_colour": list(truth.panel_colour),
+        "hot_pixels": [list(p) for p in truth.hot_pixels],
+        "warm_pixels": [list(p) for p in truth.warm_pixels],
+        "cold_pixels": [list(p) for p in truth.cold_pixels],
+        "frames": frames,
+    }
+    (tdir / "truth.json").write_text(json.dumps(doc, indent=1))
+    scene, sky = scene_adu(truth)
+    _write_f32(tdir / "scene_adu.fits", scene, "noiseless object + stars of light 1, its grid, ADU, no sky, no flat")
+    _write_f32(tdir / "sky_adu.fits", sky, "sky model of light 1, ADU, no flat")
+    _write_f32(tdir / "bias_adu.fits", truth.bias_adu, "bias level + fixed pattern, ADU")
+    _write_f32(tdir / "dark_current_adu_per_s.fits", truth.dark_e_per_s * g,
+               f"dark current at {spec.temperature_c} C incl. hot pixels and amp glow, ADU/s")
+    _write_f32(tdir / "flat_response.fits", truth.response, "optical response, mean 1")
+    st = truth.stars
+    f0 = truth.lights()[0]
+    assert f0.transparency is not None
+    with open(tdir / "stars.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["x", "y", "flux_adu", "flux_r_adu", "flux_g_adu", "flux_b_adu", "mag", "bv"])
+        _, bands = _channel_setup(spec, f0.filter)
+        fl = st.flux_e * f0.transparency * g
+        total = (st.flux_e @ bands.T).sum(axis=1) * f0.transparency * g if not spec.osc else fl.sum(axis=1)
+        for k in range(len(st)):
+            wr.writerow([f"{st.x[k]:.4f}", f"{st.y[k]:.4f}", f"{total[k]:.3f}", f"{fl[k, 0]:.3f}",
+                         f"{fl[k, 1]:.3f}", f"{fl[k, 2]:.3f}", f"{st.mag[k]:.4f}", f"{st.bv[k]:.3f}"])
+    return tdir
+
+
+def simulate_night(spec: SimulationSpec, outdir: str | os.PathLike[str], *, truth_files: bool = True,
+                   kinds: tuple[str, ...] = KINDS) -> Truth:
+    """Write the night (lights/, darks/, flats/, darkflats/, biases/) and truth/ into ``outdir``."""
+    truth = make_truth(spec)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    for fr in iter_night(truth, kinds=kinds):
+        write_fits(out / fr.filename, fr.data, fr.header)
+    if truth_files:
+        write_truth(truth, out)
+    return truth

@@ -1,0 +1,50 @@
+"""`stackwatch simulate`: writes a night, refuses a non-empty folder, reports bad options in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+from stackwatch.daemon.cli import main
+
+
+def test_simulate_writes_a_night(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "night"
+    rc = main(["simulate", str(out), "--lights", "4", "--calibration", "1", "--width", "96", "--height", "64",
+               "--flip", "--clouds", "2:0.7", "--seed", "3"])
+    assert rc == 0
+    assert "4 light" in capsys.readouterr().out
+    for folder, n in (("lights", 4), ("darks", 1), ("flats", 1), ("darkflats", 1), ("biases", 1)):
+        assert len(list((out / folder).glob("*.fits"))) == n
+    doc = json.loads((out / "truth" / "truth.json").read_text())
+    lights = [f for f in doc["frames"] if f["kind"] == "light"]
+    assert doc["spec"]["seed"] == 3 and doc["spec"]["meridian_flip_after"] == 1
+    assert lights[2]["cloud"] == 0.7 and lights[1]["trails"]  # default: a satellite in light 1
+    assert [f["pier_side"] for f in lights] == ["West", "West", "East", "East"]
+    hdr = fits.getheader(out / lights[3]["file"])
+    assert hdr["PIERSIDE"] == "East" and hdr["IMAGETYP"] == "LIGHT"
+
+
+def test_simulate_osc_lights_only(tmp_path: Path) -> None:
+    out = tmp_path / "osc"
+    assert main(["simulate", str(out), "--osc", "--lights", "2", "--no-calibration", "--no-truth",
+                 "--width", "64", "--height", "48", "--quiet"]) == 0
+    files = sorted(out.rglob("*.fits"))
+    assert len(files) == 2 and all(fits.getheader(p)["BAYERPAT"] == "RGGB" for p in files)
+    assert not (out / "truth").exists()
+
+
+def test_simulate_refuses_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "x.txt").write_text("x")
+    assert main(["simulate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "Traceback" not in err
+
+
+def test_simulate_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", str(tmp_path / "a"), "--clouds", "x"]) == 2
+    assert main(["simulate", str(tmp_path / "b"), "--lights", "3", "--trails", "7"]) == 1
+    assert "only 3 lights" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "c"), "--width", "101"]) == 1

@@ -1,0 +1,286 @@
+"""The night simulator against its own ground truth: geometry, sensor physics, transients, files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stackwatch.engine import simulate as S
+from stackwatch.engine import simulate_sky as K
+from stackwatch.engine.errors import StackwatchError
+
+
+def _spec(**kw: object) -> S.SimulationSpec:
+    base: dict[str, object] = {"width": 320, "height": 240, "n_lights": 6, "n_darks": 2, "n_flats": 2,
+                               "n_darkflats": 2, "n_biases": 2, "seed": 7}
+    base.update(kw)
+    return S.SimulationSpec(**base)  # type: ignore[arg-type]
+
+
+def _centroid(img: np.ndarray, x: float, y: float, r: float) -> tuple[float, float]:
+    """Iterated background-subtracted centroid in a circular window of radius r."""
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(6):
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        ann = (d2 > (2.5 * r) ** 2) & (d2 < (3.5 * r) ** 2)
+        bg = np.median(img[ann])
+        win = d2 <= r * r
+        v = np.clip(img[win] - bg, 0, None)
+        x, y = float((xx[win] * v).sum() / v.sum()), float((yy[win] * v).sum() / v.sum())
+    return x, y
+
+
+def test_preset_and_overrides() -> None:
+    spec = S.preset("small", n_lights=3, clouds=((2, 0.5),))
+    assert (spec.width, spec.height, spec.n_lights) == (512, 384, 3)
+    assert S.preset("full").shape == (4176, 6248)
+    with pytest.raises(StackwatchError, match="preset"):
+        S.preset("huge")
+    with pytest.raises(StackwatchError, match="even"):
+        S.SimulationSpec(width=301)
+    with pytest.raises(StackwatchError, match="filter"):
+        S.SimulationSpec(filters=("Q",))
+
+
+def test_deterministic_for_a_seed() -> None:
+    spec = _spec(n_lights=3, trails=(1,))
+    a, b = S.make_truth(spec), S.make_truth(spec)
+    assert a.frames == b.frames
+    np.testing.assert_array_equal(a.stars.x, b.stars.x)
+    np.testing.assert_array_equal(S.render_light(a, 1), S.render_light(b, 1))
+    np.testing.assert_array_equal(S.render_frame(a, a.frame("dark", 0)), S.render_frame(b, b.frame("dark", 0)))
+    c = S.make_truth(_spec(n_lights=3, trails=(1,), seed=8))
+    assert not np.array_equal(S.render_light(a, 1), S.render_light(c, 1))
+
+
+def test_light_transforms_and_schedule() -> None:
+    truth = S.make_truth(_spec(meridian_flip_after=2, dither_px=8.0))
+    lights = truth.lights()
+    np.testing.assert_array_equal(lights[0].matrix_array, np.eye(3))
+    for f in lights[1:]:
+        m = f.matrix_array
+        assert abs(np.linalg.det(m[:2, :2]) - 1.0) < 1e-9  # similarity, no scale, no mirror
+    # before the flip: small rotations; after: ~180 degrees
+    rot = [math.degrees(math.atan2(f.matrix_array[1, 0], f.matrix_array[0, 0])) for f in lights]
+    assert all(abs(r) < 1.0 for r in rot[:3])
+    assert all(abs(abs(r) - 180.0) < 1.0 for r in rot[3:])
+    assert [f.pier_side for f in lights] == ["West"] * 3 + ["East"] * 3
+    # shifts of a few pixels from dithering and drift
+    shifts = [np.hypot(*f.matrix_array[:2, 2]) for f in lights[1:3]]
+    assert all(0.0 < s < 30.0 for s in shifts)
+    # capture order and time stamps increase; flats after the lights
+    dates = [f.date_obs for f in truth.frames]
+    assert dates == sorted(dates)
+    kinds = [f.kind for f in truth.frames]
+    assert kinds.index("flat") > max(i for i, k in enumerate(kinds) if k == "light")
+
+
+def test_star_positions_follow_the_true_transform() -> None:
+    spec = _spec(n_lights=4, cosmics=False, n_saturated_stars=0, meridian_flip_after=1)
+    truth = S.make_truth(spec)
+    st = truth.stars
+    total = st.flux_e.sum(axis=1)
+    # bright but unsaturated, isolated stars well inside every frame
+    cand = []
+    for k in np.argsort(-total):
+        if not 3e4 < total[k] < 1.5e5:
+            continue
+        near = np.hypot(st.x - st.x[k], st.y - st.y[k]) < 14
+        if (total[near] > 0.01 * total[k]).sum() > 1:
+            continue
+        ok = True
+        for f in truth.lights():
+            p = np.linalg.inv(f.matrix_array) @ [st.x[k], st.y[k], 1.0]
+            ok &= 20 < p[0] < spec.width - 20 and 20 < p[1] < spec.height - 20
+        if ok:
+            cand.append(k)
+    assert cand, "no usable star"
+    errs = []
+    for f in truth.lights():
+        img = S.render_light(truth, f.index).astype(np.float64) - truth.bias_adu
+        assert f.fwhm_px is not None
+        for k in cand[:3]:
+            p = np.linalg.inv(f.matrix_array) @ [st.x[k], st.y[k], 1.0]
+            cx, cy = _centroid(img, p[0] + 0.3, p[1] - 0.3, 2.0 * f.fwhm_px)
+            errs.append(math.hypot(cx - p[0], cy - p[1]))
+    assert max(errs) < 0.05, errs
+
+
+def test_bias_noise_and_pattern() -> None:
+    spec = _spec()
+    truth = S.make_truth(spec)
+    b = S.render_frame(truth, truth.frame("bias", 0)).astype(np.float64)
+    resid = b - truth.bias_adu
+    expect = math.hypot(spec.read_noise_e / spec.gain_e_per_adu, spec.row_noise_adu)
+    sig = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    assert abs(sig / expect - 1.0) < 0.05
+    assert abs(np.median(b) - spec.bias_adu) < 2.0
+    # the fixed pattern is the same in two biases: their average tracks the truth pattern
+    b2 = S.render_frame(truth, truth.frame("bias", 1)).astype(np.float64)
+    col_truth = truth.bias_adu.mean(axis=0)
+    col_meas = ((b + b2) / 2).mean(axis=0)
+    assert np.corrcoef(col_truth, col_meas)[0, 1] > 0.9
+
+
+def test_dark_level_scales_with_exposure_and_has_defects() -> None:
+    spec = _spec(dark_current_e_per_s=0.5, dark_exposure_s=300.0, exposure_s=120.0, cosmics=False)
+    truth = S.make_truth(spec)
+    d = S.render_frame(truth, truth.frame("dark", 0)).astype(np.float64)
+    assert truth.frame("dark", 0).exposure_s == 300.0
+    expect = truth.dark_e_per_s.astype(np.float64) * 300.0 / spec.gain_e_per_adu
+    normal = np.ones(spec.shape, dtype=bool)
+    for x, y in truth.hot_pixels + truth.warm_pixels + truth.cold_pixels:
+        normal[y, x] = False
+    normal[:, -60:] = False  # amp glow corner
+    level = np.median((d - truth.bias_adu)[normal])
+    assert abs(level / np.median(expect[normal]) - 1.0) < 0.02
+    assert abs(level - 0.5 * 300 / spec.gain_e_per_adu) < 0.05 * 0.5 * 300 / spec.gain_e_per_adu
+    # hot pixels stand out; amp glow brightens the top-right corner
+    hot = np.array([d[y, x] for x, y in truth.hot_pixels])
+    assert len(truth.hot_pixels) > 0 and np.all(hot > spec.bias_adu + level + 50)
+    assert np.median(d[:8, -8:]) > np.median(d[:8, :8]) + 20
+
+
+def test_flat_level_vignetting_and_dust() -> None:
+    spec = _spec(vignetting=0.3, n_dust=2, cosmics=False)
+    truth = S.make_truth(spec)
+    f = S.render_frame(truth, truth.frame("flat", 0)).astype(np.float64) - truth.bias_adu
+    level = spec.flat_level_frac * 65535
+    assert abs(f.mean() / level - 1.0) < 0.01
+    norm = f / f.mean()
+    np.testing.assert_allclose(np.corrcoef(norm.ravel(), truth.response.ravel())[0, 1], 1.0, atol=0.05)
+    h, w = spec.shape
+    corner = np.median(norm[:10, :10])
+    centre = np.median(norm[h // 2 - 10:h // 2 + 10, w // 2 - 10:w // 2 + 10])
+    assert 0.6 < corner / centre < 0.85
+    assert abs(truth.response.mean() - 1.0) < 1e-4
+    # noise in the flat is photon noise
+    resid = norm - truth.response
+    assert 0.5 < np.std(resid) * level / math.sqrt(level / spec.gain_e_per_adu) < 1.5
+
+
+def test_transients_where_truth_says() -> None:
+    spec = _spec(n_lights=3, trails=(1,), aircraft=(2,), cosmics_per_mpix_per_min=60.0)
+    truth = S.make_truth(spec)
+    for idx in (1, 2):
+        f = truth.frame("light", idx)
+        raw = S.render_light(truth, idx).astype(np.float64)
+        comp = S.light_components(truth, idx)
+        model = (comp.signal + comp.sky) * comp.response + comp.dark
+        resid = (raw - comp.bias) * spec.gain_e_per_adu - model
+        mask = S.trail_mask(truth, f)
+        assert mask.sum() > spec.width
+        noise = np.sqrt(np.maximum(model, 1.0)) + 2
+        assert np.median((resid / noise)[mask]) > 1.0
+        assert abs(np.median((resid / noise)[~mask])) < 0.2
+        assert f.cosmics, "expected cosmic rays at this rate"
+        for x, y, energy, _length, _angle in f.cosmics:
+            assert resid[round(y), round(x)] > 0.1 * energy / (1 + _length)
+    assert not truth.frame("light", 0).trails
+
+
+def test_saturation_and_clouds() -> None:
+    spec = _spec(n_lights=3, clouds=((1, 0.5),), n_saturated_stars=2)
+    truth = S.make_truth(spec)
+    raw0 = S.render_light(truth, 0)
+    assert (raw0 == 65535).sum() >= 4
+    f0, f1 = truth.frame("light", 0), truth.frame("light", 1)
+    assert f1.cloud == 0.5 and f1.scale is not None and abs(f1.scale / (f0.transparency / f1.transparency) - 1) < 1e-12
+    assert f1.sky_e is not None and f0.sky_e is not None and f1.sky_e > 1.3 * f0.sky_e  # cloud lit by the town
+    c0, c1 = S.light_components(truth, 0), S.light_components(truth, 1)
+    assert abs(c1.signal.sum() / c0.signal.sum() - 0.5) < 0.03
+
+
+def test_osc_mosaic_colours() -> None:
+    spec = _spec(osc=True, n_lights=2, target="none", cosmics=False)
+    truth = S.make_truth(spec)
+    raw = S.render_light(truth, 0).astype(np.float64) - truth.bias_adu
+    r, g1, g2, b = raw[0::2, 0::2], raw[0::2, 1::2], raw[1::2, 0::2], raw[1::2, 1::2]
+    # light-polluted sky: R > G > B, the two greens alike
+    assert np.median(r) > np.median(g1) > np.median(b)
+    assert abs(np.median(g1) / np.median(g2) - 1) < 0.02
+    scene, sky = S.scene_adu(truth)
+    assert scene.shape == (3, *spec.shape) and sky.shape == (3, *spec.shape)
+    flat = S.render_frame(truth, truth.frame("flat", 0)).astype(np.float64) - truth.bias_adu
+    fr, fb = np.median(flat[0::2, 0::2]), np.median(flat[1::2, 1::2])
+    assert abs(fr / fb - truth.panel_colour[0] / truth.panel_colour[2]) < 0.03
+
+
+def test_star_colour_weights_are_physical() -> None:
+    w = K.star_colour_weights(np.array([-0.2, 0.6, 1.6]))
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    assert w[0, 2] > w[0, 0] and w[2, 0] > w[2, 2]  # hot stars blue, cool stars red
+
+
+def test_render_stars_flux_and_centre() -> None:
+    out = np.zeros((64, 64), dtype=np.float32)
+    K.render_stars(out, np.array([31.3]), np.array([30.8]), np.array([1e5]), fwhm_px=2.5, eccentricity=0.4,
+                   angle_deg=30)
+    assert abs(out.sum() / 1e5 - 1) < 0.01
+    yy, xx = np.mgrid[0:64, 0:64]
+    assert abs((out * xx).sum() / out.sum() - 31.3) < 0.01
+    assert abs((out * yy).sum() / out.sum() - 30.8) < 0.01
+
+
+def test_write_night_headers_and_truth(tmp_path: Path) -> None:
+    spec = _spec(width=128, height=96, n_lights=3, n_darks=1, n_flats=1, n_darkflats=1, n_biases=1,
+                 trails=(1,), filters=("L", "R"))
+    truth = S.simulate_night(spec, tmp_path)
+    expect = {"lights": ("LIGHT", 6), "darks": ("DARK", 1), "flats": ("FLAT", 2), "darkflats": ("DARKFLAT", 1),
+              "biases": ("BIAS", 1)}
+    for folder, (imagetyp, n) in expect.items():
+        files = sorted((tmp_path / folder).glob("*.fits"))
+        assert len(files) == n, folder
+        for p in files:
+            with fits.open(p) as hdul:
+                hdr = hdul[0].header
+                data = hdul[0].data
+            assert data.dtype.kind in "iu" and hdr["BITPIX"] == 16 and hdr["BZERO"] == 32768
+            assert hdr["IMAGETYP"] == imagetyp and p.name.startswith(imagetyp + "_")
+            for key in ("EXPOSURE", "EXPTIME", "XBINNING", "YBINNING", "GAIN", "OFFSET", "EGAIN", "XPIXSZ",
+                        "YPIXSZ", "INSTRUME", "TELESCOP", "FOCALLEN", "DATE-OBS", "CCD-TEMP", "SET-TEMP",
+                        "ROWORDER", "SWCREATE"):
+                assert key in hdr, (p.name, key)
+            assert hdr["SWCREATE"].startswith("N.I.N.A.")
+            assert re.search(r"_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_(.*_)?\d+\.\d\ds_\d{4}\.fits$", p.name)
+            if imagetyp == "LIGHT":
+                for key in ("OBJECT", "RA", "DEC", "OBJCTRA", "OBJCTDEC", "FILTER"):
+                    assert key in hdr
+            if imagetyp in ("LIGHT", "FLAT"):
+                assert hdr["FILTER"] in ("L", "R")
+    light = sorted((tmp_path / "lights").glob("*.fits"))[0]
+    np.testing.assert_array_equal(fits.getdata(light), S.render_light(truth, 0))
+    doc = json.loads((tmp_path / "truth" / "truth.json").read_text())
+    assert doc["spec"]["seed"] == 7 and len(doc["frames"]) == len(truth.frames)
+    lights = [f for f in doc["frames"] if f["kind"] == "light"]
+    assert lights[0]["matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert (tmp_path / lights[1]["file"]).is_file() and "trail_mask" in lights[1]
+    assert np.load(tmp_path / "truth" / lights[1]["trail_mask"]).any()
+    for name in ("scene_adu", "sky_adu", "bias_adu", "dark_current_adu_per_s", "flat_response"):
+        assert fits.getdata(tmp_path / "truth" / f"{name}.fits").shape == spec.shape
+    rows = (tmp_path / "truth" / "stars.csv").read_text().splitlines()
+    assert rows[0].startswith("x,y,flux_adu") and len(rows) == len(truth.stars) + 1
+
+
+def test_osc_headers(tmp_path: Path) -> None:
+    spec = _spec(width=64, height=48, osc=True, n_lights=1, n_darks=0, n_flats=0, n_darkflats=0, n_biases=0)
+    S.simulate_night(spec, tmp_path, truth_files=False)
+    (p,) = (tmp_path / "lights").glob("*.fits")
+    hdr = fits.getheader(p)
+    assert hdr["BAYERPAT"] == "RGGB" and hdr["XBAYROFF"] == 0 and hdr["ROWORDER"] == "TOP-DOWN"
+    assert "MC" in hdr["INSTRUME"] and "FILTER" not in hdr
+
+
+def test_slow_writer(tmp_path: Path) -> None:
+    spec = _spec(width=64, height=48)
+    truth = S.make_truth(spec)
+    fr = next(S.iter_night(truth, kinds=("light",)))
+    S.write_fits(tmp_path / "a.fits", fr.data, fr.header, chunk_bytes=2880)
+    np.testing.assert_array_equal(fits.getdata(tmp_path / "a.fits"), fr.data)
+    assert fr.offset_s > 0 and fr.filename.startswith("lights/")
