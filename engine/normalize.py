@@ -1,0 +1,943 @@
+"""Normalisation of registered lights to a reference (the NormalizeScaleGradient approach, §8).
+
+Both images are on the reference grid (the frame is registered and resampled; NaN = outside its
+footprint) and the star positions of both are given in reference coordinates. The result is
+
+    y = m·x + g(x, y)
+
+with m the photometric scale from stars matched between the two images (same aperture in both,
+local annulus background, Tukey IRLS fit through the origin) and g a smooth surface (thin-plate
+spline, smoothing by the discrepancy principle; polynomial fallback) fitted to star-free bin medians
+of d = ref − m·frame. The weight is w = (σ_ref/(m·σ))² with σ the pre-resampling noise (§8.3).
+
+A `Normalization` stores only small parameters (scales, coarse gradient grids and their geometry),
+serialisable with `to_dict`/`from_dict`, so a frame can be re-normalised with `apply` without
+re-registration. Colour images (3, H, W) get a scale and a gradient per channel from the same
+star set. When too few stars pair up, a global additive + scaling normalisation (§8.4) is used and
+flagged ``method="global"`` with the reason; ``method="local"`` is an option (§8.4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+from scipy.interpolate import RBFInterpolator
+from scipy.ndimage import binary_dilation, uniform_filter
+from scipy.spatial import cKDTree
+from stackwatch.engine.errors import StackwatchError
+
+__all__ = [
+    "ChannelNorm",
+    "Normalization",
+    "apply",
+    "gradient_amplitude",
+    "normalize",
+    "rank_reference_candidates",
+]
+
+_METHODS = ("nsg", "global", "local")
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """Normalisation of one channel: y = scale·x + offset(x, y) (or scale_map(x, y)·x + offset).
+
+    ``offset`` is a coarse grid of the additive term at nodes (i·step, j·step) (row, column) of the
+    parent `Normalization`; ``scale_map`` (local normalisation only) is a coarse grid of the
+    multiplicative term, None otherwise.
+    """
+
+    scale: float
+    scale_err: float
+    n_pairs: int
+    noise: float
+    weight: float
+    offset: np.ndarray = field(repr=False)
+    scale_map: np.ndarray | None = field(default=None, repr=False)
+    smoothing: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "scale_err": self.scale_err,
+            "n_pairs": self.n_pairs,
+            "noise": self.noise,
+            "weight": self.weight,
+            "smoothing": self.smoothing,
+            "offset": np.asarray(self.offset, np.float64).tolist(),
+            "scale_map": None if self.scale_map is None else np.asarray(self.scale_map, np.float64).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ChannelNorm:
+        sm = d.get("scale_map")
+        return cls(
+            scale=float(d["scale"]),
+            scale_err=float(d["scale_err"]),
+            n_pairs=int(d["n_pairs"]),
+            noise=float(d["noise"]),
+            weight=float(d["weight"]),
+            offset=np.asarray(d["offset"], np.float32),
+            scale_map=None if sm is None else np.asarray(sm, np.float32),
+            smoothing=float(d.get("smoothing", float("nan"))),
+        )
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Stored normalisation of one frame to one reference.
+
+    ``shape`` is the image shape ((H, W) or (3, H, W)); ``step_px`` the node spacing of the coarse
+    grids; ``method`` is "nsg", "global" or "local"; ``reason`` says why a fallback was used
+    ("" when none). ``scale``, ``scale_err`` and ``weight`` are the channel means (NWEIGHT).
+    """
+
+    channels: tuple[ChannelNorm, ...]
+    shape: tuple[int, ...]
+    step_px: int
+    method: str
+    reason: str = ""
+    reference_id: str = ""
+
+    @property
+    def scale(self) -> float:
+        return float(np.mean([c.scale for c in self.channels]))
+
+    @property
+    def scale_err(self) -> float:
+        return float(np.mean([c.scale_err for c in self.channels]))
+
+    @property
+    def weight(self) -> float:
+        return float(np.mean([c.weight for c in self.channels]))
+
+    @property
+    def n_pairs(self) -> int:
+        return int(min(c.n_pairs for c in self.channels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "step_px": self.step_px,
+            "method": self.method,
+            "reason": self.reason,
+            "reference_id": self.reference_id,
+            "channels": [c.to_dict() for c in self.channels],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Normalization:
+        return cls(
+            channels=tuple(ChannelNorm.from_dict(c) for c in d["channels"]),
+            shape=tuple(int(v) for v in d["shape"]),
+            step_px=int(d["step_px"]),
+            method=str(d["method"]),
+            reason=str(d.get("reason", "")),
+            reference_id=str(d.get("reference_id", "")),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _phot_kernel(
+    img: np.ndarray,
+    bad: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    radii: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Aperture photometry with annulus-median background.
+
+    radii = (r_ap, r_in, r_out). out[:, k] = flux, bkg, bkg_sigma, peak (above bkg), ok (1/0),
+    n_ap, n_ann. ok = 0 when any aperture pixel is NaN or flagged bad, or the annulus has < 8 px.
+    Boundary pixels of the aperture are 5×5 sub-sampled.
+    """
+    h, w = img.shape
+    r_ap, r_in, r_out = radii[0], radii[1], radii[2]
+    rb = math.ceil(r_out) + 1
+    buf = np.empty((2 * rb + 1) * (2 * rb + 1), np.float64)
+    for s in range(xs.size):
+        x0 = xs[s]
+        y0 = ys[s]
+        out[s, 4] = 0.0
+        if not (np.isfinite(x0) and np.isfinite(y0)):
+            continue
+        ix = math.floor(x0 + 0.5)
+        iy = math.floor(y0 + 0.5)
+        if ix - rb < 0 or iy - rb < 0 or ix + rb >= w or iy + rb >= h:
+            continue
+        ok = True
+        nb = 0
+        for yy in range(iy - rb, iy + rb + 1):
+            for xx in range(ix - rb, ix + rb + 1):
+                d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
+                if d >= r_in and d <= r_out:
+                    v = img[yy, xx]
+                    if np.isfinite(v) and not bad[yy, xx]:
+                        buf[nb] = v
+                        nb += 1
+                elif d <= r_ap + 0.75:
+                    v = img[yy, xx]
+                    if not np.isfinite(v) or bad[yy, xx]:
+                        ok = False
+        if not ok or nb < 8:
+            continue
+        bk = np.median(buf[:nb])
+        dev = np.abs(buf[:nb] - bk)
+        bsig = 1.4826 * np.median(dev)
+        flux = 0.0
+        area = 0.0
+        peak = -np.inf
+        for yy in range(iy - rb, iy + rb + 1):
+            for xx in range(ix - rb, ix + rb + 1):
+                d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
+                if d > r_ap + 0.75:
+                    continue
+                if d < r_ap - 0.75:
+                    frac = 1.0
+                else:
+                    cnt = 0
+                    for sy in range(5):
+                        for sx in range(5):
+                            px = xx - 0.4 + 0.2 * sx
+                            py = yy - 0.4 + 0.2 * sy
+                            if (px - x0) ** 2 + (py - y0) ** 2 <= r_ap * r_ap:
+                                cnt += 1
+                    frac = cnt / 25.0
+                if frac > 0.0:
+                    v = img[yy, xx] - bk
+                    flux += frac * v
+                    area += frac
+                    if v > peak:
+                        peak = v
+        out[s, 0] = flux
+        out[s, 1] = bk
+        out[s, 2] = bsig
+        out[s, 3] = peak
+        out[s, 4] = 1.0
+        out[s, 5] = area
+        out[s, 6] = nb
+
+
+@njit(cache=True, nogil=True)
+def _paint_disks(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, rs: np.ndarray) -> None:
+    h, w = mask.shape
+    for s in range(xs.size):
+        r = rs[s]
+        x0 = xs[s]
+        y0 = ys[s]
+        if not (np.isfinite(x0) and np.isfinite(y0)) or r <= 0:
+            continue
+        ya = max(0, math.floor(y0 - r))
+        yb = min(h - 1, math.ceil(y0 + r))
+        xa = max(0, math.floor(x0 - r))
+        xb = min(w - 1, math.ceil(x0 + r))
+        r2 = r * r
+        for yy in range(ya, yb + 1):
+            for xx in range(xa, xb + 1):
+                if (xx - x0) ** 2 + (yy - y0) ** 2 <= r2:
+                    mask[yy, xx] = True
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _bin_medians(
+    ref: np.ndarray,
+    frame: np.ndarray,
+    m: float,
+    star_mask: np.ndarray,
+    bad: np.ndarray,
+    s: int,
+    min_good_frac: float,
+    max_bad_frac: float,
+    out: np.ndarray,
+) -> None:
+    """out[i, j] = median of ref − m·frame over usable pixels of bin (i, j), NaN if unusable."""
+    gh, gw = out.shape
+    h, w = ref.shape
+    for i in prange(gh):
+        buf = np.empty(s * s, np.float64)
+        for j in range(gw):
+            y0 = i * s
+            x0 = j * s
+            y1 = min(h, y0 + s)
+            x1 = min(w, x0 + s)
+            npx = (y1 - y0) * (x1 - x0)
+            nbad = 0
+            n = 0
+            for yy in range(y0, y1):
+                for xx in range(x0, x1):
+                    a = ref[yy, xx]
+                    b = frame[yy, xx]
+                    if not (np.isfinite(a) and np.isfinite(b)) or bad[yy, xx]:
+                        nbad += 1
+                    elif not star_mask[yy, xx]:
+                        buf[n] = a - m * b
+                        n += 1
+            if npx < s * s // 2 or nbad > max_bad_frac * npx or n < min_good_frac * npx or n < 16:
+                out[i, j] = np.nan
+            else:
+                out[i, j] = np.median(buf[:n])
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _star_arrays(stars: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """x, y (reference coordinates) and per-star FWHM (or None) from a star table or an (N, ≥2) array."""
+    if stars is None:
+        return np.empty(0), np.empty(0), None
+    if isinstance(stars, np.ndarray):
+        a = np.asarray(stars, np.float64)
+        if a.size == 0:
+            return np.empty(0), np.empty(0), None
+        if a.ndim != 2 or a.shape[1] < 2:
+            raise StackwatchError(f"star positions must be an (N, 2) array, got shape {a.shape}")
+        return a[:, 0].copy(), a[:, 1].copy(), None
+    x = np.asarray(stars.x, np.float64)
+    y = np.asarray(stars.y, np.float64)
+    fw = getattr(stars, "fwhm", None)
+    fwa = None if fw is None else np.asarray(fw, np.float64)
+    flags = getattr(stars, "flags", None)
+    if flags is not None:
+        # Flagged detections (saturated, blended, edge) still mask the gradient samples but we
+        # keep them: the photometry below applies its own exclusions.
+        pass
+    return x, y, fwa
+
+
+def _channels(a: np.ndarray) -> list[np.ndarray]:
+    if a.ndim == 2:
+        return [a]
+    if a.ndim == 3:
+        return [a[c] for c in range(a.shape[0])]
+    raise StackwatchError(f"image must be (H, W) or (C, H, W), got shape {a.shape}")
+
+
+def _per_channel(v: float | Sequence[float] | np.ndarray, nc: int, what: str) -> list[float]:
+    arr = np.atleast_1d(np.asarray(v, np.float64))
+    if arr.size == 1:
+        return [float(arr[0])] * nc
+    if arr.size != nc:
+        raise StackwatchError(f"{what}: {arr.size} values for {nc} channels")
+    return [float(x) for x in arr]
+
+
+def _bad_plane(mask: np.ndarray | None, shape2: tuple[int, int]) -> np.ndarray:
+    if mask is None:
+        return np.zeros(shape2, np.bool_)
+    mk = np.asarray(mask, np.bool_)
+    if mk.ndim == 3:
+        mk = mk.any(axis=0)
+    if mk.shape != shape2:
+        raise StackwatchError(f"mask shape {mk.shape} does not match image {shape2}")
+    return np.ascontiguousarray(mk)
+
+
+def _robust_loc_scale(x: np.ndarray) -> tuple[float, float]:
+    """IKSS location/scale (stats.iks_location_scale) when available, else clipped median/σ_MAD."""
+    try:
+        from stackwatch.engine import stats  # owned by H3; may not exist yet
+
+        loc, sc = stats.iks_location_scale(x)  # type: ignore[attr-defined]
+        return float(loc), float(sc)
+    except (ImportError, AttributeError):
+        pass
+    v = x[np.isfinite(x)]
+    loc = float(np.median(v))
+    sc = 1.4826 * float(np.median(np.abs(v - loc)))
+    for _ in range(5):
+        keep = np.abs(v - loc) <= 4.0 * sc
+        if not keep.any():
+            break
+        w = v[keep]
+        loc = float(np.median(w))
+        sc = 1.4826 * float(np.median(np.abs(w - loc)))
+    return loc, sc
+
+
+def _tukey_origin_fit(fr: np.ndarray, ff: np.ndarray, sr: np.ndarray, sf: np.ndarray) -> tuple[float, float, int]:
+    """F_ref = m·F_frm through the origin, Tukey biweight IRLS; returns m, σ_m, n_eff (pairs with weight > 0)."""
+    med = float(np.median(fr / ff))
+    m = med
+    c = 4.685
+    wt = np.ones_like(fr)
+    for _ in range(50):
+        var = sr**2 + (m * sf) ** 2
+        r = (fr - m * ff) / np.sqrt(var)
+        # robust residual scale: the formal errors may be underestimated (resampled noise, PSF changes)
+        s = max(1.0, 1.4826 * float(np.median(np.abs(r))))
+        u = r / (c * s)
+        wt = np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0) / var
+        den = float(np.sum(wt * ff * ff))
+        if den <= 0:
+            return float("nan"), float("nan"), 0
+        m_new = float(np.sum(wt * fr * ff) / den)
+        done = abs(m_new - m) <= 1e-7 * abs(m)
+        m = m_new
+        if done:
+            break
+    var = sr**2 + (m * sf) ** 2
+    r = fr - m * ff
+    n_eff = int(np.count_nonzero(wt > 0))
+    den = float(np.sum(wt * ff * ff))
+    if n_eff < 2 or den <= 0:
+        return m, float("nan"), n_eff
+    sig_m = math.sqrt(float(np.sum(wt * r * r)) / (n_eff - 1) / den)
+    return m, sig_m, n_eff
+
+
+def _poly_terms(u: np.ndarray, v: np.ndarray, deg: int) -> np.ndarray:
+    cols = [u**i * v**j for i in range(deg + 1) for j in range(deg + 1 - i)]
+    return np.stack(cols, axis=1)
+
+
+def _poly_fit_robust(u: np.ndarray, v: np.ndarray, z: np.ndarray, deg: int) -> np.ndarray:
+    """Tukey IRLS polynomial fit; returns coefficients for `_poly_terms`."""
+    a = _poly_terms(u, v, deg)
+    wt = np.ones_like(z)
+    coef = np.zeros(a.shape[1])
+    for _ in range(10):
+        sw = np.sqrt(wt)
+        coef = np.linalg.lstsq(a * sw[:, None], z * sw, rcond=None)[0]
+        r = z - a @ coef
+        s = 1.4826 * float(np.median(np.abs(r))) + 1e-30
+        q = r / (4.685 * s)
+        wt = np.where(np.abs(q) < 1.0, (1.0 - q**2) ** 2, 0.0)
+    return coef
+
+
+def _fit_surface(
+    by: np.ndarray, bx: np.ndarray, z: np.ndarray, sig: np.ndarray, shape2: tuple[int, int], step: int
+) -> tuple[np.ndarray, float, str]:
+    """Smooth surface through samples at pixel positions (bx, by); evaluated at the node grid.
+
+    Thin-plate spline with the smallest smoothing whose normalised residual RMS reaches 1
+    (discrepancy principle); degree-3 (1 below 50 samples) robust polynomial if that fails.
+    Returns (grid, smoothing, model name).
+    """
+    h, w = shape2
+    gh = (h - 1) // step + 2
+    gw = (w - 1) // step + 2
+    scale_xy = float(max(h, w))
+    pts = np.column_stack([by / scale_xy, bx / scale_xy])
+    ny, nx = np.meshgrid(np.arange(gh) * step / scale_xy, np.arange(gw) * step / scale_xy, indexing="ij")
+    nodes = np.column_stack([ny.ravel(), nx.ravel()])
+    zs = float(np.median(sig)) or 1.0
+    zn = z / zs
+    sn = sig / zs
+    if z.size >= 12:
+        try:
+
+            def resid(lam: float) -> tuple[float, RBFInterpolator]:
+                rbf = RBFInterpolator(pts, zn, kernel="thin_plate_spline", smoothing=lam * sn**2, degree=1)
+                r = (zn - rbf(pts)) / sn
+                return float(np.sqrt(np.mean(r * r))), rbf
+
+            lo, hi = -8.0, 4.0
+            r_hi, rbf_hi = resid(10.0**hi)
+            if r_hi <= 1.0:
+                best, lam = rbf_hi, 10.0**hi
+            else:
+                r_lo, rbf_lo = resid(10.0**lo)
+                if r_lo >= 1.0:
+                    best, lam = rbf_lo, 10.0**lo
+                else:
+                    best, lam = rbf_hi, 10.0**hi
+                    for _ in range(14):
+                        mid = 0.5 * (lo + hi)
+                        r_mid, rbf_mid = resid(10.0**mid)
+                        if r_mid >= 1.0:
+                            hi, best, lam = mid, rbf_mid, 10.0**mid
+                        else:
+                            lo = mid
+                        if hi - lo < 0.1:
+                            break
+            grid = (best(nodes) * zs).reshape(gh, gw)
+            if np.all(np.isfinite(grid)):
+                return grid.astype(np.float32), lam, "tps"
+        except (np.linalg.LinAlgError, ValueError):
+            pass
+    deg = 3 if z.size >= 50 else (1 if z.size >= 3 else 0)
+    u, v = pts[:, 1] - 0.5, pts[:, 0] - 0.5
+    coef = _poly_fit_robust(u, v, z, deg)
+    grid = (_poly_terms(nodes[:, 1] - 0.5, nodes[:, 0] - 0.5, deg) @ coef).reshape(gh, gw)
+    return grid.astype(np.float32), float("nan"), f"poly{deg}"
+
+
+def _catmull_rom(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer base index and the 4 Catmull-Rom weights for fractional node coordinates t."""
+    i = np.floor(t).astype(np.int64)
+    f = t - i
+    f2 = f * f
+    f3 = f2 * f
+    wts = np.stack(
+        [
+            -0.5 * f3 + f2 - 0.5 * f,
+            1.5 * f3 - 2.5 * f2 + 1.0,
+            -1.5 * f3 + 2.0 * f2 + 0.5 * f,
+            0.5 * f3 - 0.5 * f2,
+        ],
+        axis=1,
+    )
+    return i, wts
+
+
+def _interp_axis(grid: np.ndarray, coords_px: np.ndarray, step: int, axis: int) -> np.ndarray:
+    """Cubic (Catmull-Rom, clamped edges) interpolation of grid along axis at pixel coordinates."""
+    n = grid.shape[axis]
+    i, wts = _catmull_rom(coords_px / step)
+    out = None
+    for k in range(4):
+        idx = np.clip(i - 1 + k, 0, n - 1)
+        part = np.take(grid, idx, axis=axis)
+        wk = wts[:, k]
+        part = part * (wk[None, :] if axis == 1 else wk[:, None])
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def _upsample(grid: np.ndarray, step: int, width: int, y0: int, y1: int, cols: np.ndarray | None = None) -> np.ndarray:
+    """Rows [y0, y1) of the bicubic upsampling of grid (float32). cols: pre-interpolated columns."""
+    t = cols if cols is not None else _interp_axis(grid.astype(np.float64), np.arange(width, dtype=np.float64), step, 1)
+    return _interp_axis(t, np.arange(y0, y1, dtype=np.float64), step, 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def apply(frame: np.ndarray, norm: Normalization, *, band_rows: int = 512, out: np.ndarray | None = None) -> np.ndarray:
+    """The normalised frame y = scale·x + offset (per channel), float32, NaN preserved.
+
+    Parameters
+    ----------
+    frame : the registered frame, (H, W) or (C, H, W), the shape `norm` was computed for.
+    norm : the stored `Normalization`.
+    band_rows : rows evaluated at a time (bounds the temporary memory). Default is 512.
+    out : optional float32 output array of the frame's shape (may be `frame` itself).
+    """
+    x = np.asarray(frame)
+    if tuple(x.shape) != tuple(norm.shape):
+        raise StackwatchError(f"frame shape {x.shape} does not match the normalisation's {tuple(norm.shape)}")
+    y = np.empty(x.shape, np.float32) if out is None else out
+    xs = _channels(x)
+    ys = _channels(y)
+    h, w = xs[0].shape
+    cols_x = np.arange(w, dtype=np.float64)
+    for xc, yc, cn in zip(xs, ys, norm.channels, strict=True):
+        off_cols = _interp_axis(np.asarray(cn.offset, np.float64), cols_x, norm.step_px, 1)
+        sc_cols = (
+            None
+            if cn.scale_map is None
+            else _interp_axis(np.asarray(cn.scale_map, np.float64), cols_x, norm.step_px, 1)
+        )
+        for y0 in range(0, h, max(1, band_rows)):
+            y1 = min(h, y0 + band_rows)
+            g = _upsample(cn.offset, norm.step_px, w, y0, y1, off_cols)
+            if sc_cols is None:
+                np.multiply(xc[y0:y1], np.float32(cn.scale), out=yc[y0:y1], casting="unsafe")
+            else:
+                smap = _upsample(cn.scale_map, norm.step_px, w, y0, y1, sc_cols)  # type: ignore[arg-type]
+                np.multiply(xc[y0:y1], smap, out=yc[y0:y1], casting="unsafe")
+            yc[y0:y1] += g
+    return y
+
+
+def gradient_amplitude(norm: Normalization) -> float:
+    """Max − min of the gradient surface (mean over channels): a reference-choice criterion (§8.5)."""
+    vals = [float(np.nanmax(c.offset) - np.nanmin(c.offset)) for c in norm.channels]
+    return float(np.mean(vals))
+
+
+def _global_channel(xc: np.ndarray, rc: np.ndarray, sig: float, sig_ref: float, gshape: tuple[int, int]) -> ChannelNorm:
+    both = np.isfinite(xc) & np.isfinite(rc)
+    n = int(np.count_nonzero(both))
+    if n < 100:
+        raise StackwatchError("normalisation: frame and reference overlap in fewer than 100 pixels")
+    stride = max(1, n // 2_000_000)
+    xv = xc[both][::stride]
+    rv = rc[both][::stride]
+    loc_i, sc_i = _robust_loc_scale(xv)
+    loc_r, sc_r = _robust_loc_scale(rv)
+    s = sc_r / sc_i if sc_i > 0 else 1.0
+    off = np.full(gshape, loc_r - s * loc_i, np.float32)
+    wgt = (sig_ref / (s * sig)) ** 2 if sig > 0 and s > 0 else float("nan")
+    return ChannelNorm(scale=s, scale_err=float("nan"), n_pairs=0, noise=sig, weight=wgt, offset=off)
+
+
+def _local_channel(
+    xc: np.ndarray, rc: np.ndarray, star_mask: np.ndarray, sig: float, sig_ref: float, cell: int
+) -> ChannelNorm:
+    """Local normalisation: robust location/scale maps on a cell grid, y = (x − L_i)·S_r/S_i + L_r."""
+    h, w = xc.shape
+    gh = (h - 1) // cell + 2
+    gw = (w - 1) // cell + 2
+    li = np.full((gh, gw), np.nan)
+    lr = np.full((gh, gw), np.nan)
+    ratio = np.full((gh, gw), np.nan)
+    for i in range(gh):
+        for j in range(gw):
+            ya, yb = max(0, int(i * cell - cell // 2)), min(h, int(i * cell + cell // 2))
+            xa, xb = max(0, int(j * cell - cell // 2)), min(w, int(j * cell + cell // 2))
+            if yb <= ya or xb <= xa:
+                continue
+            a = xc[ya:yb, xa:xb]
+            b = rc[ya:yb, xa:xb]
+            ok = np.isfinite(a) & np.isfinite(b) & ~star_mask[ya:yb, xa:xb]
+            if np.count_nonzero(ok) < 64:
+                continue
+            la, sa = _robust_loc_scale(a[ok])
+            lb, sb = _robust_loc_scale(b[ok])
+            if sa > 0:
+                li[i, j], lr[i, j], ratio[i, j] = la, lb, sb / sa
+    good = np.isfinite(ratio)
+    if not good.any():
+        raise StackwatchError("local normalisation: no usable cells in the overlap")
+    # fill empty cells with the nearest good one, then smooth 3×3
+    gy, gx = np.nonzero(good)
+    tree = cKDTree(np.column_stack([gy, gx]))
+    ay, ax = np.nonzero(~good)
+    if ay.size:
+        _, nn = tree.query(np.column_stack([ay, ax]))
+        for arr in (li, lr, ratio):
+            arr[ay, ax] = arr[gy[nn], gx[nn]]
+    li, lr, ratio = (uniform_filter(a, 3, mode="nearest") for a in (li, lr, ratio))
+    off = (lr - ratio * li).astype(np.float32)
+    s = float(np.median(ratio))
+    wgt = (sig_ref / (s * sig)) ** 2 if sig > 0 and s > 0 else float("nan")
+    return ChannelNorm(
+        scale=s, scale_err=float("nan"), n_pairs=0, noise=sig, weight=wgt, offset=off, scale_map=ratio.astype(np.float32)
+    )
+
+
+def normalize(
+    frame: np.ndarray,
+    reference: np.ndarray,
+    *,
+    frame_stars: Any,
+    ref_stars: Any,
+    frame_noise: float | Sequence[float],
+    ref_noise: float | Sequence[float],
+    frame_mask: np.ndarray | None = None,
+    ref_mask: np.ndarray | None = None,
+    fwhm_px: float = 3.0,
+    frame_fwhm_px: float | None = None,
+    method: str = "nsg",
+    bin_px: int = 32,
+    min_pairs: int = 10,
+    max_pairs: int = 500,
+    min_snr: float = 20.0,
+    max_scale_err_frac: float = 0.02,
+    max_samples: int = 600,
+    star_mask_cap_px: float = 40.0,
+    local_cell_px: int = 512,
+    reference_id: str = "",
+) -> Normalization:
+    """Normalise a registered frame to the reference (§8).
+
+    Parameters
+    ----------
+    frame, reference : float32 images on the reference grid, (H, W) or (C, H, W); NaN = no data.
+    frame_stars, ref_stars : star tables (attributes ``x``, ``y`` and optionally ``fwhm``) or (N, 2)
+        arrays of (x, y), both in reference coordinates.
+    frame_noise, ref_noise : pre-resampling background noise σ (one value or one per channel).
+    frame_mask, ref_mask : bool, True = saturated/bad pixel (excluded). Default is None (none).
+    fwhm_px : reference FWHM in pixels. Default is 3.0.
+    frame_fwhm_px : frame FWHM in pixels. Default is None (= fwhm_px).
+    method : "nsg", "global" or "local". Default is "nsg".
+    bin_px : gradient sample bin size. Default is 32.
+    min_pairs : fewer matched photometric stars falls back to global. Default is 10.
+    max_pairs : brightest pairs used for the scale. Default is 500.
+    min_snr : minimum photometric SNR in both images. Default is 20.0.
+    max_scale_err_frac : σ_m/m above this falls back to global. Default is 0.02.
+    max_samples : at most this many (block-averaged) samples for the spline. Default is 600.
+    star_mask_cap_px : largest star-avoidance radius. Default is 40.0.
+    local_cell_px : cell size of local normalisation. Default is 512.
+    reference_id : recorded in the result. Default is "".
+    """
+    if method not in _METHODS:
+        raise StackwatchError(f"normalisation method {method!r} is not one of {', '.join(_METHODS)}")
+    fr = np.asarray(frame, np.float32)
+    rf = np.asarray(reference, np.float32)
+    if fr.shape != rf.shape:
+        raise StackwatchError(f"normalisation: frame shape {fr.shape} differs from reference shape {rf.shape}")
+    fch = _channels(fr)
+    rch = _channels(rf)
+    nc = len(fch)
+    shape2 = (int(fch[0].shape[0]), int(fch[0].shape[1]))
+    sig_f = _per_channel(frame_noise, nc, "frame_noise")
+    sig_r = _per_channel(ref_noise, nc, "ref_noise")
+    bad_f = _bad_plane(frame_mask, shape2)
+    bad_r = _bad_plane(ref_mask, shape2)
+    bad = bad_f | bad_r
+    step = int(bin_px)
+    gshape = ((shape2[0] - 1) // step + 2, (shape2[1] - 1) // step + 2)
+
+    fw_r = float(fwhm_px)
+    fw_f = float(frame_fwhm_px) if frame_fwhm_px is not None else fw_r
+    fw = max(fw_r, fw_f)
+    rx, ry, _ = _star_arrays(ref_stars)
+    fx, fy, _ = _star_arrays(frame_stars)
+
+    # union of stars for masking and blending
+    if fx.size and rx.size:
+        d, _ = cKDTree(np.column_stack([rx, ry])).query(np.column_stack([fx, fy]))
+        extra = d > max(2.0, fw)
+        ux = np.concatenate([rx, fx[extra]])
+        uy = np.concatenate([ry, fy[extra]])
+    else:
+        ux = np.concatenate([rx, fx])
+        uy = np.concatenate([ry, fy])
+
+    r_ap = max(2.0 * fw_r, 2.0 * fw_f, 3.0)
+    r_in = r_ap + 2.0
+    r_out = r_in + max(4.0, fw)
+    radii = np.array([r_ap, r_in, r_out])
+
+    # star-avoidance radii from peaks measured on the reference (0.5σ of a Moffat β = 2.5)
+    star_mask = np.zeros(shape2, np.bool_)
+    if ux.size:
+        luma_r = rch[0] if nc == 1 else np.mean(np.stack(rch), axis=0, dtype=np.float32)
+        luma_f = fch[0] if nc == 1 else np.mean(np.stack(fch), axis=0, dtype=np.float32)
+        ph_u = np.zeros((ux.size, 7))
+        _phot_kernel(np.ascontiguousarray(luma_r), bad, ux, uy, radii, ph_u)
+        ph_uf = np.zeros((ux.size, 7))
+        _phot_kernel(np.ascontiguousarray(luma_f), bad, ux, uy, radii, ph_uf)
+        peak = np.fmax(np.where(ph_u[:, 4] > 0, ph_u[:, 3], np.nan), np.where(ph_uf[:, 4] > 0, ph_uf[:, 3], np.nan))
+        t = 0.5 * float(np.mean(sig_r))
+        beta = 2.5
+        alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rr = alpha * np.sqrt(np.maximum((np.maximum(peak, 0.0) / t) ** (1.0 / beta) - 1.0, 0.0))
+        rr = np.where(np.isfinite(rr), rr, star_mask_cap_px)  # unmeasurable (edge, saturated): be generous
+        rr = np.clip(np.maximum(rr, 2.0 * fw), 0.0, star_mask_cap_px)
+        _paint_disks(star_mask, ux, uy, rr)
+    dil = _dilate(bad, 5)
+    gmask = star_mask | dil
+
+    reason = ""
+    chans: list[ChannelNorm] = []
+    use = method
+    scales: list[tuple[float, float, int]] = []
+    if method == "nsg":
+        # pairs: reference stars that are isolated (no other star of the union within r_out)
+        if rx.size >= min_pairs and fx.size:
+            tree_u = cKDTree(np.column_stack([ux, uy]))
+            cnt = np.array([len(v) for v in tree_u.query_ball_point(np.column_stack([rx, ry]), r_out)])
+            dfr, _ = cKDTree(np.column_stack([fx, fy])).query(np.column_stack([rx, ry]))
+            sel = (cnt <= 1) & (dfr <= max(2.0, fw))
+            px, py = rx[sel], ry[sel]
+        else:
+            px, py = np.empty(0), np.empty(0)
+        for c in range(nc):
+            if px.size < min_pairs:
+                scales.append((float("nan"), float("nan"), int(px.size)))
+                continue
+            a = np.zeros((px.size, 7))
+            b = np.zeros((px.size, 7))
+            _phot_kernel(np.ascontiguousarray(rch[c]), bad, px, py, radii, a)
+            _phot_kernel(np.ascontiguousarray(fch[c]), bad, px, py, radii, b)
+            ok = (a[:, 4] > 0) & (b[:, 4] > 0)
+            na, nn = a[:, 5], a[:, 6]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                s_a = np.sqrt(na * np.fmax(a[:, 2], sig_r[c]) ** 2 * (1.0 + na / nn))
+                s_b = np.sqrt(na * np.fmax(b[:, 2], sig_f[c]) ** 2 * (1.0 + na / nn))
+                ok &= (a[:, 0] > min_snr * s_a) & (b[:, 0] > min_snr * s_b)
+            idx = np.flatnonzero(ok)
+            idx = idx[np.argsort(-a[idx, 0])][:max_pairs]
+            if idx.size < min_pairs:
+                scales.append((float("nan"), float("nan"), int(idx.size)))
+                continue
+            # errors: background term + 0.3 % of the flux (shot noise and PSF/aperture differences; the
+            # IRLS also rescales by the robust residual scale when these are too small)
+            m, sm, ne = _tukey_origin_fit(a[idx, 0], b[idx, 0], s_a[idx] + 0.003 * a[idx, 0], s_b[idx] + 0.003 * b[idx, 0])
+            scales.append((m, sm, ne))
+        bad_ch = [
+            (m, sm, n)
+            for m, sm, n in scales
+            if not (n >= min_pairs and np.isfinite(m) and 0.1 <= m <= 10.0 and np.isfinite(sm) and sm / m <= max_scale_err_frac)
+        ]
+        if bad_ch:
+            m, sm, n = bad_ch[0]
+            if n < min_pairs:
+                reason = f"too few star pairs for photometry ({n} < {min_pairs})"
+            elif not (np.isfinite(m) and 0.1 <= m <= 10.0):
+                reason = f"photometric scale {m:.4g} outside [0.1, 10]"
+            else:
+                reason = f"photometric scale too uncertain (σ_m/m = {sm / m:.3g} > {max_scale_err_frac})"
+            use = "global"
+    if use == "nsg":
+        for c in range(nc):
+            m, sm, ne = scales[c]
+            grid, lam = _gradient_grid(rch[c], fch[c], m, star_mask, bad, gmask, step, max_samples, shape2)
+            wgt = (sig_r[c] / (m * sig_f[c])) ** 2 if sig_f[c] > 0 else float("nan")
+            chans.append(
+                ChannelNorm(scale=m, scale_err=sm, n_pairs=ne, noise=sig_f[c], weight=wgt, offset=grid, smoothing=lam)
+            )
+    elif use == "global":
+        for c in range(nc):
+            chans.append(_global_channel(fch[c], rch[c], sig_f[c], sig_r[c], gshape))
+    else:
+        cell = int(local_cell_px)
+        for c in range(nc):
+            chans.append(_local_channel(fch[c], rch[c], gmask, sig_f[c], sig_r[c], cell))
+        step = cell
+    return Normalization(
+        channels=tuple(chans),
+        shape=tuple(int(v) for v in fr.shape),
+        step_px=step,
+        method=use,
+        reason=reason,
+        reference_id=reference_id,
+    )
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    if not mask.any():
+        return mask.copy()
+    return np.asarray(binary_dilation(mask, iterations=r), np.bool_)
+
+
+def _gradient_grid(
+    rc: np.ndarray,
+    xc: np.ndarray,
+    m: float,
+    star_mask: np.ndarray,
+    bad: np.ndarray,
+    gmask: np.ndarray,
+    step: int,
+    max_samples: int,
+    shape2: tuple[int, int],
+) -> tuple[np.ndarray, float]:
+    """Coarse grid of g = smooth(ref − m·frame) and the smoothing used."""
+    h, w = shape2
+    bh = (h + step - 1) // step
+    bw = (w + step - 1) // step
+    med = np.empty((bh, bw), np.float64)
+    _bin_medians(np.ascontiguousarray(rc), np.ascontiguousarray(xc), float(m), gmask, bad, step, 0.3, 0.01, med)
+    gshape = ((h - 1) // step + 2, (w - 1) // step + 2)
+    valid = np.isfinite(med)
+    if np.count_nonzero(valid) < 3:
+        lvl = float(np.nanmedian(med)) if valid.any() else float(np.nanmedian(rc - m * xc))
+        return np.full(gshape, lvl, np.float32), float("nan")
+    # fine-bin noise from second differences of neighbouring bins (a smooth surface has nearly
+    # constant curvature over 3 bins, so these are noise: var = 6σ²); robust to slopes and outliers
+    dx = (med[:, 2:] - 2.0 * med[:, 1:-1] + med[:, :-2]).ravel()
+    dy = (med[2:, :] - 2.0 * med[1:-1, :] + med[:-2, :]).ravel()
+    dd = np.concatenate([dx, dy])
+    dd = dd[np.isfinite(dd)]
+    sig0 = 1.4826 * float(np.median(np.abs(dd - np.median(dd)))) / math.sqrt(6.0) if dd.size >= 8 else float("nan")
+    cy = np.array([(i * step + min(h, i * step + step) - 1) / 2.0 for i in range(bh)])
+    cx = np.array([(j * step + min(w, j * step + step) - 1) / 2.0 for j in range(bw)])
+    yy, xx = np.meshgrid(cy, cx, indexing="ij")
+    # outlier bins: robust quadratic, drop > 4σ_MAD, twice
+    for _ in range(2):
+        iy, ix = np.nonzero(valid)
+        if iy.size < 10:
+            break
+        u = xx[iy, ix] / max(h, w) - 0.5
+        v = yy[iy, ix] / max(h, w) - 0.5
+        z = med[iy, ix]
+        coef = _poly_fit_robust(u, v, z, 2)
+        r = z - _poly_terms(u, v, 2) @ coef
+        s = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if not np.isfinite(sig0) or sig0 <= 0:
+            sig0 = s
+        lim = 4.0 * max(s, sig0)
+        badb = np.abs(r) > lim
+        if not badb.any():
+            break
+        valid[iy[badb], ix[badb]] = False
+    if not np.isfinite(sig0) or sig0 <= 0:
+        sig0 = 1e-6
+    # block-average fine bins until at most max_samples remain
+    k = 1
+    while np.count_nonzero(valid) / (k * k) > max_samples and k < max(bh, bw):
+        k *= 2
+    if k > 1:
+        ph, pw = (-bh) % k, (-bw) % k
+        vz = np.pad(np.where(valid, med, 0.0), ((0, ph), (0, pw)))
+        vc = np.pad(valid.astype(np.float64), ((0, ph), (0, pw)))
+        vy = np.pad(np.where(valid, yy, 0.0), ((0, ph), (0, pw)))
+        vx = np.pad(np.where(valid, xx, 0.0), ((0, ph), (0, pw)))
+        sh = (vz.shape[0] // k, k, vz.shape[1] // k, k)
+        cnt = vc.reshape(sh).sum(axis=(1, 3))
+        ok = cnt >= max(1.0, 0.25 * k * k)
+        z = (vz.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
+        py = (vy.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
+        px = (vx.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
+        sg = sig0 / np.sqrt(cnt[ok])
+    else:
+        iy, ix = np.nonzero(valid)
+        z, py, px = med[iy, ix], yy[iy, ix], xx[iy, ix]
+        sg = np.full(z.shape, sig0)
+    grid, lam, _model = _fit_surface(py, px, z, sg, shape2, step)
+    return grid, lam
+
+
+def _get(metric: Any, name: str) -> float:
+    v = metric.get(name) if isinstance(metric, Mapping) else getattr(metric, name, None)
+    try:
+        return float(v) if v is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def rank_reference_candidates(metrics: Sequence[Any]) -> int:
+    """Index of the best normalisation/registration reference among candidate frames (§8.5).
+
+    Each candidate (a mapping or an object with attributes) is ranked on ``fwhm_px`` (low),
+    ``stars`` (high), ``background`` (low), ``gradient_amplitude`` (low), ``transmission`` (high)
+    and ``eccentricity`` (low); missing or non-finite values rank last on that criterion. The
+    lowest rank sum wins; ties go to the later frame.
+    """
+    n = len(metrics)
+    if n == 0:
+        raise StackwatchError("no candidate frames to choose a reference from")
+    crit = (
+        ("fwhm_px", 1.0),
+        ("stars", -1.0),
+        ("background", 1.0),
+        ("gradient_amplitude", 1.0),
+        ("transmission", -1.0),
+        ("eccentricity", 1.0),
+    )
+    total = np.zeros(n)
+    for name, sign in crit:
+        vals = np.array([_get(mt, name) for mt in metrics]) * sign
+        if not np.isfinite(vals).any():
+            continue
+        vals = np.where(np.isfinite(vals), vals, np.inf)
+        # average ranks for ties (1-based)
+        order = np.argsort(vals, kind="stable")
+        ranks = np.empty(n)
+        sv = vals[order]
+        i = 0
+        while i < n:
+            j = i
+            while j + 1 < n and sv[j + 1] == sv[i]:
+                j += 1
+            ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
+            i = j + 1
+        total += ranks
+    best = float(np.min(total))
+    return int(np.flatnonzero(total == best)[-1])
