@@ -359,8 +359,28 @@ def _k_be16(raw: np.ndarray, out: np.ndarray, bscale: float, bzero: float, scale
             out[oy, x] = np.float32((v * bscale + bzero) * scale)
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _k_scale_finite(out: np.ndarray, scale: float) -> None:
+    """In place on a (N, W) float32 array: multiply by scale (unless 1) and turn +-inf into NaN."""
+    h = out.shape[0]
+    w = out.shape[1]
+    for y in prange(h):
+        for x in range(w):
+            v = out[y, x]
+            if np.isinf(v):
+                out[y, x] = np.nan
+            elif scale != 1.0:
+                out[y, x] = np.float32(np.float64(v) * scale)
+
+
 def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
     """Raw stored values (file order) -> float32 top-down full-scale-1 array, NaN for no data."""
+    if raw.dtype.kind == "f" and sc.bscale == 1.0 and sc.bzero == 0.0:
+        src = raw[..., ::-1, :] if flip else raw
+        fout = np.empty(raw.shape, dtype=np.float32)
+        fout[...] = src  # byte swap, cast and flip in one copy
+        _k_scale_finite(fout.reshape(-1, fout.shape[-1]), sc.scale)
+        return fout
     out = np.empty(raw.shape, dtype=np.float32)
     fast16 = (
         raw.dtype == np.dtype(">i2") and sc.blank is None and not sc.wrap16 and raw.flags.c_contiguous
