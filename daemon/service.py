@@ -1,0 +1,1181 @@
+"""The running service: watch a folder, catalogue every file, process frames, keep the stacks.
+
+Lifecycle (owned tasks, nothing fire-and-forget)::
+
+    service = Service(config, watch_dir=..., state_dir=...)
+    await service.startup()     # catalogue, pipeline, watcher, start-up scan, tasks; READY=1
+    await service.run()         # until request_stop() (SIGTERM/SIGINT)
+    await service.shutdown()    # stop intake, finish or abandon the frame in flight, checkpoint
+
+Threads: the watchdog thread only hands paths to the loop; the catalogue is written from the loop
+thread only (its single writer); header reading, hashing and every pipeline call run in a
+``ThreadPoolExecutor`` (numba kernels release the GIL), so the web view keeps answering while a
+26 MP frame is processed.
+
+Flow of one file: watcher -> intake (stat, SHA-1, header, classify; retries with back-off for
+unreadable files; duplicates by content) -> ``pending`` in the catalogue (the persistent queue) ->
+processor (one frame at a time: calibration frames to the library, lights through the pipeline) ->
+result in the catalogue -> events. Calibration frames waiting go before lights.
+
+Recovery: on start, ``processing`` rows return to ``pending`` and the folder is scanned again, so a
+kill -9 reprocesses at most the frame in flight (the pipeline's stack update is idempotent by frame
+path) and loses nothing. A full state disk pauses processing with a clear status until space returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from stackwatch.daemon.catalog import DONE_STATUSES, Catalog
+from stackwatch.daemon.config import Config, load_config
+from stackwatch.daemon.events import EventBus, Listener
+from stackwatch.daemon.sdnotify import SdNotifier
+from stackwatch.daemon.watcher import FileFilter, Watcher, scan_folder
+from stackwatch.engine.errors import FrameError, StackwatchError
+
+__all__ = [
+    "Identified",
+    "PipelineLike",
+    "Service",
+    "check_complete",
+    "default_identify",
+    "hash_file",
+]
+
+_log = logging.getLogger("stackwatch.service")
+
+_BACKLOG_INTAKE_S = 120.0  # at start, read the backlog's headers this long before processing begins
+_PRODUCTS_WANTED_S = 600.0  # keep prefetching a stack's products this long after someone asked for them
+
+CALIBRATION_KINDS = frozenset({"bias", "dark", "flat", "darkflat"})
+
+
+class PipelineLike(Protocol):
+    """What the service needs from ``stackwatch.daemon.pipeline.Pipeline``."""
+
+    def add_calibration(self, path: Path, info: Any) -> list[dict[str, Any]]: ...
+
+    def process_light(self, path: Path, info: Any) -> dict[str, Any]: ...
+
+    def stacks(self) -> list[dict[str, Any]]: ...
+
+    def stack_products(self, stack_id: str) -> dict[str, Any] | None: ...
+
+    def finalize(self, stack_id: str) -> dict[str, Any]: ...
+
+    def checkpoint(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Identified:
+    """What intake learns about a file: its frame info (from the header) and content hash."""
+
+    info: Any
+    kind: str
+    sha1: str
+    size: int
+    mtime: float
+
+
+def hash_file(path: Path, *, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-1 of a file's bytes."""
+    h = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk_bytes)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_identify(path: Path, config: Config) -> Any:
+    """Check the file is complete, read the header and classify (fitsio + classify, imported lazily)."""
+    from stackwatch.engine.classify import classify
+    from stackwatch.engine.fitsio import read_header
+
+    check_complete(path)
+    return classify(read_header(path), str(path))
+
+
+_BLOCK = 2880
+
+
+def check_complete(path: Path) -> None:
+    """Raise ``FrameError`` unless the file holds whole FITS HDUs (header and data) to its end.
+
+    A capture program that writes a frame in several chunks closes and reopens the file; each close
+    raises an event. This reads only the headers (80-character cards up to END) and checks that each
+    HDU's data (``|BITPIX|/8 * GCOUNT * (PCOUNT + NAXIS1*...*NAXISn)`` bytes) is present, so a
+    half-written file is retried instead of failed. Compressed files (``.gz``) are decompressed to
+    check their length and CRC.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise FrameError(path, "empty file (0 bytes)")
+    if path.name.lower().endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as fh:
+                while fh.read(1 << 22):
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            raise FrameError(path, f"truncated or corrupt gzip file ({exc})") from None
+        return
+    with open(path, "rb") as fh:
+        offset = 0
+        hdus = 0
+        while offset < size:
+            cards: dict[str, str] = {}
+            fh.seek(offset)
+            ended = False
+            while not ended:
+                block = fh.read(_BLOCK)
+                if len(block) < _BLOCK:
+                    if hdus > 0 and not block.strip(b"\0 "):
+                        return  # trailing padding after the last HDU
+                    raise FrameError(path, f"truncated file: header {hdus + 1} ends at byte {size} "
+                                           "(still being written?)")
+                offset += _BLOCK
+                for i in range(0, _BLOCK, 80):
+                    card = block[i:i + 80].decode("ascii", "replace")
+                    keyword = card[:8].strip()
+                    if keyword == "END":
+                        ended = True
+                        break
+                    if (card[8:10] == "= " and keyword in ("BITPIX", "PCOUNT", "GCOUNT", "XTENSION", "SIMPLE")) or (
+                            keyword.startswith("NAXIS") and card[8:10] == "= "):
+                        cards[keyword] = card[10:].split("/")[0].strip()
+            if hdus == 0 and "SIMPLE" not in cards:
+                raise FrameError(path, "not a FITS file (no SIMPLE keyword in the first header)")
+            try:
+                naxis = int(cards.get("NAXIS", "0"))
+                bitpix = abs(int(cards.get("BITPIX", "0")))
+                pcount = int(cards.get("PCOUNT", "0"))
+                gcount = int(cards.get("GCOUNT", "1"))
+                axes = [int(cards.get(f"NAXIS{k}", "0")) for k in range(1, naxis + 1)]
+            except ValueError:
+                raise FrameError(path, f"corrupt FITS header {hdus + 1} (bad NAXIS/BITPIX)") from None
+            count = 0
+            if naxis > 0:
+                count = 1
+                for n in axes:
+                    count *= n
+            data = bitpix // 8 * gcount * (pcount + count)
+            hdus += 1
+            if offset + data > size:
+                raise FrameError(path, f"truncated file: {size} bytes, the header needs {offset + data} "
+                                       "(still being written?)")
+            offset += -(-data // _BLOCK) * _BLOCK
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(info) and not isinstance(info, type):
+        out = dataclasses.asdict(info)
+    elif isinstance(info, dict):
+        out = dict(info)
+    else:
+        out = {k: v for k, v in vars(info).items() if not k.startswith("_")}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+
+def _info_key(info: Any) -> Any:
+    key = getattr(info, "calibration_key", None)
+    if callable(key):
+        key = key()
+    if key is None:
+        return None
+    if dataclasses.is_dataclass(key) and not isinstance(key, type):
+        return dataclasses.asdict(key)
+    if isinstance(key, tuple):
+        return list(key)
+    return key if isinstance(key, str | int | float | list | dict) else str(key)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and _is_disk_full(cause)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Service:
+    """The live-stacking service; also the object the web app talks to (``status()``, ``list_frames()``...).
+
+    Parameters
+    ----------
+    config : Config
+        The configuration (``service``, ``watch`` and ``live`` sections are read here; the rest goes
+        to the pipeline).
+    watch_dir : Path
+        The capture folder (read only).
+    state_dir : Path
+        Catalogue, library, frame store and stacks. Must not lie inside ``watch_dir``.
+    config_path : Path, optional
+        The TOML file to re-read on SIGHUP (``reload_config``). Default is None (defaults only).
+    pipeline_factory : callable, optional
+        ``(config, state_dir) -> Pipeline``. Default is ``stackwatch.daemon.pipeline.Pipeline``.
+    identify : callable, optional
+        ``(path, config) -> FrameInfo``; raises ``FrameError`` for an unreadable file. Default is
+        ``default_identify`` (read_header + classify).
+    free_bytes : callable, optional
+        ``(state_dir) -> int`` free bytes; injected by the disk-full tests. Default is
+        ``shutil.disk_usage(...).free``.
+    notifier : SdNotifier, optional
+        systemd notifications. Default reads ``NOTIFY_SOCKET`` from the environment.
+    clock : callable, optional
+        Monotonic seconds. Default is ``time.monotonic``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        watch_dir: str | Path,
+        state_dir: str | Path,
+        config_path: str | Path | None = None,
+        pipeline_factory: Callable[[Config, Path], PipelineLike] | None = None,
+        identify: Callable[[Path, Config], Any] | None = None,
+        free_bytes: Callable[[Path], int] | None = None,
+        notifier: SdNotifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.watch_dir = Path(os.path.abspath(os.path.expanduser(watch_dir)))
+        self.state_dir = Path(os.path.abspath(os.path.expanduser(state_dir)))
+        self.config_path = Path(config_path) if config_path is not None else None
+        if self.state_dir == self.watch_dir or self.watch_dir in self.state_dir.parents:
+            raise StackwatchError(
+                f"state folder {self.state_dir} is inside the watched folder {self.watch_dir}: "
+                "the service never writes into the watched folder; choose another --state"
+            )
+        self._pipeline_factory = pipeline_factory
+        self._identify = identify or default_identify
+        self._free_bytes = free_bytes or (lambda p: shutil.disk_usage(p).free)
+        self.notifier = notifier if notifier is not None else SdNotifier()
+        self._clock = clock
+        self.events = EventBus()
+
+        self.catalog: Catalog | None = None
+        self.pipeline: PipelineLike | None = None
+        self.watcher: Watcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._work = asyncio.Event()
+        self._intake_q: asyncio.Queue[Path] = asyncio.Queue()
+        self._intake_waiting: set[str] = set()
+        self._retry_handles: dict[str, asyncio.TimerHandle] = {}
+        self._attempts: dict[str, int] = {}
+        self._arrived: dict[str, float] = {}
+        self._infos: dict[str, Any] = {}
+        self._products_cache: dict[str, dict[str, Any] | None] = {}
+        self._products_wanted: dict[str, float] = {}
+        self._stacks_cache: list[dict[str, Any]] = []
+        self._warnings: deque[str] = deque(maxlen=50)
+        self._activity = "starting"
+        self._paused_reason = ""
+        self._watch_missing = False
+        self._in_flight: str | None = None
+        self._since_checkpoint = 0
+        self._last_checkpoint = clock()
+        self._new_since_final: dict[str, int] = {}
+        self._finalizing: asyncio.Task[Any] | None = None
+        self._last_frame: dict[str, Any] | None = None
+        self.started_at = _now_iso()
+        self.web_url: str | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+
+    async def startup(self) -> None:
+        """Open the catalogue and the pipeline, start the watcher, scan the folder, start the tasks."""
+        self._loop = asyncio.get_running_loop()
+        self.events.bind(self._loop)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.state_dir / "catalog.sqlite")
+        requeued = self.catalog.requeue_in_flight()
+        if requeued:
+            _log.info("recovery: %d frame(s) interrupted in flight are queued again", requeued)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, int(self.config.service.workers)), thread_name_prefix="stackwatch-work"
+        )
+        self._activity = "loading the pipeline"
+        self.pipeline = await self._run_in_executor(self._make_pipeline)
+        await self._refresh_stacks()
+        self._tasks = [
+            asyncio.create_task(self._intake_loop(), name="intake"),
+            asyncio.create_task(self._supervise_loop(), name="supervise"),
+        ]
+        self._start_watcher()
+        await self._initial_scan()
+        for row in self.catalog.pending(identified=False):
+            self._submit(Path(row["path"]))
+        self._tasks.append(asyncio.create_task(self._process_loop(), name="process"))
+        self._work.set()
+        self._started = True
+        self._activity = "idle"
+        counts = self.catalog.counts()
+        _log.info(
+            "stackwatch service started: watching %s, state in %s; %d file(s) catalogued, %d pending",
+            self.watch_dir, self.state_dir, counts["seen"], counts["pending"],
+        )
+        self.notifier.ready(self._status_line())
+
+    def _make_pipeline(self) -> PipelineLike:
+        if self._pipeline_factory is not None:
+            return self._pipeline_factory(self.config, self.state_dir)
+        from stackwatch.daemon.pipeline import Pipeline
+
+        return Pipeline(self.config, self.state_dir)  # type: ignore[return-value]
+
+    async def run(self) -> None:
+        """Wait until ``request_stop`` (a task that died unexpectedly also stops the service)."""
+        stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
+        try:
+            done, _ = await asyncio.wait([stop_wait, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop_wait and not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    _log.error("service task %s died: %r", task.get_name(), exc, exc_info=exc)
+                    raise StackwatchError(f"internal error in {task.get_name()}: {exc!r}")
+        finally:
+            stop_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop_wait
+
+    def request_stop(self) -> None:
+        """Ask the service to stop (SIGTERM, SIGINT)."""
+        if not self._stop.is_set():
+            _log.info("stopping: finishing the frame in flight")
+            self._activity = "stopping"
+            self.notifier.stopping(f"stopping; {self._status_line()}")
+        self._stop.set()
+        self._work.set()
+
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Stop intake, let the frame in flight finish (up to ``timeout_s``), checkpoint, close."""
+        timeout = float(self.config.service.shutdown_timeout_s if timeout_s is None else timeout_s)
+        self._stop.set()
+        self._work.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        for handle in self._retry_handles.values():
+            handle.cancel()
+        self._retry_handles.clear()
+        # The processor stops between frames; give the frame in flight its time.
+        process = [t for t in self._tasks if t.get_name() == "process"]
+        others = [t for t in self._tasks if t.get_name() != "process"]
+        for task in others:
+            task.cancel()
+        if process:
+            _done, pending = await asyncio.wait(process, timeout=timeout)
+            if pending:
+                _log.warning("frame in flight %s did not finish within %.0f s; it will be redone at restart",
+                             self._in_flight, timeout)
+                for task in pending:
+                    task.cancel()
+        everything = [*self._tasks, *self._background]
+        for task in everything:
+            if not task.done():
+                task.cancel()
+        if everything:
+            await asyncio.wait(everything, timeout=max(1.0, timeout))
+        self._tasks = []
+        if self.pipeline is not None and self._started:
+            try:
+                await asyncio.wait_for(self._run_in_executor(self.pipeline.checkpoint), timeout=timeout)
+            except Exception as exc:  # a failed final checkpoint is reported, the stop goes on
+                _log.warning("final checkpoint failed: %s", exc)
+        if self.pipeline is not None:
+            close = getattr(self.pipeline, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
+        self.notifier.close()
+        _log.info("stackwatch service stopped")
+
+    def reload_config(self) -> bool:
+        """Re-read the configuration file (SIGHUP); keeps the old one when the new one is invalid."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except StackwatchError as exc:
+            self._warn(f"configuration not reloaded: {exc}")
+            self.notifier.status(self._status_line())
+            return False
+        old = self.config
+        self.config = new
+        reload = getattr(self.pipeline, "reload", None)
+        if callable(reload):
+            reload(new)
+        if dataclasses.asdict(old.watch) != dataclasses.asdict(new.watch) and self._loop is not None:
+            self._restart_watcher()
+        _log.info("configuration reloaded from %s", self.config_path or "defaults")
+        self.notifier.ready(self._status_line())
+        self.events.emit("status", self.status())
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # watching
+
+    def _file_filter(self) -> FileFilter:
+        w = self.config.watch
+        return FileFilter(
+            root=self.watch_dir,
+            ignore_patterns=tuple(w.ignore_patterns),
+            extensions=tuple(w.extensions),
+            exclude_dirs=(self.state_dir,),
+            recursive=w.recursive,
+        )
+
+    def _start_watcher(self) -> None:
+        assert self._loop is not None
+        w = self.config.watch
+        self.watcher = Watcher(
+            self._file_filter(), self._on_file, loop=self._loop, polling=w.polling,
+            poll_interval_s=w.poll_interval_s, stable_for_s=w.stable_for_s, clock=self._clock,
+        )
+        try:
+            self.watcher.start()
+            self._watch_missing = False
+        except OSError as exc:
+            self._watch_missing = True
+            self._warn(f"watch folder {self.watch_dir} is not available ({exc.strerror or exc}); waiting for it")
+
+    def _restart_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._start_watcher()
+
+    async def _initial_scan(self) -> None:
+        """Everything in the folder not yet catalogued, or changed since, goes to intake."""
+        assert self.catalog is not None
+        known = self.catalog.all_paths()
+        flt = self._file_filter()
+
+        def scan() -> list[tuple[Path, int, float]]:
+            out = []
+            for p in scan_folder(flt):
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                out.append((p, st.st_size, st.st_mtime))
+            return out
+
+        found = await self._run_in_executor(scan)
+        n = 0
+        for path, size, mtime in found:
+            if known.get(str(path)) != (size, mtime):
+                self._submit(path)
+                n += 1
+        if n:
+            _log.info("scan of %s: %d new or changed file(s)", self.watch_dir, n)
+
+    def _on_file(self, path: Path) -> None:
+        """Loop thread: the watcher reports a complete file."""
+        key = str(path)
+        self._arrived.setdefault(key, self._clock())
+        handle = self._retry_handles.pop(key, None)
+        if handle is not None:  # a new event beats the back-off: try now, with a fresh count (the
+            handle.cancel()  # file was written again, it is not failing)
+            self._attempts.pop(key, None)
+        self._submit(path)
+
+    def _submit(self, path: Path) -> None:
+        key = str(path)
+        if key in self._intake_waiting:
+            return
+        self._intake_waiting.add(key)
+        self._intake_q.put_nowait(path)
+
+    # ------------------------------------------------------------------------------------------
+    # intake
+
+    async def _intake_loop(self) -> None:
+        while not self._stop.is_set():
+            path = await self._intake_q.get()
+            self._intake_waiting.discard(str(path))
+            try:
+                await self._intake(path)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if _is_disk_full(exc):
+                    self._pause(f"state folder {self.state_dir} is full ({exc})")
+                    self._schedule_retry(path, float(self.config.service.disk_check_interval_s))
+                else:
+                    _log.exception("intake of %s failed", path)
+                    self._warn(f"{path.name}: intake failed: {exc!r}")
+            finally:
+                self._intake_q.task_done()
+
+    async def _intake(self, path: Path) -> None:
+        assert self.catalog is not None
+        key = str(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            row = self.catalog.get_by_path(path)
+            if row is not None and row["status"] == "pending":
+                self.catalog.set_status(row["id"], "missing", "deleted before it could be read")
+                _log.warning("%s: deleted before it could be read", path.name)
+            self._forget(key)
+            return
+        except OSError as exc:
+            self._warn(f"{path}: cannot stat: {exc.strerror or exc}")
+            return
+        file_id, state = self.catalog.see(path, size=st.st_size, mtime=st.st_mtime)
+        row = self.catalog.get(file_id)
+        assert row is not None
+        if state == "unchanged" and (row["status"] != "pending" or row["kind"] is not None):
+            self._forget(key)
+            return
+        if state == "new":
+            self.events.emit("frame_received", {"id": file_id, "path": key, "name": path.name})
+        try:
+            ident = await self._run_in_executor(self._identify_file, path)
+        except FileNotFoundError:
+            self.catalog.set_status(file_id, "missing", "deleted before it could be read")
+            _log.warning("%s: deleted before it could be read", path.name)
+            self._forget(key)
+            return
+        except (StackwatchError, OSError, ValueError, EOFError) as exc:
+            self._read_failed(file_id, path, exc)
+            return
+        self._attempts.pop(key, None)
+        if row["status"] not in ("pending", "processing"):
+            # a finished file was rewritten: reprocess only if its content changed
+            if not self.catalog.rewritten(file_id, size=ident.size, mtime=ident.mtime, sha1=ident.sha1):
+                self._forget(key)
+                return
+        self._identified(file_id, path, ident)
+
+    def _identify_file(self, path: Path) -> Identified:
+        """Worker thread: hash and classify; a file that changes meanwhile is not ready yet."""
+        st0 = path.stat()
+        if st0.st_size == 0:
+            raise FrameError(path, "empty file (0 bytes)")
+        sha1 = hash_file(path)
+        info = self._identify(path, self.config)
+        st1 = path.stat()
+        if (st1.st_size, st1.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+            raise FrameError(path, "still being written (size changed while reading)")
+        kind = str(getattr(info, "kind", None) or (info.get("kind") if isinstance(info, dict) else "unknown"))
+        return Identified(info=info, kind=kind, sha1=sha1, size=st1.st_size, mtime=st1.st_mtime)
+
+    def _read_failed(self, file_id: int, path: Path, exc: BaseException) -> None:
+        assert self.catalog is not None
+        key = str(path)
+        reason = exc.reason if isinstance(exc, FrameError) else (
+            f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        )
+        attempts = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempts
+        retry_max = max(1, int(self.config.watch.retry_max))
+        if attempts < retry_max:
+            delay = float(self.config.watch.retry_backoff_s) * 2 ** (attempts - 1)
+            self.catalog.set_status(file_id, "pending", f"retrying ({attempts}/{retry_max}): {reason}",
+                                    attempts=attempts)
+            _log.info("%s: not readable yet (%s); retry %d/%d in %.1f s", path.name, reason, attempts,
+                      retry_max - 1, delay)
+            self._schedule_retry(path, delay)
+            return
+        self.catalog.set_status(file_id, "failed", f"unreadable after {attempts} attempts: {reason}",
+                                attempts=attempts)
+        self._forget(key)
+        msg = f"{path.name}: failed: unreadable after {attempts} attempts: {reason}"
+        _log.warning(msg)
+        self.events.emit("frame_processed", {"id": file_id, "path": key, "name": path.name, "status": "failed",
+                                             "reason": reason})
+
+    def _schedule_retry(self, path: Path, delay_s: float) -> None:
+        assert self._loop is not None
+        key = str(path)
+        old = self._retry_handles.pop(key, None)
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            self._retry_handles.pop(key, None)
+            if not self._stop.is_set():
+                self._submit(path)
+
+        self._retry_handles[key] = self._loop.call_later(delay_s, fire)
+
+    def _forget(self, key: str) -> None:
+        self._attempts.pop(key, None)
+        handle = self._retry_handles.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _identified(self, file_id: int, path: Path, ident: Identified) -> None:
+        assert self.catalog is not None
+        info = ident.info
+        info_d = _info_dict(info)
+        target = str(info_d.get("object") or "") or None
+        self.catalog.set_identity(
+            file_id, sha1=ident.sha1, kind=ident.kind, key=_info_key(info), info=info_d, target=target,
+            filter=str(info_d.get("filter") or ""), exposure_s=info_d.get("exposure_s"),
+            date_obs=info_d.get("date_obs"),
+        )
+        same = self.catalog.find_same_content(ident.sha1, other_than=file_id)
+        if same is not None:
+            reason = f"same content as {same['name']} (file {same['id']}): processed once"
+            self.catalog.set_status(file_id, "duplicate", reason, duplicate_of=same["id"])
+            _log.info("%s: duplicate: %s", path.name, reason)
+            self.events.emit("frame_processed", {"id": file_id, "path": str(path), "name": path.name,
+                                                 "status": "duplicate", "reason": reason})
+            self._arrived.pop(str(path), None)
+            return
+        if ident.kind not in CALIBRATION_KINDS and ident.kind != "light":
+            reason = f"unknown frame type ({ident.kind}): no IMAGETYP/FRAME keyword or folder/name hint"
+            self.catalog.set_status(file_id, "failed", reason)
+            _log.warning("%s: failed: %s", path.name, reason)
+            self.events.emit("frame_processed", {"id": file_id, "path": str(path), "name": path.name,
+                                                 "status": "failed", "reason": reason})
+            return
+        self.catalog.set_status(file_id, "pending", "")
+        self._infos[str(path)] = info
+        self._work.set()
+
+    # ------------------------------------------------------------------------------------------
+    # processing
+
+    async def _process_loop(self) -> None:
+        assert self.catalog is not None
+        # Read every header of the start-up backlog first, so that waiting calibration frames go
+        # before the lights that need them (bounded: a huge backlog starts after a while anyway).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._intake_q.join(), timeout=_BACKLOG_INTAKE_S)
+        while not self._stop.is_set():
+            if self._paused_reason:
+                await self._wait_work(float(self.config.service.disk_check_interval_s))
+                self._check_disk()
+                continue
+            self._check_disk()
+            if self._paused_reason:
+                continue
+            rows = self.catalog.pending(identified=True, limit=1)
+            if not rows:
+                self._activity = "idle" if not self._watch_missing else self._activity
+                self._maybe_finalize()
+                await self._wait_work(1.0)
+                await self._maybe_checkpoint(idle=True)
+                continue
+            await self._process_row(rows[0])
+            await self._maybe_checkpoint(idle=False)
+
+    async def _wait_work(self, timeout_s: float) -> None:
+        self._work.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout=timeout_s)
+
+    async def _process_row(self, row: dict[str, Any]) -> None:
+        assert self.catalog is not None and self.pipeline is not None
+        path = Path(row["path"])
+        kind = str(row["kind"])
+        info = self._infos.pop(str(path), None)
+        file_id = int(row["id"])
+        self._in_flight = path.name
+        self._activity = f"processing {path.name} ({kind})"
+        self.catalog.set_status(file_id, "processing")
+        t0 = self._clock()
+        try:
+            if kind == "light":
+                record = await self._run_in_executor(self._light_job, path, info, row)
+            else:
+                masters = await self._run_in_executor(self._calibration_job, path, info, row)
+                record = {"status": "library", "reason": "", "masters_updated": masters}
+        except Exception as exc:
+            if _is_disk_full(exc):
+                self.catalog.set_status(file_id, "pending", "waiting: state folder full")
+                self._pause(f"state folder {self.state_dir} is full ({exc})")
+                self._in_flight = None
+                return
+            if isinstance(exc, FileNotFoundError) and not path.exists():
+                record = {"status": "missing", "reason": "deleted before it could be processed"}
+            elif isinstance(exc, StackwatchError):
+                record = {"status": "failed", "reason": exc.reason if isinstance(exc, FrameError) else str(exc)}
+            else:  # a bug: log the traceback once, keep going with the next frame
+                _log.exception("%s: internal error", path.name)
+                record = {"status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
+        finally:
+            self._in_flight = None
+        elapsed = self._clock() - t0
+        status = str(record.get("status"))
+        if status not in DONE_STATUSES:
+            record = {**record, "status": "failed", "reason": f"pipeline returned status {status!r}"}
+            status = "failed"
+        try:
+            self.catalog.record_result(file_id, record)
+        except Exception as exc:
+            if _is_disk_full(exc):
+                self.catalog.set_status(file_id, "pending", "waiting: state folder full")
+                self._pause(f"state folder {self.state_dir} is full ({exc})")
+                return
+            raise
+        arrived = self._arrived.pop(str(path), None)
+        latency = None if arrived is None else self._clock() - arrived
+        if status == "library":
+            await self._after_calibration(record.get("masters_updated") or [])
+        elif status == "stacked":
+            self._since_checkpoint += 1
+            sid = str(record.get("stack_id"))
+            self._new_since_final[sid] = self._new_since_final.get(sid, 0) + 1
+            self._stacks_cache = list(record.get("_stacks", self._stacks_cache))
+            self.catalog.upsert_stacks(self._stacks_cache)
+        record.pop("_stacks", None)
+        self._log_frame(path, kind, record, elapsed, latency)
+        event = {
+            "id": file_id, "path": str(path), "name": path.name, "kind": kind, "status": status,
+            "reason": record.get("reason", ""), "stack_id": record.get("stack_id"), "elapsed_s": elapsed,
+            "latency_s": latency,
+        }
+        self._last_frame = event
+        self.events.emit("frame_processed", event)
+        if status == "stacked":
+            stack = next((s for s in self._stacks_cache if str(s.get("id")) == str(record.get("stack_id"))), None)
+            self.events.emit("stack_updated", dict(stack) if stack else {"id": record.get("stack_id")})
+        self.notifier.status(self._status_line())
+
+    def _light_job(self, path: Path, info: Any, row: dict[str, Any]) -> dict[str, Any]:
+        """Worker thread: the light through the pipeline, then the stacks' records (same thread)."""
+        assert self.pipeline is not None
+        if info is None:
+            info = self._info_from_row(row)
+        record = dict(self.pipeline.process_light(path, info))
+        if record.get("status") == "stacked":
+            record["_stacks"] = self.pipeline.stacks()
+            sid = str(record.get("stack_id"))
+            if self._clock() - self._products_wanted.get(sid, -1e18) < _PRODUCTS_WANTED_S:
+                # someone is looking at this stack: fetch its products here, off the loop
+                self._products_cache[sid] = self.pipeline.stack_products(sid)
+        return record
+
+    def _calibration_job(self, path: Path, info: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.pipeline is not None
+        if info is None:
+            info = self._info_from_row(row)
+        return list(self.pipeline.add_calibration(path, info) or [])
+
+    def _info_from_row(self, row: dict[str, Any]) -> Any:
+        """Worker thread: the FrameInfo of a file queued before a restart, read again from its header
+        (cheap) so the pipeline gets the real object."""
+        return self._identify(Path(row["path"]), self.config)
+
+    async def _after_calibration(self, masters: list[dict[str, Any]]) -> None:
+        assert self.catalog is not None and self.pipeline is not None
+        for m in masters:
+            self.catalog.upsert_master(m)
+            self.events.emit("master_updated", m)
+        if not masters:
+            return
+        needing = getattr(self.pipeline, "frames_needing_recalibration", None)
+        recalibrate = getattr(self.pipeline, "recalibrate", None)
+        if not callable(needing) or not callable(recalibrate):
+            return
+        items = await self._run_in_executor(needing)
+        if not items:
+            return
+        n = len(items)
+        self._activity = f"recalibrating {n} frame(s) with the new master(s); their stack is rebuilt in the background"
+        _log.info(self._activity)
+        task = asyncio.create_task(self._recalibrate(recalibrate, items), name="recalibrate")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _recalibrate(self, recalibrate: Callable[[Any], Any], items: Any) -> None:
+        assert self.catalog is not None
+        try:
+            result = await self._run_in_executor(recalibrate, items)
+        except Exception as exc:
+            self._warn(f"recalibration with the new master failed: {exc}")
+            return
+        for rec in result or []:
+            if isinstance(rec, dict) and rec.get("path"):
+                row = self.catalog.get_by_path(rec["path"])
+                if row is not None and rec.get("status") in DONE_STATUSES:
+                    self.catalog.record_result(row["id"], rec)
+        await self._refresh_stacks()
+        for s in self._stacks_cache:
+            self.events.emit("stack_updated", s)
+        _log.info("recalibration done: %d frame(s)", len(items))
+
+    async def _maybe_checkpoint(self, *, idle: bool) -> None:
+        if self.pipeline is None or self._since_checkpoint == 0:
+            return
+        live = self.config.live
+        due = self._since_checkpoint >= max(1, int(live.checkpoint_frames))
+        due = due or (self._clock() - self._last_checkpoint >= float(live.checkpoint_interval_s))
+        if not due:
+            return
+        try:
+            await self._run_in_executor(self.pipeline.checkpoint)
+        except Exception as exc:
+            if _is_disk_full(exc):
+                self._pause(f"state folder {self.state_dir} is full (checkpoint: {exc})")
+            else:
+                _log.exception("checkpoint failed")
+                self._warn(f"checkpoint failed: {exc}")
+            return
+        self._since_checkpoint = 0
+        self._last_checkpoint = self._clock()
+
+    def _maybe_finalize(self) -> None:
+        """When idle, run the exact pass of a stack that got enough new frames (in the background)."""
+        if self._finalizing is not None and not self._finalizing.done():
+            return
+        threshold = max(1, int(self.config.live.exact_pass_frames))
+        due = [sid for sid, n in self._new_since_final.items() if n >= threshold]
+        if not due or self.pipeline is None:
+            return
+        sid = due[0]
+        self._new_since_final[sid] = 0
+        self._finalizing = asyncio.create_task(self._finalize(sid), name=f"finalize-{sid}")
+        self._background.add(self._finalizing)
+        self._finalizing.add_done_callback(self._background.discard)
+
+    async def _finalize(self, stack_id: str) -> dict[str, Any]:
+        assert self.pipeline is not None
+        self._activity = f"exact integration of stack {stack_id}"
+        t0 = self._clock()
+        try:
+            result = await self._run_in_executor(self.pipeline.finalize, stack_id)
+        except Exception as exc:
+            if _is_disk_full(exc):
+                self._pause(f"state folder {self.state_dir} is full (exact pass: {exc})")
+            else:
+                self._warn(f"exact integration of stack {stack_id} failed: {exc}")
+            raise
+        _log.info("stack %s: exact integration in %.1f s", stack_id, self._clock() - t0)
+        await self._refresh_stacks()
+        stack = next((s for s in self._stacks_cache if str(s.get("id")) == stack_id), {"id": stack_id})
+        self.events.emit("stack_updated", dict(stack))
+        return dict(result or {})
+
+    async def _refresh_stacks(self) -> None:
+        if self.pipeline is None:
+            return
+        self._stacks_cache = list(await self._run_in_executor(self.pipeline.stacks))
+        if self.catalog is not None:
+            self.catalog.upsert_stacks(self._stacks_cache)
+
+    def _log_frame(self, path: Path, kind: str, record: dict[str, Any], elapsed: float,
+                   latency: float | None) -> None:
+        status = record.get("status")
+        parts = [f"{path.name}: {status}"]
+        if record.get("reason"):
+            parts.append(f"({record['reason']})")
+        if kind == "light":
+            m = record.get("metrics") or {}
+            bits = []
+            if record.get("stack_id"):
+                bits.append(f"stack {record['stack_id']}")
+            for key, fmt in (("stars", "{} stars"), ("fwhm_px", "FWHM {:.2f} px"), ("eccentricity", "e {:.2f}")):
+                v = m.get(key)
+                if isinstance(v, int | float):
+                    bits.append(fmt.format(v))
+            if isinstance(record.get("weight"), int | float):
+                bits.append(f"w {record['weight']:.3f}")
+            if bits:
+                parts.append("; ".join(bits))
+        else:
+            parts.append(f"{kind} -> library")
+        t = f"{elapsed:.2f} s"
+        if latency is not None:
+            t += f", {latency:.2f} s since closed"
+        timings = record.get("timings")
+        if isinstance(timings, dict) and timings:
+            t += " [" + ", ".join(
+                f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, int | float)) + "]"
+        parts.append(t)
+        level = logging.WARNING if status == "failed" else logging.INFO
+        _log.log(level, " ".join(parts))
+
+    # ------------------------------------------------------------------------------------------
+    # supervision: systemd watchdog, stability polling, the watch folder, disk space, rescans
+
+    async def _supervise_loop(self) -> None:
+        last_ping = -1e18
+        last_rescan = self._clock()
+        while not self._stop.is_set():
+            now = self._clock()
+            interval = self.notifier.watchdog_interval_s
+            if interval is not None and now - last_ping >= interval:
+                self.notifier.watchdog()
+                last_ping = now
+            if self.watcher is not None:
+                self.watcher.tick()
+            await self._check_watch_folder()
+            rescan = float(self.config.watch.rescan_interval_s)
+            if rescan > 0 and now - last_rescan >= rescan and not self._watch_missing:
+                last_rescan = now
+                await self._initial_scan()
+            tick = min(float(self.config.watch.poll_interval_s), 1.0)
+            if interval is not None:
+                tick = min(tick, interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=max(0.05, tick))
+
+    async def _check_watch_folder(self) -> None:
+        present = self.watch_dir.is_dir()
+        if not present:
+            if not self._watch_missing:
+                self._watch_missing = True
+                if self.watcher is not None:
+                    self.watcher.stop()
+                self._warn(f"watch folder {self.watch_dir} disappeared; waiting for it to come back")
+                self._activity = f"waiting for the watch folder {self.watch_dir}"
+            return
+        if self._watch_missing or (self.watcher is not None and not self.watcher.alive()):
+            was_missing = self._watch_missing
+            self._restart_watcher()
+            if not self._watch_missing:
+                if was_missing:
+                    _log.info("watch folder %s is back; scanning it", self.watch_dir)
+                    self._activity = "idle"
+                await self._initial_scan()
+
+    def _check_disk(self) -> None:
+        """Pause when the state folder has less free space than configured; resume when it is back."""
+        need = float(self.config.service.min_free_space_mb) * 1024 * 1024
+        try:
+            free = float(self._free_bytes(self.state_dir))
+        except OSError:
+            return
+        if free < need:
+            self._pause(f"state folder {self.state_dir} has {free / 2**20:.0f} MB free, "
+                        f"less than service.min_free_space_mb = {self.config.service.min_free_space_mb:g}")
+        elif self._paused_reason:
+            _log.info("free space is back on %s: processing resumes", self.state_dir)
+            self._paused_reason = ""
+            self._activity = "idle"
+            self.events.emit("status", self.status())
+            self.notifier.status(self._status_line())
+
+    def _pause(self, reason: str) -> None:
+        if self._paused_reason != reason:
+            first = not self._paused_reason
+            self._paused_reason = reason
+            self._activity = f"paused: {reason}; resumes when space is freed"
+            if first:
+                self._warn(f"processing paused: {reason}; frames keep queueing and resume when space is freed")
+            self.notifier.status(self._activity)
+
+    def _warn(self, message: str) -> None:
+        _log.warning(message)
+        self._warnings.append(f"{_now_iso()} {message}")
+        if self._loop is not None:
+            self.events.emit("warning", {"message": message})
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    async def _run_in_executor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _status_line(self) -> str:
+        if self.catalog is None:
+            return self._activity
+        c = self.catalog.counts()
+        line = f"{c['stacked']} stacked, {c['rejected']} rejected, {c['failed']} failed, {c['pending']} pending"
+        if self._paused_reason:
+            line = f"PAUSED ({self._paused_reason}); " + line
+        return line
+
+    # ------------------------------------------------------------------------------------------
+    # the interface used by the web app
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused_reason)
+
+    def status(self) -> dict[str, Any]:
+        """JSON-ready status: frame counts, queue and lag, activity, library, warnings, stacks."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ver = version("stackwatch")
+        except PackageNotFoundError:
+            ver = "0+unknown"
+        counts = self.catalog.counts() if self.catalog is not None else {}
+        oldest = self.catalog.oldest_pending_since() if self.catalog is not None else None
+        pending = counts.get("pending", 0) + counts.get("processing", 0)
+        masters = self.catalog.masters() if self.catalog is not None else []
+        kinds: dict[str, int] = {}
+        for m in masters:
+            kinds[str(m.get("kind"))] = kinds.get(str(m.get("kind")), 0) + 1
+        return {
+            "frames": {
+                "seen": counts.get("seen", 0),
+                "stacked": counts.get("stacked", 0),
+                "rejected": counts.get("rejected", 0),
+                "failed": counts.get("failed", 0),
+                "pending": pending,
+                "processing": counts.get("processing", 0),
+                "calibration": counts.get("library", 0),
+                "duplicate": counts.get("duplicate", 0),
+                "missing": counts.get("missing", 0),
+            },
+            "queue": {"pending": pending, "lag_s": 0.0 if oldest is None else max(0.0, time.time() - oldest)},
+            "activity": self._activity,
+            "paused": self.paused,
+            "library": {"masters": len(masters), "by_kind": kinds},
+            "warnings": list(self._warnings)[-20:],
+            "stacks": self.list_stacks(),
+            "last_frame": self._last_frame,
+            "watch": str(self.watch_dir),
+            "state": str(self.state_dir),
+            "web_url": self.web_url,
+            "version": ver,
+            "started_at": self.started_at,
+        }
+
+    def list_frames(self, *, stack_id: str | None = None, status: str | None = None, offset: int = 0,
+                    limit: int = 100) -> dict[str, Any]:
+        """One page of catalogued files (lights and calibration frames), oldest first."""
+        if self.catalog is None:
+            return {"total": 0, "frames": []}
+        total, rows = self.catalog.list_files(stack_id=stack_id, status=status, offset=offset, limit=limit)
+        return {"total": total, "frames": [self._frame_record(r) for r in rows]}
+
+    @staticmethod
+    def _frame_record(row: dict[str, Any]) -> dict[str, Any]:
+        m = row.get("metrics") or {}
+        return {
+            "id": row["id"], "path": row["path"], "name": row["name"], "kind": row.get("kind"),
+            "time": row.get("date_obs"), "target": row.get("target"), "filter": row.get("filter"),
+            "exposure_s": row.get("exposure_s"),
+            "fwhm_px": m.get("fwhm_px"), "fwhm_arcsec": m.get("fwhm_arcsec"),
+            "eccentricity": m.get("eccentricity"), "stars": m.get("stars"), "background": m.get("background"),
+            "noise": m.get("noise"), "weight": row.get("weight"), "scale": row.get("scale"),
+            "status": row["status"], "reason": row.get("reason") or "", "masters": row.get("masters"),
+            "transform": row.get("transform"), "stack_id": row.get("stack_id"), "excluded": row["excluded"],
+            "provisional": row["provisional"],
+        }
+
+    def list_stacks(self) -> list[dict[str, Any]]:
+        counts = self.catalog.stacked_counts() if self.catalog is not None else {}
+        out = []
+        for s in self._stacks_cache:
+            rec = dict(s)
+            rec.setdefault("ncombine", counts.get(str(rec.get("id")), 0))
+            out.append(rec)
+        return out
+
+    def stack_products(self, stack_id: str) -> dict[str, Any] | None:
+        """The current products of a stack. Served from a cache refreshed by the worker thread after
+        each frame while the stack is being looked at, so the loop rarely waits on the pipeline."""
+        if self.pipeline is None:
+            return None
+        sid = str(stack_id)
+        self._products_wanted[sid] = self._clock()
+        version = next((s.get("version") for s in self._stacks_cache if str(s.get("id")) == sid), None)
+        cached = self._products_cache.get(sid)
+        if cached is not None and version is not None and cached.get("version") == version:
+            return cached
+        products = self.pipeline.stack_products(sid)
+        if products is not None:
+            self._products_cache[sid] = products
+        return products
+
+    def list_masters(self) -> list[dict[str, Any]]:
+        return self.catalog.masters() if self.catalog is not None else []
+
+    def add_listener(self, callback: Listener) -> None:
+        self.events.add_listener(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        self.events.remove_listener(callback)
+
+    def _light_row(self, frame_id: int) -> dict[str, Any]:
+        row = self.catalog.get(int(frame_id)) if self.catalog is not None else None
+        if row is None:
+            raise KeyError(f"no frame {frame_id}")
+        if row.get("kind") != "light":
+            raise ValueError(f"file {frame_id} ({row['name']}) is a {row.get('kind')} frame, not a light")
+        return row
+
+    def _stack_known(self, stack_id: str) -> None:
+        if not any(str(s.get("id")) == str(stack_id) for s in self._stacks_cache):
+            raise KeyError(f"no stack {stack_id}")
+
+    async def exclude_frame(self, frame_id: int, excluded: bool) -> dict[str, Any]:
+        """Exclude (or include again) a stacked light; the pipeline removes it from its stack."""
+        assert self.catalog is not None
+        row = self._light_row(frame_id)
+        if row["status"] not in ("stacked", "rejected"):
+            raise ValueError(f"frame {frame_id} ({row['name']}) is {row['status']}: only processed lights can be excluded")
+        fn = getattr(self.pipeline, "exclude_frame", None)
+        if not callable(fn):
+            raise ValueError("excluding frames is not supported by this pipeline yet")
+        result = await self._run_in_executor(fn, Path(row["path"]), bool(excluded))
+        self.catalog.set_excluded(row["id"], bool(excluded))
+        await self._refresh_stacks()
+        if row.get("stack_id"):
+            self._new_since_final[str(row["stack_id"])] = 10**9  # exact pass at the next idle moment
+        self.events.emit("frame_processed", {"id": row["id"], "name": row["name"], "excluded": bool(excluded),
+                                             "status": row["status"], "stack_id": row.get("stack_id")})
+        return {"id": row["id"], "excluded": bool(excluded), **(result if isinstance(result, dict) else {})}
+
+    async def set_reference(self, stack_id: str, frame_id: int) -> dict[str, Any]:
+        self._stack_known(stack_id)
+        row = self._light_row(frame_id)
+        if row["status"] != "stacked" or str(row.get("stack_id")) != str(stack_id):
+            raise ValueError(f"frame {frame_id} ({row['name']}) is not stacked in {stack_id}")
+        fn = getattr(self.pipeline, "set_reference", None)
+        if not callable(fn):
+            raise ValueError("changing the reference is not supported by this pipeline yet")
+        result = await self._run_in_executor(fn, stack_id, Path(row["path"]))
+        await self._refresh_stacks()
+        return dict(result) if isinstance(result, dict) else {"id": stack_id, "reference": row["path"]}
+
+    async def new_stack(self, target: str, filter: str) -> dict[str, Any]:
+        if not str(target).strip():
+            raise ValueError("a new stack needs a target name")
+        fn = getattr(self.pipeline, "new_stack", None)
+        if not callable(fn):
+            raise ValueError("starting a new stack by hand is not supported by this pipeline yet")
+        result = await self._run_in_executor(fn, str(target), str(filter))
+        await self._refresh_stacks()
+        return dict(result) if isinstance(result, dict) else {"target": target, "filter": filter}
+
+    async def reintegrate(self, stack_id: str) -> dict[str, Any]:
+        """The exact pass of a stack now (on demand)."""
+        self._stack_known(stack_id)
+        self._new_since_final[str(stack_id)] = 0
+        return await self._finalize(str(stack_id))
