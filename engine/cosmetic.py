@@ -1,9 +1,10 @@
 """Cosmetic correction (algorithms.md §4): hot and cold pixels from the master dark, dead pixels from
 the master flat, and automatic detection of the remaining isolated outliers, CFA-aware.
 
-- :func:`defect_map` is computed once per master dark (and flat): D' = D - B (or D - median(D)
-  without bias); per CFA sub-lattice m = median(D'), s = 1.4826 MAD(D'); hot D' > m + k s, cold
-  D' < m - k s (k = 5). Dead/low pixels: F < 0.5 x the 7x7 same-colour median of the flat. Stored as
+- :func:`defect_map` is computed once per master dark (and flat): D' = D - B (or D without bias);
+  per CFA sub-lattice r = D' - (5x5 same-colour median of D'), m = median(r), s = 1.4826 MAD(r);
+  hot r > m + k s, cold r < m - k s (k = 5). The local median (ours; §4.1 uses the global median)
+  keeps amp glow and smooth dark-current structure out of the map. Dead/low pixels: F < 0.5 x the 7x7 same-colour median of the flat. Stored as
   sorted int32 flat indices (:class:`DefectMap`), which the library caches next to the master.
 - :func:`correct` replaces the mapped defects and, when ``auto`` is on, the isolated outliers found
   by comparing each pixel with its 8 same-colour neighbours (CFA offsets (+-2, 0), (0, +-2),
@@ -127,15 +128,20 @@ def defect_map(
         d = dark.astype(np.float32) - (bias.astype(np.float32) if bias is not None else np.float32(0.0))
         for sy, sx in _sublattices(shape, bayer):
             sub = d[sy, sx]
-            v = sub[np.isfinite(sub)]
-            if v.size == 0:
+            finite = np.isfinite(sub)
+            if not finite.any():
                 continue
+            # relative to the local (5x5 same-colour) median: amp glow and dark-current gradients are
+            # smooth signal the dark subtracts, not defects
+            filled = np.where(finite, sub, np.float32(np.median(sub[finite])))
+            resid = sub - ndimage.median_filter(filled, size=5, mode="mirror")
+            v = resid[finite]
             m = float(np.median(v))
             s = 1.4826 * float(np.median(np.abs(v - m)))
             if s <= 0:
                 s = float(np.std(v)) or 1e-12
-            hot[sy, sx] = sub > m + hot_sigma * s
-            cold[sy, sx] = sub < m - cold_sigma * s
+            hot[sy, sx] = resid > m + hot_sigma * s
+            cold[sy, sx] = resid < m - cold_sigma * s
     if flat is not None:
         f = flat.astype(np.float32)
         for sy, sx in _sublattices(shape, bayer):

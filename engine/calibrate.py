@@ -1,0 +1,496 @@
+"""Light calibration (algorithms.md §3): C = (L - B - k(D - B)) s0/F, per CFA channel.
+
+``D`` is the raw master dark (bias included, never pre-calibrated). With k = 1 (exposure-matched dark)
+the bias cancels: C = (L - D) s0/F and no bias is needed. With k != 1 the bias is required:
+C = L - k D - (1 - k) B. ``s0`` is the mean of the master flat over finite pixels, one value per CFA
+channel for one-shot-colour frames (no colour cast from the flat). Flat pixels that are not finite,
+<= 0 or below 0.05 s0 give NaN, never infinities or 0.
+
+Saturation is flagged on the raw values before anything is subtracted: ``raw >= saturation``; the
+bool mask (True = saturated = excluded downstream) travels with the frame in
+:class:`CalibratedFrame`. Saturated pixels keep their calibrated value.
+
+Everything runs in one numba pass (``_calibrate``) over the frame. Dark optimisation (§3.2) finds k
+by minimising the noise of the calibrated frame in a central window, either by PixInsight's
+golden-section search of the k-sigma noise of the first starlet layer (``"golden"``) or by a
+Huber-weighted least-squares slope on the warm pixels (``"fast"``, default).
+
+Order of operations (§3.1): overscan -> calibration -> cosmetic (:mod:`stackwatch.engine.cosmetic`)
+-> noise -> debayer (:mod:`stackwatch.engine.cfa`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+from scipy import ndimage
+from stackwatch.engine.cfa import channel_map
+from stackwatch.engine.errors import StackwatchError
+from stackwatch.engine.fitsio import Image
+
+__all__ = [
+    "CalibratedFrame",
+    "DarkOptimization",
+    "FlatScale",
+    "calibrate_light",
+    "flat_scale",
+    "optimize_dark_scale",
+    "output_pedestal",
+    "subtract_overscan",
+]
+
+_DEAD_FLAT_FRAC = 0.05  # F < 0.05 s0,c -> NaN (ours, §3.1)
+_MIN_WARM = 16  # fewer warm pixels in the window: optimisation disabled (PI)
+_K_MAX = 3.0
+
+
+@dataclass(frozen=True)
+class FlatScale:
+    """s0 of a master flat: ``per_pixel`` is the (2, 2) array of s0 by (y % 2, x % 2)."""
+
+    s0: float
+    channels: dict[str, float]
+    per_pixel: np.ndarray
+
+
+@dataclass(frozen=True)
+class DarkOptimization:
+    """Result of :func:`optimize_dark_scale`: ``k`` is the dark scale used, ``ok`` False when the
+    optimisation was not possible (then ``k`` is the nominal scale) and ``reason`` says why."""
+
+    k: float
+    nominal: float
+    method: str
+    ok: bool
+    n_warm: int
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class CalibratedFrame:
+    """A calibrated light.
+
+    Attributes
+    ----------
+    data : np.ndarray
+        float32 (H, W), calibrated; NaN where the flat is dead or the raw pixel was NaN.
+    saturated : np.ndarray
+        bool (H, W), True where the raw value was at or above the saturation level.
+    dark_scale : float
+        k used for the dark (1 for an exposure-matched dark, 0 without dark).
+    flat_scale : tuple of float
+        s0 per CFA channel (R, G, B) or one value for mono; empty without flat.
+    notes : tuple of str
+        What was done and what was missing, one short line each.
+    """
+
+    data: np.ndarray
+    saturated: np.ndarray
+    dark_scale: float
+    flat_scale: tuple[float, ...]
+    notes: tuple[str, ...]
+    dark_optimization: DarkOptimization | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Flat scale
+
+
+def flat_scale(flat: np.ndarray, bayer: str | None = None) -> FlatScale:
+    """s0 = mean of the finite, positive pixels of the master flat; per CFA sub-lattice colour when
+    ``bayer`` is given (the two greens share one value). :class:`StackwatchError` when the flat has no
+    positive finite pixel."""
+    f = np.asarray(flat, dtype=np.float32)
+    if f.ndim != 2:
+        raise StackwatchError(f"master flat must be 2-D, got shape {f.shape}")
+
+    def mean_of(a: np.ndarray) -> float:
+        good = a[np.isfinite(a) & (a > 0)]
+        if good.size == 0:
+            raise StackwatchError("master flat has no positive finite pixel")
+        return float(np.mean(good, dtype=np.float64))
+
+    if bayer is None:
+        s = mean_of(f)
+        return FlatScale(s0=s, channels={"L": s}, per_pixel=np.full((2, 2), s, dtype=np.float64))
+    cmap = channel_map(bayer)
+    channels: dict[str, float] = {}
+    per = np.zeros((2, 2), dtype=np.float64)
+    for ci, name in enumerate(("R", "G", "B")):
+        parts = [f[dy::2, dx::2].ravel() for dy in range(2) for dx in range(2) if cmap[dy, dx] == ci]
+        channels[name] = mean_of(np.concatenate(parts))
+        for dy in range(2):
+            for dx in range(2):
+                if cmap[dy, dx] == ci:
+                    per[dy, dx] = channels[name]
+    return FlatScale(s0=mean_of(f), channels=channels, per_pixel=per)
+
+
+# --------------------------------------------------------------------------------------------------
+# The calibration kernel
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _calibrate(
+    light: np.ndarray,
+    bias: np.ndarray,
+    dark: np.ndarray,
+    flat: np.ndarray,
+    flags: np.ndarray,
+    coef: np.ndarray,
+    s0: np.ndarray,
+    out: np.ndarray,
+    sat: np.ndarray,
+) -> None:  # pragma: no cover - numba
+    """flags = (has_bias, has_dark, has_flat); coef = (k, saturation level, dead-flat fraction)."""
+    h, w = light.shape
+    has_bias = flags[0] != 0
+    has_dark = flags[1] != 0
+    has_flat = flags[2] != 0
+    k = coef[0]
+    satlevel = coef[1]
+    dead = coef[2]
+    kb = 1.0 - k
+    for y in prange(h):
+        for x in range(w):
+            v = np.float64(light[y, x])
+            sat[y, x] = v >= satlevel
+            if has_dark:
+                v -= k * dark[y, x]
+                if has_bias:
+                    v -= kb * bias[y, x]
+            elif has_bias:
+                v -= bias[y, x]
+            if has_flat:
+                f = np.float64(flat[y, x])
+                s = s0[y & 1, x & 1]
+                if f > dead * s:  # False for NaN and for f <= 0
+                    v = v * s / f
+                else:
+                    v = np.nan
+            out[y, x] = v
+
+
+def _as_master(name: str, array: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if array is None:
+        return None
+    a = np.asarray(array)
+    if a.shape != shape:
+        raise StackwatchError(f"master {name} has shape {a.shape}, the light {shape}: they do not match")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def calibrate_light(
+    raw: Image | np.ndarray,
+    *,
+    bias: np.ndarray | None = None,
+    dark: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
+    bayer: str | None = None,
+    saturation: float | None = None,
+    dark_scale: float = 1.0,
+    optimize_dark: str = "none",
+    flat_scale_override: FlatScale | None = None,
+) -> CalibratedFrame:
+    """Calibrate one light frame.
+
+    Parameters
+    ----------
+    raw : Image or np.ndarray
+        The raw light: an :class:`~stackwatch.engine.fitsio.Image` (its ``bayer`` and ``saturation``
+        are used unless given here) or a float32 (H, W) mono/CFA array, full scale 1.0.
+    bias, dark, flat : np.ndarray, optional
+        Master bias, raw master dark (bias included) and master flat (bias/flat-dark subtracted, not
+        normalised), same shape as ``raw``. Default is None (not applied; a note says so).
+    bayer : str, optional
+        Effective CFA pattern of ``raw[0:2, 0:2]``; per-channel flat scaling when given. Default is
+        None (``raw.bayer`` for an Image).
+    saturation : float, optional
+        Raw value at or above which a pixel is flagged saturated. Default is None (``raw.saturation``
+        for an Image, else 0.999).
+    dark_scale : float, optional
+        Nominal k = t_light / t_dark. Default is 1.0 (exposure-matched dark). k != 1 needs a bias.
+    optimize_dark : str, optional
+        "none" (use ``dark_scale``), "fast" (Huber slope on warm pixels) or "golden" (PixInsight's
+        golden-section search); both need a bias. Default is "none".
+    flat_scale_override : FlatScale, optional
+        Precomputed s0 of ``flat`` (the library caches it per master). Default None (computed).
+    """
+    if isinstance(raw, Image):
+        bayer = raw.bayer if bayer is None else bayer
+        saturation = raw.saturation if saturation is None else saturation
+        raw_data = raw.data
+    else:
+        raw_data = np.asarray(raw)
+    if saturation is None:
+        saturation = 0.999
+    if raw_data.ndim != 2:
+        raise StackwatchError(f"calibrate_light needs a 2-D raw frame (mono or CFA), got shape {raw_data.shape}")
+    light = np.ascontiguousarray(raw_data, dtype=np.float32)
+    shape = light.shape
+    b = _as_master("bias", bias, shape)
+    d = _as_master("dark", dark, shape)
+    f = _as_master("flat", flat, shape)
+    notes: list[str] = []
+    opt: DarkOptimization | None = None
+    k = 0.0
+    if d is not None:
+        k = float(dark_scale)
+        if optimize_dark not in ("none", "fast", "golden"):
+            raise StackwatchError(f"optimize_dark {optimize_dark!r}: not one of none, fast, golden")
+        if optimize_dark != "none":
+            if b is None:
+                notes.append("dark optimisation needs a master bias: none, dark not optimised")
+            else:
+                opt = optimize_dark_scale(light, d, b, nominal=k, method=optimize_dark, bayer=bayer)
+                k = opt.k
+                notes.append(f"dark scale k={k:.4f} ({opt.method}{'' if opt.ok else ': ' + opt.reason})")
+        if abs(k - 1.0) > 1e-12 and b is None:
+            raise StackwatchError(f"a dark scaled by k={k:.3f} needs a master bias, and there is none")
+    else:
+        notes.append("no dark")
+        if b is None:
+            notes.append("no bias")
+    if f is not None:
+        fs = flat_scale_override or flat_scale(f, bayer)
+        s0 = fs.per_pixel.astype(np.float64)
+        flat_tuple = tuple(fs.channels[c] for c in ("R", "G", "B")) if bayer else (fs.s0,)
+    else:
+        notes.append("no flat")
+        s0 = np.ones((2, 2), dtype=np.float64)
+        flat_tuple = ()
+    dummy = np.zeros((1, 1), dtype=np.float32)
+    flags = np.array([b is not None, d is not None, f is not None], dtype=np.uint8)
+    coef = np.array([k, float(saturation), _DEAD_FLAT_FRAC], dtype=np.float64)
+    out = np.empty(shape, dtype=np.float32)
+    sat = np.empty(shape, dtype=np.bool_)
+    _calibrate(
+        light,
+        dummy if b is None else b,
+        dummy if d is None else d,
+        dummy if f is None else f,
+        flags,
+        coef,
+        s0,
+        out,
+        sat,
+    )
+    return CalibratedFrame(
+        data=out,
+        saturated=sat,
+        dark_scale=k,
+        flat_scale=flat_tuple,
+        notes=tuple(notes),
+        dark_optimization=opt,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dark optimisation (§3.2)
+
+_B3 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+
+
+def _w1(image: np.ndarray) -> np.ndarray:
+    """First starlet layer I - B3*I (mirror borders), float64."""
+    a = image.astype(np.float64)
+    c1 = ndimage.convolve1d(ndimage.convolve1d(a, _B3, axis=0, mode="mirror"), _B3, axis=1, mode="mirror")
+    return a - c1
+
+
+def _ksigma(x: np.ndarray) -> float:
+    """Std of x iteratively clipped at 3 sigma about the mean until the relative change < 0.01."""
+    v = x[np.isfinite(x)]
+    if v.size < 2:
+        return float("nan")
+    s = float(np.std(v))
+    for _ in range(10):
+        m = float(np.mean(v))
+        keep = v[np.abs(v - m) < 3.0 * s] if s > 0 else v
+        if keep.size < 2:
+            break
+        s_new = float(np.std(keep))
+        if s == 0 or abs(s_new - s) / s < 0.01:
+            s = s_new
+            break
+        s = s_new
+    return s
+
+
+def _window(a: np.ndarray, size: int) -> tuple[slice, slice]:
+    h, w = a.shape
+    hh = min(h, size) & ~1
+    ww = min(w, size) & ~1
+    y0 = ((h - hh) // 2) & ~1
+    x0 = ((w - ww) // 2) & ~1
+    return slice(y0, y0 + hh), slice(x0, x0 + ww)
+
+
+def _bin2(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape
+    a = a[: h & ~1, : w & ~1].astype(np.float64)
+    return a[0::2, 0::2] + a[0::2, 1::2] + a[1::2, 0::2] + a[1::2, 1::2]
+
+
+def optimize_dark_scale(
+    light: np.ndarray,
+    dark: np.ndarray,
+    bias: np.ndarray,
+    *,
+    nominal: float,
+    method: str = "fast",
+    bayer: str | None = None,
+    window_px: int = 1024,
+    threshold_sigma: float = 3.0,
+) -> DarkOptimization:
+    """The dark scale k minimising the noise of L - B - k (D - B) (algorithms.md §3.2).
+
+    Works in the central ``window_px`` square (CFA data binned 2x2). D' = D - B is thresholded at
+    median + ``threshold_sigma`` x 1.4826 MAD so only warm and hot pixels drive the fit.
+
+    Parameters
+    ----------
+    light, dark, bias : np.ndarray
+        Raw light, raw master dark (bias included) and master bias, same shape.
+    nominal : float
+        t_light / t_dark, returned when the optimisation is not possible or lands outside
+        [0.5, 1.5] x nominal.
+    method : str, optional
+        "fast": Huber-weighted least-squares slope of w1(L - B) on w1(D') over the warm pixels (3
+        iterations, c = 3 sigma). "golden": golden-section search of the k-sigma noise of
+        w1(L - B - k D'_thr) over [0, 3] (PixInsight's objective). Default is "fast".
+    bayer : str, optional
+        CFA pattern; CFA data is binned 2x2 first. Default is None.
+    window_px : int, optional
+        Side of the central window. Default is 1024.
+    threshold_sigma : float, optional
+        Warm-pixel threshold in MAD sigma above the median of D'. Default is 3.0.
+    """
+    ys, xs = _window(light, window_px)
+    lw = light[ys, xs].astype(np.float64) - bias[ys, xs]
+    dp = dark[ys, xs].astype(np.float64) - bias[ys, xs]
+    if bayer is not None:
+        lw = _bin2(lw)
+        dp = _bin2(dp)
+    good = np.isfinite(lw) & np.isfinite(dp)
+    lw = np.where(good, lw, np.nanmedian(lw))
+    dp = np.where(good, dp, np.nanmedian(dp))
+    med = float(np.median(dp))
+    sig = 1.4826 * float(np.median(np.abs(dp - med)))
+    td = med + threshold_sigma * sig
+    warm = dp > td
+    n_warm = int(warm.sum())
+    if n_warm < _MIN_WARM:
+        return DarkOptimization(nominal, nominal, method, False, n_warm, f"only {n_warm} warm pixels in the dark")
+    dthr = np.where(warm, dp, 0.0)
+    wl = _w1(lw)
+    wd = _w1(dthr)
+    if method == "golden":
+        k = _golden(wl, wd)
+    elif method == "fast":
+        k = _huber_slope(wl[warm], wd[warm])
+    else:
+        raise StackwatchError(f"dark optimisation method {method!r}: not one of fast, golden")
+    if not math.isfinite(k) or k < 0.005:
+        return DarkOptimization(nominal, nominal, method, False, n_warm, "no correlation between light and dark")
+    if not (0.5 * nominal <= k <= 1.5 * nominal):
+        return DarkOptimization(nominal, nominal, method, False, n_warm, f"k={k:.3f} outside [0.5, 1.5] x nominal")
+    return DarkOptimization(float(k), nominal, method, True, n_warm, "")
+
+
+def _huber_slope(y: np.ndarray, x: np.ndarray, iterations: int = 3) -> float:
+    den = float(np.dot(x, x))
+    if den <= 0:
+        return float("nan")
+    k = float(np.dot(x, y)) / den
+    for _ in range(iterations):
+        r = y - k * x
+        s = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if s <= 0:
+            break
+        c = 3.0 * s
+        a = np.abs(r)
+        wgt = np.where(a <= c, 1.0, c / np.maximum(a, 1e-300))
+        den = float(np.sum(wgt * x * x))
+        if den <= 0:
+            break
+        k = float(np.sum(wgt * x * y)) / den
+    return k
+
+
+def _golden(wl: np.ndarray, wd: np.ndarray, tol: float = 5e-4) -> float:
+    def f(k: float) -> float:
+        return _ksigma((wl - k * wd).ravel())
+
+    gr = (math.sqrt(5.0) - 1.0) / 2.0
+    # coarse scan brackets the minimum inside [0, 3] (robust to the flat k-sigma objective), then golden
+    grid = np.linspace(0.0, _K_MAX, 31)
+    vals = [f(float(k)) for k in grid]
+    i = int(np.nanargmin(vals))
+    a = float(grid[max(i - 1, 0)])
+    b = float(grid[min(i + 1, len(grid) - 1)])
+    c = b - gr * (b - a)
+    d = a + gr * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - gr * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + gr * (b - a)
+            fd = f(d)
+    return 0.5 * (a + b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Overscan and pedestal (§3.3)
+
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive ends)
+
+
+def subtract_overscan(
+    raw: np.ndarray,
+    *,
+    regions: Sequence[tuple[Rect, Rect]],
+    image_rect: Rect | None = None,
+) -> np.ndarray:
+    """Overscan correction (PixInsight model): for each (source, target) rectangle pair subtract the
+    median of the source region from the target region, then crop to ``image_rect``.
+
+    Rectangles are (x0, y0, x1, y1) with exclusive ends in array coordinates. Returns a new float32
+    array. CFA crops should use even offsets, else the Bayer pattern changes (§5.1).
+    """
+    out = np.array(raw, dtype=np.float32, copy=True)
+    h, w = out.shape[-2:]
+
+    def check(r: Rect, what: str) -> tuple[slice, slice]:
+        x0, y0, x1, y1 = (int(v) for v in r)
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise StackwatchError(f"overscan {what} rectangle {list(r)} outside the {w}x{h} frame")
+        return slice(y0, y1), slice(x0, x1)
+
+    for src, dst in regions:
+        sy, sx = check(src, "source")
+        ty, tx = check(dst, "target")
+        level = float(np.nanmedian(raw[..., sy, sx]))
+        out[..., ty, tx] -= np.float32(level)
+    if image_rect is not None:
+        iy, ix = check(image_rect, "image")
+        out = np.ascontiguousarray(out[..., iy, ix])
+    return out
+
+
+def output_pedestal(data: np.ndarray, *, quantile: float = 1e-4) -> int:
+    """Pedestal in DN for a uint16 export: ceil(max(0, -q) x 65535), q the ``quantile`` of the finite
+    pixels (PixInsight's automatic pedestal). Float products keep their negatives and need none."""
+    v = data[np.isfinite(data)]
+    if v.size == 0:
+        return 0
+    q = float(np.quantile(v, quantile))
+    return math.ceil(max(0.0, -q) * 65535.0)
