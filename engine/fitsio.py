@@ -23,8 +23,7 @@ BITPIX -32/-64 (float)                        1 if already normalised (99th perc
 *Signed 16-bit without BZERO*: real cameras write non-negative ADU (12- or 14-bit data, e.g. the
 MicroObservatory frames, 0..4095). Negative values are kept as negative values (bias-subtracted
 products legitimately have them) unless the frame looks like unsigned data written without BZERO
-(wrapped): negatives make up at most 1 % of a sample whose median is >= 64 ADU; then 65536 is added to
-the negative values.
+(wrapped, see ``_looks_wrapped16``); then 65536 is added to the negative values.
 
 Orientation and colour: arrays are top-down. ``ROWORDER = 'BOTTOM-UP'`` flips the rows; absent
 ROWORDER means TOP-DOWN (what camera drivers write). The Bayer pattern is read from BAYERPAT (also
@@ -321,12 +320,8 @@ def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
         scale, fs = 1.0 / 255.0, 255.0
     elif bitpix == 16:
         scale, fs = 1.0 / 65535.0, 65535.0 if bzero == 32768.0 else 32767.0
-        if bzero == 0.0 and bscale == 1.0:
-            s = _sample(raw)
-            if s.size and s.min() < 0:
-                neg = float(np.mean(s < 0))
-                if neg <= 0.01 and float(np.median(s)) >= 64.0:
-                    wrap16, fs = True, 65535.0
+        if bzero == 0.0 and bscale == 1.0 and _looks_wrapped16(raw):
+            wrap16, fs = True, 65535.0
     elif bitpix == 32:
         if bzero == 2147483648.0:
             scale, fs = 1.0 / 4294967295.0, 4294967295.0
@@ -342,6 +337,31 @@ def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
         normalised = s.size == 0 or float(np.percentile(s, 99.0)) <= 1.5
         scale, fs = (1.0, 1.0) if normalised else (1.0 / 65535.0, 65535.0)
     return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs)
+
+
+def _looks_wrapped16(raw: np.ndarray) -> bool:
+    """Signed 16-bit data without BZERO that is really unsigned data written without BZERO.
+
+    Real cameras never produce negative ADU; bias-subtracted products do (small, around a median near
+    0). Wrapped means one of: adding 65536 to the negatives halves the standard deviation or better
+    (a bright flat straddling 32768), or a frame with a clear positive level (median >= 64)
+    whose few negatives (<= 1 %) are far below zero (median of them < -1024: bright stars >= 32768
+    ADU, not noise around a subtracted bias). The negatives are looked for in the whole frame (one
+    pass; this encoding is rare), the distribution on a sample.
+    """
+    flat = raw.reshape(-1)
+    if flat.size == 0 or int(flat.min()) >= 0:
+        return False
+    s = _sample(raw)
+    unwrapped = np.where(s < 0, s + 65536.0, s)
+    if float(np.std(unwrapped)) < 0.5 * float(np.std(s)):
+        return True
+    negatives = flat[flat < 0]
+    return bool(
+        negatives.size <= 0.01 * flat.size
+        and float(np.median(s)) >= 64.0
+        and float(np.median(negatives)) < -1024.0
+    )
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -377,7 +397,7 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
     """Raw stored values (file order) -> float32 top-down full-scale-1 array, NaN for no data."""
     if raw.dtype.kind == "f" and sc.bscale == 1.0 and sc.bzero == 0.0:
         src = raw[..., ::-1, :] if flip else raw
-        fout = np.empty(raw.shape, dtype=np.float32)
+        fout: np.ndarray = np.empty(raw.shape, dtype=np.float32)
         fout[...] = src  # byte swap, cast and flip in one copy
         _k_scale_finite(fout.reshape(-1, fout.shape[-1]), sc.scale)
         return fout
@@ -456,7 +476,7 @@ def read_header(path: str | os.PathLike[str]) -> fits.Header:
         hdul.close()
 
 
-def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0) -> Image:
+def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0, saturation_frac: float = 0.999) -> Image:
     """Read one frame as float32, full scale 1.0, top-down.
 
     Parameters
@@ -466,6 +486,9 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0) -> Imag
     max_mpix : float, optional
         Refuse images declaring more than this many megapixels per plane (checked from the header
         before reading pixels). Default is 200.0.
+    saturation_frac : float, optional
+        Without a SATURATE keyword, physical values at or above this fraction of the stored bit
+        depth's full scale count as saturated (``Image.saturation``). Default is 0.999.
 
     Returns
     -------
@@ -503,7 +526,7 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0) -> Imag
         if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
             saturation = float(saturate) * sc.scale
         else:
-            saturation = 0.999 * sc.full_scale_physical * sc.scale
+            saturation = saturation_frac * sc.full_scale_physical * sc.scale
         clean = _clean_header(header, bayer, shape)
     finally:
         hdul.close()

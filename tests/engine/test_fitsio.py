@@ -404,3 +404,26 @@ def test_matches_astropy_reference(tmp_path: Path, order: str | None, dtype: typ
     assert img.scale == pytest.approx(1.0 / full_scale)
     for y0, y1 in [(0, 5), (7, 17)]:
         np.testing.assert_array_equal(fitsio.read_rows(path, y0, y1), img.data[..., y0:y1, :])
+
+
+def test_signed16_wrapped_flat(tmp_path: Path) -> None:
+    # a bright flat around 33000 ADU written as int16 without BZERO: half the pixels wrapped
+    true = np.random.default_rng(12).normal(33000, 300, size=(64, 64)).round().astype(np.int64)
+    wrapped = true.astype(np.uint16).view(np.int16)
+    assert (wrapped < 0).mean() > 0.3
+    path = _write(tmp_path / "flat.fits", [fits.PrimaryHDU(wrapped)])
+    img = fitsio.read_image(path)
+    np.testing.assert_array_equal(img.data, (true / 65535.0).astype(np.float32))
+    np.testing.assert_array_equal(fitsio.read_rows(path, 10, 20), img.data[10:20])
+    # a dark-subtracted light (sky 1000 ADU) with a few cold pixels slightly below 0 is not wrapped
+    light = np.random.default_rng(13).normal(1000, 30, size=(64, 64)).round().astype(np.int16)
+    light[5, 5:9] = -40
+    img = fitsio.read_image(_write(tmp_path / "light.fits", [fits.PrimaryHDU(light)]))
+    assert img.data[5, 5] == pytest.approx(-40 / 65535)
+
+
+def test_saturation_frac(tmp_path: Path) -> None:
+    path = _write(tmp_path / "s.fits", [fits.PrimaryHDU(_ramp((8, 8)).astype(np.uint16))])
+    assert fitsio.read_image(path, saturation_frac=0.95).saturation == pytest.approx(0.95)
+    path = _write(tmp_path / "b.fits", [fits.PrimaryHDU(_ramp((8, 8)).astype(np.uint8))])
+    assert fitsio.read_image(path).saturation == pytest.approx(0.999)
