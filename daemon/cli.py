@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "stackwatch.daemon.cmd_config",
     "stackwatch.daemon.cmd_simulate",
     "stackwatch.daemon.cmd_run",
+    "stackwatch.daemon.cmd_demo",
 ]
 
 

@@ -93,12 +93,15 @@ async def serve(
     web: bool = True,
     ready: asyncio.Event | None = None,
     service_kwargs: dict[str, Any] | None = None,
+    on_service: Any = None,
 ) -> int:
     """Run the service (and the web view) until SIGTERM/SIGINT or ``ready``'s owner stops it."""
     from stackwatch.daemon.service import Service
 
     service = Service(config, watch_dir=watch_dir, state_dir=state_dir, config_path=config_path,
                       **(service_kwargs or {}))
+    if on_service is not None:
+        on_service(service)
     loop = asyncio.get_running_loop()
     runner = None
     token = config.service.token

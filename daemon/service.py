@@ -351,8 +351,10 @@ class Service:
     def _make_pipeline(self) -> PipelineLike:
         if self._pipeline_factory is not None:
             return self._pipeline_factory(self.config, self.state_dir)
-        from stackwatch.daemon.pipeline import Pipeline
-
+        try:
+            from stackwatch.daemon.pipeline import Pipeline
+        except ImportError as exc:
+            raise StackwatchError(f"the processing pipeline cannot be loaded ({exc})") from None
         return Pipeline(self.config, self.state_dir)  # type: ignore[return-value]
 
     async def run(self) -> None:
@@ -913,7 +915,8 @@ class Service:
             if bits:
                 parts.append("; ".join(bits))
         else:
-            parts.append(f"{kind} -> library")
+            n = len(record.get("masters_updated") or [])
+            parts.append(f"{kind} added to the calibration library ({n} master(s) updated)")
         t = f"{elapsed:.2f} s"
         if latency is not None:
             t += f", {latency:.2f} s since closed"
