@@ -63,7 +63,9 @@ __all__ = [
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Ids only ever select an entry of the service's memory; the pattern bounds their size and keeps out
+# separators and control characters (anything else, e.g. a target name with spaces, is allowed).
+_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\<>\"'`%]{1,128}$")
 _STATUS_RE = re.compile(r"^[a-z_]{1,24}$")
 _MAX_QUERY_CHARS = 1024
 _MAX_BODY_BYTES = 16 * 1024

@@ -42,8 +42,9 @@ class FakeService:
     """Implements stackwatch.web.app.ServiceView in memory."""
 
     def __init__(self, *, seed: int = 0, shape: tuple[int, int] = (240, 320), reject_every: int = 4,
-                 target: str = "M27", filter: str = "L") -> None:
+                 target: str = "M27", filter: str = "L", full_events: bool = False) -> None:
         self.rng = np.random.default_rng(seed)
+        self.full_events = full_events
         self.seed = seed
         self.shape = shape
         self.reject_every = reject_every
@@ -122,7 +123,12 @@ class FakeService:
         }
         self.frames.append(rec)
         self.emit("frame_received", {"id": rec["id"], "name": name, "path": rec["path"]})
-        self.emit("frame_processed", rec)
+        if self.full_events:
+            self.emit("frame_processed", rec)
+        else:  # what the real service sends: the verdict; the page reads the metrics from /api/frames
+            self.emit("frame_processed", {"id": rec["id"], "path": rec["path"], "name": name, "kind": "light",
+                                          "status": rec["status"], "reason": rec["reason"], "stack_id": sid,
+                                          "elapsed_s": 0.8, "latency_s": 1.1})
         if not rejected:
             self._stack_frame(sid, i)
         return rec

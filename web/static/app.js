@@ -136,6 +136,7 @@
         for (let offset = 0; offset < 100000; offset += 1000) {
           const page = await api(`/api/frames?offset=${offset}&limit=1000`);
           for (const f of page.frames) frames.set(f.id, f);
+          framesTotal = page.total;
           if (page.frames.length < 1000 || offset + 1000 >= page.total) break;
         }
         state.frames = frames;
@@ -159,6 +160,22 @@
   const refreshStacks = throttle(() => {
     api("/api/stacks").then((d) => applyStacks(d.stacks, d.composites)).catch(() => {});
   }, 1000);
+  let framesTotal = 0;
+  const refreshTail = throttle(async () => {
+    // The newest records (the list is oldest first): re-read the last few and anything after.
+    try {
+      const offset = Math.max(0, framesTotal - 10);
+      const page = await api(`/api/frames?offset=${offset}&limit=1000`);
+      framesTotal = page.total;
+      if (page.total > offset + page.frames.length) { catchUp(); return; }
+      for (const f of page.frames) {
+        if (!state.frames.has(f.id)) state.fresh.add(f.id);
+        state.frames.set(f.id, f);
+      }
+      renderFramesSoon();
+      renderChartsSoon();
+    } catch (e) { /* the next event or reconnect retries */ }
+  }, 500);
   const renderFramesSoon = onFrame(() => { renderFrames(); });
   const renderChartsSoon = throttle(onFrame(() => renderCharts()), 500);
 
@@ -178,7 +195,9 @@
       case "frame_processed":
         if (d.id !== undefined) {
           if (!state.frames.has(d.id)) state.fresh.add(d.id);
-          state.frames.set(d.id, d);
+          // Events may carry the whole record or only the verdict: merge, then fetch the metrics.
+          state.frames.set(d.id, Object.assign({}, state.frames.get(d.id) || {}, d));
+          if (!("fwhm_px" in d)) refreshTail();
           renderFramesSoon();
           renderChartsSoon();
         }
