@@ -71,7 +71,6 @@ _EXPOSURE_KEYWORDS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "EXP-TIME", "EXP")
 _TEMP_KEYWORDS = ("CCD-TEMP", "CCD_TEMP", "CCDTEMP", "TEMPERAT", "SENSTEMP", "CAMTEMP", "DET-TEMP", "SET-TEMP")
 _GAIN_KEYWORDS = ("GAIN", "ISOSPEED", "ISO")
 _OFFSET_KEYWORDS = ("OFFSET", "BLKLEVEL", "BLACKLEV")
-_PIXEL_KEYWORDS = ("XPIXSZ", "PIXSIZE1", "PIXSIZE", "XPIXELSZ", "PIXSZ")
 _FOCAL_KEYWORDS = ("FOCALLEN", "FOCAL", "FOCLEN")
 _FILTER_KEYWORDS = ("FILTER", "FILTNAME", "FILTER1")
 
@@ -83,6 +82,11 @@ class FrameInfo:
     ``exposure_s``, ``gain``, ``offset``, ``temperature_c``, ``ra_deg``, ``dec_deg``,
     ``pixel_size_um`` and ``focal_length_mm`` are None when the header does not say. ``kind_source``
     tells where the kind came from: "header:<KEYWORD>", "name", "content" or "none".
+
+    ``pixel_size_um`` is the size of one image pixel, binning included: XPIXSZ as written (MaxIm,
+    N.I.N.A., SGP include binning), PIXSIZE1 (INDI, unbinned) times XBINNING. ``readout_mode``
+    (READOUTM/READMODE), ``subframe_origin`` (XORGSUBF, YORGSUBF) and ``rotator_deg`` (ROTATANG,
+    ROTATOR) are for master matching (algorithms.md §2.4).
     """
 
     path: str
@@ -104,6 +108,9 @@ class FrameInfo:
     date_obs: str | None
     kind_source: str = "none"
     header_pixel_scale_arcsec: float | None = None
+    readout_mode: str = ""
+    subframe_origin: tuple[int, int] = (0, 0)
+    rotator_deg: float | None = None
 
     @property
     def is_calibration(self) -> bool:
@@ -112,8 +119,18 @@ class FrameInfo:
 
     @property
     def sensor_key(self) -> tuple[Any, ...]:
-        """Camera, gain, offset, binning, geometry and CFA: what every master must share with a light."""
-        return (self.camera, self.gain, self.offset, self.binning, self.shape, self.bayer)
+        """Camera, gain, offset, binning, geometry, subframe origin, CFA and readout mode: the exact keys
+        every master must share with a light (algorithms.md §2.4)."""
+        return (
+            self.camera,
+            self.gain,
+            self.offset,
+            self.binning,
+            self.shape,
+            self.subframe_origin,
+            self.bayer,
+            self.readout_mode,
+        )
 
     @property
     def pixel_scale_arcsec(self) -> float | None:
@@ -409,6 +426,8 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
         if filt:
             break
     camera = _str(header, "INSTRUME") or _str(header, "CAMERA") or _str(header, "DETECTOR")
+    binning = _binning(header)
+    rotator = _first_num(header, ("ROTATANG", "ROTATOR", "ROTPA"))
     return FrameInfo(
         path=str(path),
         kind=kind,
@@ -417,19 +436,32 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
         gain=_first_num(header, _GAIN_KEYWORDS),
         offset=_first_num(header, _OFFSET_KEYWORDS),
         temperature_c=_temperature(header),
-        binning=_binning(header),
+        binning=binning,
         shape=image_shape(header),
         filter=filt,
         object=obj,
         ra_deg=ra,
         dec_deg=dec,
         bayer=bayer_pattern(header),
-        pixel_size_um=_first_num(header, _PIXEL_KEYWORDS),
+        pixel_size_um=_pixel_size(header, binning),
         focal_length_mm=_first_num(header, _FOCAL_KEYWORDS),
         date_obs=_date_obs(header),
         kind_source=source,
         header_pixel_scale_arcsec=_pixel_scale(header),
+        readout_mode=_str(header, "READOUTM") or _str(header, "READMODE"),
+        subframe_origin=(int(_first_num(header, ("XORGSUBF",)) or 0), int(_first_num(header, ("YORGSUBF",)) or 0)),
+        rotator_deg=None if rotator is None else rotator % 360.0,
     )
+
+
+def _pixel_size(header: fits.Header, binning: tuple[int, int]) -> float | None:
+    value = _first_num(header, ("XPIXSZ", "XPIXELSZ", "PIXSZ"))
+    if value is not None and value > 0:
+        return value
+    value = _first_num(header, ("PIXSIZE1", "PIXSIZE"))
+    if value is not None and value > 0:
+        return value * binning[0]
+    return None
 
 
 def _pixel_scale(header: fits.Header) -> float | None:

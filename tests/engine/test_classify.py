@@ -225,7 +225,7 @@ def test_keys_defaults_and_alternatives() -> None:
     h = fits.Header({"EXPOSURE": 120.0, "BLKLEVEL": 7, "ISO": 1600, "PIXSIZE1": 4.3, "XBINNING": 2, "YBINNING": 2})
     info = classify(h, "")
     assert info.exposure_s == 120.0 and info.offset == 7 and info.gain == 1600
-    assert info.pixel_size_um == 4.3 and info.binning == (2, 2)
+    assert info.pixel_size_um == 8.6 and info.binning == (2, 2)  # PIXSIZE1 is unbinned
     assert normalize_filter("  Ha ") == "ha" and normalize_filter("None") == "" and normalize_filter("L") == "l"
 
 
@@ -287,3 +287,16 @@ def test_real_frames(real_data: Path) -> None:
         assert info.temperature_c is not None and -30 < info.temperature_c < 30
         assert info.date_obs is not None and info.date_obs.startswith("2017-12-20T")
         assert info.pixel_scale_arcsec == pytest.approx(5.21)  # IM_SCALE
+
+
+def test_matching_keys() -> None:
+    info = classify(_fixture("maxim_light.txt"), "a.fit")
+    assert info.readout_mode == "Monochrome" and info.subframe_origin == (0, 0)
+    assert info.pixel_size_um == pytest.approx(10.8)  # XPIXSZ already includes binning
+    h = fits.Header({"PIXSIZE1": 3.75, "XBINNING": 2, "YBINNING": 2, "ROTATANG": -90.0, "XORGSUBF": 10, "YORGSUBF": 20})
+    info = classify(h, "a.fits")
+    assert info.pixel_size_um == 7.5  # INDI's PIXSIZE1 is unbinned
+    assert info.rotator_deg == 270.0 and info.subframe_origin == (10, 20)
+    a = classify(fits.Header({"INSTRUME": "cam", "GAIN": 100, "READOUTM": "High Gain"}), "a.fits")
+    b = classify(fits.Header({"INSTRUME": "cam", "GAIN": 100, "READOUTM": "Low Noise"}), "a.fits")
+    assert a.sensor_key != b.sensor_key
