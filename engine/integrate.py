@@ -1,0 +1,479 @@
+"""Batch integration with pixel rejection over row bands (algorithms.md §7.1, §7.4, §7.6, §7.7).
+
+Frames come from ``BandSource`` objects that deliver rows [y0, y1) as float32 (h, W) or (C, h, W);
+NaN means no data *or excluded*: a caller with per-frame exclusion masks (saturation, defects,
+outside the footprint) sets those pixels to NaN in its source (see ``MaskedSource``) and nothing
+else is needed. Only one band of all frames is in memory at a time, so memory is bounded by the
+band budget, not by the number of frames.
+
+Per output pixel: the weighted mean (float64 accumulation) or the median of the samples kept by
+the rejection algorithm; coverage = number of finite samples; rej_low/rej_high = rejected counts;
+weight_sum = sum of the weights of the kept samples. When every valid sample is rejected the
+result is the median of all valid samples (PixInsight behaviour) and weight_sum is the sum over
+all valid samples; with no valid sample the result is NaN. Every pixel is computed independently,
+so the output is bit-identical for any band height.
+
+Large-scale rejection (``large_scale=True``, §7.4): pass 1 integrates and records each frame's
+high rejections; per frame, 8-connected components of at least ``min_area_px`` pixels or
+``min_length_px`` long are grown by ``growth_px`` and become pre-rejected (high) samples of
+pass 2, which integrates again. Satellite and aircraft trails are removed whole this way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numba import njit, prange
+from stackwatch.engine.errors import StackwatchError
+from stackwatch.engine.reject import (
+    HIGH,
+    INVALID,
+    KEEP,
+    LOW,
+    WORK_ROWS,
+    _median_buf,
+    _run,
+    auto_rejection,
+    get_rejection,
+)
+
+__all__ = [
+    "ArraySource",
+    "BandSource",
+    "Integration",
+    "MaskedSource",
+    "NpySource",
+    "band_rows_for",
+    "integrate",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+@runtime_checkable
+class BandSource(Protocol):
+    """A frame that can deliver row bands: ``shape`` is (H, W) or (C, H, W)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray:
+        """Rows [y0, y1) as float32, (y1 - y0, W) or (C, y1 - y0, W); NaN = no data or excluded."""
+        ...
+
+
+class ArraySource:
+    """An in-memory frame (H, W) or (C, H, W)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        a = np.asarray(array)
+        if a.ndim not in (2, 3):
+            raise StackwatchError(f"integration source must be (H, W) or (C, H, W), got shape {a.shape}")
+        self._a = a
+        self.shape: tuple[int, ...] = tuple(a.shape)
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray:
+        if self._a.ndim == 2:
+            return np.asarray(self._a[y0:y1], dtype=np.float32)
+        return np.asarray(self._a[:, y0:y1], dtype=np.float32)
+
+
+class NpySource:
+    """A frame stored as a .npy file (float32, (H, W) or (C, H, W)), read by memmap band by band."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            mm = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise StackwatchError(f"{self.path}: cannot open frame store file ({exc})") from None
+        if mm.ndim not in (2, 3):
+            raise StackwatchError(f"{self.path}: frame must be (H, W) or (C, H, W), got shape {mm.shape}")
+        self._mm = mm
+        self.shape = tuple(mm.shape)
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray:
+        if self._mm.ndim == 2:
+            return np.array(self._mm[y0:y1], dtype=np.float32)
+        return np.array(self._mm[:, y0:y1], dtype=np.float32)
+
+
+class MaskedSource:
+    """Wraps a source and an exclusion mask (bool (H, W), True = excluded): excluded pixels read as NaN.
+
+    The mask may be a numpy array or memmap; for colour sources it applies to every channel.
+    """
+
+    def __init__(self, source: BandSource, mask: np.ndarray) -> None:
+        if tuple(mask.shape) != tuple(source.shape[-2:]):
+            raise StackwatchError(f"exclusion mask shape {mask.shape} differs from frame shape {source.shape}")
+        self._src = source
+        self._mask = mask
+        self.shape = tuple(source.shape)
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray:
+        band = np.array(self._src.read_band(y0, y1), dtype=np.float32, copy=True)
+        m = np.asarray(self._mask[y0:y1], dtype=bool)
+        if band.ndim == 3:
+            band[:, m] = np.nan
+        else:
+            band[m] = np.nan
+        return band
+
+
+# ---------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass(frozen=True)
+class Integration:
+    """Result of ``integrate``: image float32 (NaN where coverage is 0), rejection counts (uint16),
+    coverage (uint16, finite samples per pixel), weight_sum (float32, sum of kept weights), the
+    algorithm name and resolved parameters, the combination, and large-scale rejection figures
+    (pixels pre-rejected per frame; empty when off)."""
+
+    image: np.ndarray
+    rej_low: np.ndarray
+    rej_high: np.ndarray
+    coverage: np.ndarray
+    weight_sum: np.ndarray
+    rejection: str
+    params: dict[str, float]
+    combination: str = "mean"
+    n_frames: int = 0
+    band_rows: int = 0
+    large_scale_pixels: tuple[int, ...] = field(default=())
+
+    def rejected_fraction(self) -> tuple[float, float]:
+        """Global (low, high) fractions of valid samples rejected (REJLOW/REJHIGH keywords)."""
+        total = float(self.coverage.sum(dtype=np.float64))
+        if total == 0:
+            return 0.0, 0.0
+        return float(self.rej_low.sum(dtype=np.float64)) / total, float(self.rej_high.sum(dtype=np.float64)) / total
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _integrate_band(
+    band: np.ndarray,
+    pre: np.ndarray,
+    weights: np.ndarray,
+    code: int,
+    params: np.ndarray,
+    median: bool,
+    out: np.ndarray,
+    lo_out: np.ndarray,
+    hi_out: np.ndarray,
+    cov_out: np.ndarray,
+    w_out: np.ndarray,
+    record: np.ndarray,
+) -> None:
+    """Integrate one band (N, h, W). pre: (N, h, W) uint8 pre-rejections (2 = high) or shape (0,0,0).
+    record: (N, h, W) uint8 receiving each sample's code, or shape (0,0,0)."""
+    n, h, w = band.shape
+    has_pre = pre.shape[0] == n
+    has_rec = record.shape[0] == n
+    for y in prange(h):
+        row = np.empty((w, n), dtype=np.float32)
+        for i in range(n):
+            for x in range(w):
+                row[x, i] = band[i, y, x]
+        wts = np.empty(n, dtype=np.float32)
+        mask = np.empty(n, dtype=np.uint8)
+        work = np.empty((WORK_ROWS, n), dtype=np.float64)
+        buf = np.empty(n, dtype=np.float64)
+        for x in range(w):
+            values = row[x]
+            nvalid = 0
+            for i in range(n):
+                wts[i] = weights[i]
+                if math.isfinite(values[i]):
+                    nvalid += 1
+                    if has_pre and pre[i, y, x] == HIGH:
+                        mask[i] = HIGH
+                    else:
+                        mask[i] = KEEP
+                else:
+                    mask[i] = INVALID
+            cov_out[y, x] = nvalid
+            if nvalid == 0:
+                out[y, x] = np.nan
+                lo_out[y, x] = 0
+                hi_out[y, x] = 0
+                w_out[y, x] = 0.0
+                if has_rec:
+                    for i in range(n):
+                        record[i, y, x] = INVALID
+                continue
+            kept = _run(code, values, params, mask, work)
+            nlo = 0
+            nhi = 0
+            for i in range(n):
+                if mask[i] == LOW:
+                    nlo += 1
+                elif mask[i] == HIGH:
+                    nhi += 1
+            lo_out[y, x] = nlo
+            hi_out[y, x] = nhi
+            if kept == 0:
+                m = 0
+                sw = 0.0
+                for i in range(n):
+                    if mask[i] != INVALID:
+                        buf[m] = values[i]
+                        sw += weights[i]
+                        m += 1
+                out[y, x] = _median_buf(buf, m)
+                w_out[y, x] = sw
+            elif median:
+                m = 0
+                sw = 0.0
+                for i in range(n):
+                    if mask[i] == KEEP:
+                        buf[m] = values[i]
+                        sw += weights[i]
+                        m += 1
+                out[y, x] = _median_buf(buf, m)
+                w_out[y, x] = sw
+            else:
+                sw = 0.0
+                s = 0.0
+                for i in range(n):
+                    if mask[i] == KEEP:
+                        wi = weights[i]
+                        s += wi * values[i]
+                        sw += wi
+                out[y, x] = s / sw
+                w_out[y, x] = sw
+            if has_rec:
+                for i in range(n):
+                    record[i, y, x] = mask[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# wrapper
+
+
+def band_rows_for(n_frames: int, width: int, height: int, *, channels: int = 1, budget_bytes: int = 1 << 30) -> int:
+    """Band height h = clamp(floor(B/(N*W*5*C + 64*W*C)), 16, H) (§7.7)."""
+    per_row = n_frames * width * 5 * channels + 64 * width * channels
+    h = budget_bytes // max(per_row, 1)
+    return int(max(1, min(max(h, 16), height)))
+
+
+def _weights_array(weights: Any, n: int, channels: int) -> np.ndarray:
+    if weights is None:
+        return np.ones((channels, n), dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape == (n,):
+        w = np.broadcast_to(w, (channels, n))
+    elif w.shape == (n, channels):
+        w = w.T
+    else:
+        raise StackwatchError(f"weights must have shape ({n},) or ({n}, {channels}), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise StackwatchError("weights must be finite and > 0 (drop a frame instead of giving it weight 0)")
+    return np.ascontiguousarray(w)
+
+
+def _read_band(sources: Sequence[BandSource], y0: int, y1: int, shape: tuple[int, ...]) -> np.ndarray:
+    """(C, N, h, W) float32 band of all frames."""
+    c = 1 if len(shape) == 2 else shape[0]
+    w = shape[-1]
+    out = np.empty((c, len(sources), y1 - y0, w), dtype=np.float32)
+    for i, src in enumerate(sources):
+        b = np.asarray(src.read_band(y0, y1), dtype=np.float32)
+        if b.ndim == 2:
+            b = b[None]
+        if b.shape != (c, y1 - y0, w):
+            raise StackwatchError(
+                f"frame {i}: read_band({y0}, {y1}) returned shape {b.shape}, expected {(c, y1 - y0, w)[1 if c == 1 and len(shape) == 2 else 0:]}"
+            )
+        out[:, i] = b
+    return out
+
+
+_EMPTY_U8 = np.zeros((0, 0, 0), dtype=np.uint8)
+
+
+def _large_scale_maps(
+    high_idx: list[list[np.ndarray]], height: int, width: int, *, min_area_px: int, min_length_px: int, growth_px: int
+) -> list[np.ndarray]:
+    """Per frame: sorted flat indices of pixels to pre-reject (grown large high-rejection structures)."""
+    from scipy import ndimage
+
+    out: list[np.ndarray] = []
+    structure = np.ones((3, 3), dtype=bool)
+    r = int(growth_px)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (xx * xx + yy * yy) <= r * r + 0.5
+    for parts in high_idx:
+        idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if idx.size == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        bitmap = np.zeros(height * width, dtype=bool)
+        bitmap[idx] = True
+        bitmap = bitmap.reshape(height, width)
+        labels, nlab = ndimage.label(bitmap, structure=structure)
+        if nlab == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        areas = np.bincount(labels.ravel(), minlength=nlab + 1)
+        keep = np.zeros(nlab + 1, dtype=bool)
+        for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+            if areas[k] >= min_area_px or extent >= min_length_px:
+                keep[k] = True
+        keep[0] = False
+        big = keep[labels]
+        if r > 0 and big.any():
+            big = ndimage.binary_dilation(big, structure=disk)
+        out.append(np.flatnonzero(big))
+    return out
+
+
+def integrate(
+    sources: Sequence[BandSource | np.ndarray],
+    *,
+    weights: Any = None,
+    combination: str = "mean",
+    rejection: str = "winsorized",
+    params: Mapping[str, float] | None = None,
+    large_scale: bool = False,
+    large_scale_min_area_px: int = 25,
+    large_scale_min_length_px: int = 15,
+    large_scale_growth_px: int = 2,
+    band_budget_bytes: int = 1 << 30,
+    band_rows: int | None = None,
+) -> Integration:
+    """Integrate frames with pixel rejection, band by band.
+
+    Parameters
+    ----------
+    sources : BandSource objects (or arrays, wrapped in ArraySource), all the same shape (H, W) or (C, H, W).
+    weights : per frame (N,) or per frame and channel (N, C), > 0. Default is None (all 1).
+    combination : "mean" (weighted, default) or "median" (unweighted, of the kept samples).
+    rejection : a REJECTIONS name or "auto" (§7.5 by the number of frames). Default is "winsorized".
+    params : algorithm parameters by name, over its defaults. Default is None.
+    large_scale : two-pass large-scale (high-side) rejection, §7.4. Default is False.
+    large_scale_min_area_px, large_scale_min_length_px, large_scale_growth_px : structures of at least
+        this area or extent are grown by this many pixels. Defaults 25, 15, 2.
+    band_budget_bytes : memory for one band of all frames. Default is 1 GiB.
+    band_rows : force the band height (tests); default None = from the budget.
+    """
+    if len(sources) == 0:
+        raise StackwatchError("integrate: no frames to integrate")
+    srcs: list[BandSource] = [s if isinstance(s, BandSource) else ArraySource(np.asarray(s)) for s in sources]
+    shape = tuple(srcs[0].shape)
+    for i, s in enumerate(srcs):
+        if tuple(s.shape) != shape:
+            raise StackwatchError(f"integrate: frame {i} has shape {tuple(s.shape)}, frame 0 has {shape}")
+    if len(shape) not in (2, 3):
+        raise StackwatchError(f"integrate: frames must be (H, W) or (C, H, W), got {shape}")
+    if combination not in ("mean", "median"):
+        raise StackwatchError(f"integrate: unknown combination {combination!r} (mean, median)")
+    n = len(srcs)
+    if n > 65535:
+        raise StackwatchError("integrate: more than 65535 frames")
+    channels = 1 if len(shape) == 2 else shape[0]
+    height, width = shape[-2], shape[-1]
+    name = rejection
+    user_params = dict(params or {})
+    if name == "auto":
+        name, auto_params = auto_rejection(n)
+        user_params = {**auto_params, **user_params}
+    spec = get_rejection(name)
+    resolved = spec.resolve(user_params)
+    packed = spec.pack(user_params, n_max=n)
+    wts = _weights_array(weights, n, channels)
+    h = band_rows if band_rows is not None else band_rows_for(n, width, height, channels=channels, budget_bytes=band_budget_bytes)
+    h = max(1, min(int(h), height))
+
+    image = np.empty((channels, height, width), dtype=np.float32)
+    rej_lo = np.empty((channels, height, width), dtype=np.uint16)
+    rej_hi = np.empty((channels, height, width), dtype=np.uint16)
+    cov = np.empty((channels, height, width), dtype=np.uint16)
+    wsum = np.empty((channels, height, width), dtype=np.float32)
+    median = combination == "median"
+
+    def run_pass(pre_idx: list[np.ndarray] | None, record_high: bool) -> list[list[np.ndarray]]:
+        highs: list[list[np.ndarray]] = [[] for _ in range(n)]
+        for y0 in range(0, height, h):
+            y1 = min(height, y0 + h)
+            band = _read_band(srcs, y0, y1, shape)
+            pre = _EMPTY_U8
+            if pre_idx is not None:
+                pre = np.zeros((n, y1 - y0, width), dtype=np.uint8)
+                a, b = y0 * width, y1 * width
+                for i, idx in enumerate(pre_idx):
+                    sel = idx[np.searchsorted(idx, a) : np.searchsorted(idx, b)] - a
+                    pre[i].reshape(-1)[sel] = HIGH
+            rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
+            union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
+            for c in range(channels):
+                _integrate_band(
+                    band[c],
+                    pre,
+                    wts[c],
+                    spec.code,
+                    packed,
+                    median,
+                    image[c, y0:y1],
+                    rej_lo[c, y0:y1],
+                    rej_hi[c, y0:y1],
+                    cov[c, y0:y1],
+                    wsum[c, y0:y1],
+                    rec,
+                )
+                if union is not None:
+                    union |= rec == HIGH
+            if union is not None:
+                for i in range(n):
+                    highs[i].append(np.flatnonzero(union[i]) + y0 * width)
+            del band
+        return highs
+
+    ls_counts: tuple[int, ...] = ()
+    if large_scale:
+        highs = run_pass(None, True)
+        pre_idx = _large_scale_maps(
+            highs,
+            height,
+            width,
+            min_area_px=large_scale_min_area_px,
+            min_length_px=large_scale_min_length_px,
+            growth_px=large_scale_growth_px,
+        )
+        ls_counts = tuple(int(p.size) for p in pre_idx)
+        run_pass(pre_idx, False)
+    else:
+        run_pass(None, False)
+
+    if channels == 1 and len(shape) == 2:
+        image, rej_lo, rej_hi, cov, wsum = image[0], rej_lo[0], rej_hi[0], cov[0], wsum[0]
+    return Integration(
+        image=image,
+        rej_low=rej_lo,
+        rej_high=rej_hi,
+        coverage=cov,
+        weight_sum=wsum,
+        rejection=name,
+        params=resolved,
+        combination=combination,
+        n_frames=n,
+        band_rows=h,
+        large_scale_pixels=ls_counts,
+    )
