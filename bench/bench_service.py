@@ -1,0 +1,266 @@
+"""Benchmark the service: latency from "file closed" to "stack updated" and the service's memory.
+
+A writer thread writes synthetic star-field frames (16-bit FITS, mono or RGGB colour) into a watched
+folder one at a time, as a capture program would; the service (in this process, web view off) picks
+each up through inotify, reads its header, hashes it, queues it in the catalogue and runs it through
+the pipeline. For each frame we record the time between the writer closing the file and the
+service's ``frame_processed`` event (same monotonic clock), and the process RSS (VmRSS) after it.
+
+Pipelines:
+  real   stackwatch.daemon.pipeline.Pipeline (calibrate, measure, register, normalise, integrate)
+  numpy  a baseline: astropy read + float64 running mean in numpy (what the service costs around
+         the cheapest possible stacking step)
+The same run also times the bare pipeline call on one frame without the service, so the overhead of
+the service itself shows as a ratio.
+
+    .venv/bin/python bench/bench_service.py [--width 6248 --height 4176] [--frames 20] [--colour]
+        [--pipeline real|numpy] [--keep-files]
+
+Budget (design.md): file closed -> stack updated <= 1.5 s mono on 2 cores; service memory over 300
+frames flat, <= 2 GB mono. Writes bench/results/service_<mono|colour>_<pipeline>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB."""
+    rss = hwm = 0.0
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def _star_field(h: int, w: int, rng: np.random.Generator, n_stars: int) -> np.ndarray:
+    """Noiseless sky + Gaussian stars (float32 ADU), the same for every frame before shifts."""
+    img = np.full((h, w), 1200.0, np.float32)
+    img += (np.linspace(0, 150, w, dtype=np.float32)[None, :] + np.linspace(0, 80, h, dtype=np.float32)[:, None])
+    ys = rng.uniform(20, h - 20, n_stars)
+    xs = rng.uniform(20, w - 20, n_stars)
+    fluxes = 10 ** rng.uniform(3.0, 5.5, n_stars)
+    sigma = 1.4
+    r = 7
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    for x, y, f in zip(xs, ys, fluxes, strict=True):
+        ix, iy = round(x), round(y)
+        g = np.exp(-(((xx + ix - x) ** 2 + (yy + iy - y) ** 2) / (2 * sigma**2)))
+        img[iy - r:iy + r + 1, ix - r:ix + r + 1] += (f * g / g.sum()).astype(np.float32)
+    return img
+
+
+def _frame(base: np.ndarray, i: int, rng: np.random.Generator, colour: bool) -> np.ndarray:
+    dy, dx = int(rng.integers(-8, 9)), int(rng.integers(-8, 9))
+    img = np.roll(base, (dy, dx), axis=(0, 1))
+    noisy = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(12.0)
+    if colour:  # RGGB: dim the R and B sites a little so the CFA is visible
+        noisy[0::2, 0::2] *= 0.8
+        noisy[1::2, 1::2] *= 0.7
+    return np.clip(noisy, 0, 65535).astype(np.uint16)
+
+
+def _header(i: int, colour: bool) -> fits.Header:
+    h = fits.Header()
+    h["IMAGETYP"] = "LIGHT"
+    h["EXPTIME"] = 60.0
+    h["OBJECT"] = "BENCH"
+    h["FILTER"] = "" if colour else "L"
+    h["INSTRUME"] = "BenchCam"
+    h["GAIN"] = 100
+    h["OFFSET"] = 50
+    h["CCD-TEMP"] = -10.0
+    h["XPIXSZ"] = 3.76
+    h["FOCALLEN"] = 530.0
+    h["DATE-OBS"] = f"2026-11-21T20:{i // 60 % 60:02d}:{i % 60:02d}"
+    if colour:
+        h["BAYERPAT"] = "RGGB"
+    return h
+
+
+class NumpyPipeline:
+    """The baseline: astropy read + float64 running mean (no calibration, registration or rejection)."""
+
+    def __init__(self, config: Any, state_dir: Path) -> None:
+        self.sum: np.ndarray | None = None
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def add_calibration(self, path: Path, info: Any) -> list[dict[str, Any]]:
+        return []
+
+    def process_light(self, path: Path, info: Any) -> dict[str, Any]:
+        with fits.open(path, memmap=False) as hdul:
+            data = hdul[0].data.astype(np.float64) / 65535.0
+        with self.lock:
+            if self.sum is None:
+                self.sum = np.zeros_like(data)
+            self.sum += data
+            self.n += 1
+        return {"status": "stacked", "reason": "", "stack_id": "bench", "metrics": {}, "weight": 1.0}
+
+    def stacks(self) -> list[dict[str, Any]]:
+        return [{"id": "bench", "target": "BENCH", "filter": "", "ncombine": self.n, "version": self.n}]
+
+    def stack_products(self, stack_id: str) -> dict[str, Any] | None:
+        return None
+
+    def finalize(self, stack_id: str) -> dict[str, Any]:
+        return {}
+
+    def checkpoint(self) -> None:
+        pass
+
+
+async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from stackwatch.daemon.config import Config
+    from stackwatch.daemon.service import Service
+
+    watch, state = root / "watch", root / "state"
+    watch.mkdir()
+    config = Config()
+    config.service.min_free_space_mb = 100.0
+    config.live.checkpoint_frames = 10**9  # checkpoints are measured separately by the live benchmark
+    config.live.exact_pass_frames = 10**9
+    factory = None
+    if args.pipeline == "numpy":
+        factory = NumpyPipeline
+    rng = np.random.default_rng(5)
+    h, w = args.height, args.width
+    base = _star_field(h, w, rng, n_stars=max(200, int(h * w / 40000)))
+    closed: dict[str, float] = {}
+    done: dict[str, float] = {}
+    rss: list[float] = []
+    results: dict[str, str] = {}
+    processed = asyncio.Event()
+
+    service = Service(config, watch_dir=watch, state_dir=state, pipeline_factory=factory)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "frame_processed" and event["data"].get("name") in closed:
+            name = event["data"]["name"]
+            done[name] = time.monotonic()
+            results[name] = str(event["data"].get("status"))
+            rss.append(_rss_mb()[0])
+            processed.set()
+
+    service.add_listener(on_event)
+    await service.startup()
+    runner = asyncio.create_task(service.run())
+    rss_start = _rss_mb()[0]
+    try:
+        for i in range(args.frames):
+            data = _frame(base, i, rng, args.colour)  # rendered before the clock starts
+            path = watch / f"bench_{i:04d}.fits"
+            processed.clear()
+
+            def write(path: Path = path, data: np.ndarray = data, i: int = i) -> None:
+                fits.PrimaryHDU(data, header=_header(i, args.colour)).writeto(path)
+                closed[path.name] = time.monotonic()
+
+            await asyncio.to_thread(write)
+            await asyncio.wait_for(processed.wait(), timeout=600)
+            if not args.keep_files and i >= 2:
+                old = watch / f"bench_{i - 2:04d}.fits"  # the disk would fill over 300 x 52 MB
+                old.unlink(missing_ok=True)
+            lat = done[path.name] - closed[path.name]
+            print(f"frame {i:4d}: {results[path.name]:8s} latency {lat:6.3f} s   RSS {rss[-1]:7.0f} MB", flush=True)
+    finally:
+        service.request_stop()
+        await runner
+        await service.shutdown()
+    names = sorted(done)
+    lat = [done[n] - closed[n] for n in names]
+    steady = lat[2:] if len(lat) > 4 else lat  # the first frames pay numba compilation/cache loading
+    # the bare pipeline call on one frame, without the service (same process, warm)
+    probe = root / "probe"
+    probe.mkdir()
+    pth = probe / "bench_probe.fits"
+    fits.PrimaryHDU(_frame(base, 999, rng, args.colour), header=_header(999, args.colour)).writeto(pth)
+    from stackwatch.daemon.service import default_identify
+
+    pipe: Any = factory(config, root / "state_probe") if factory else _real_pipeline(config, root / "state_probe")
+    info = default_identify(pth, config)
+    pipe.process_light(pth, info)  # warm (reference frame)
+    pth2 = probe / "bench_probe2.fits"
+    fits.PrimaryHDU(_frame(base, 998, rng, args.colour), header=_header(998, args.colour)).writeto(pth2)
+    t0 = time.monotonic()
+    pipe.process_light(pth2, default_identify(pth2, config))
+    bare = time.monotonic() - t0
+    n_half = max(1, len(rss) // 2)
+    return {
+        "shape": [h, w],
+        "colour": bool(args.colour),
+        "pipeline": args.pipeline,
+        "frames": len(names),
+        "statuses": {s: list(results.values()).count(s) for s in set(results.values())},
+        "latency_s": {
+            "first": round(lat[0], 3) if lat else None,
+            "median": round(statistics.median(steady), 3) if steady else None,
+            "p90": round(float(np.percentile(steady, 90)), 3) if steady else None,
+            "max_steady": round(max(steady), 3) if steady else None,
+        },
+        "bare_pipeline_call_s": round(bare, 3),
+        "service_overhead_ratio": round(statistics.median(steady) / bare, 3) if steady and bare > 0 else None,
+        "rss_mb": {
+            "start": round(rss_start, 1),
+            "after_first_frame": round(rss[0], 1) if rss else None,
+            "first_half_max": round(max(rss[:n_half]), 1) if rss else None,
+            "second_half_max": round(max(rss[n_half:]), 1) if len(rss) > 1 else None,
+            "last": round(rss[-1], 1) if rss else None,
+            "peak_hwm": round(_rss_mb()[1], 1),
+        },
+        "cpus": os.cpu_count(),
+    }
+
+
+def _real_pipeline(config: Any, state: Path) -> Any:
+    from stackwatch.daemon.pipeline import Pipeline
+
+    return Pipeline(config, state)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=6248)
+    parser.add_argument("--height", type=int, default=4176)
+    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--colour", action="store_true", help="RGGB one-shot-colour frames")
+    have_real = importlib.util.find_spec("stackwatch.daemon.pipeline") is not None
+    parser.add_argument("--pipeline", choices=("real", "numpy"), default="real" if have_real else "numpy")
+    parser.add_argument("--keep-files", action="store_true", help="do not delete processed raw files")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+    if args.pipeline == "real" and not have_real:
+        print("stackwatch.daemon.pipeline is not available; use --pipeline numpy", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        res = asyncio.run(_run(args, Path(tmp)))
+    print(json.dumps(res, indent=1))
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    kind = "colour" if args.colour else "mono"
+    (out / f"service_{kind}_{args.pipeline}.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
