@@ -22,19 +22,20 @@ signal_i = stars (Moffat PSF of frame i) + galaxy/nebula, at transparency 1; T_i
 airmass (plus extra sky from cloud reflecting it); response = vignetting * dust * PRNU, mean 1 (for
 colour cameras each CFA pixel also sees only its channel's share of the light, see `FILTER_RESPONSE`).
 
-Truth files written by `simulate_night` into ``truth/`` (all float32 FITS, ADU = 16-bit data numbers):
+Truth files written by `simulate_night` into ``truth/`` (maps are float32 ``.npy``, not FITS, so that a
+pipeline pointed at the night folder never mistakes them for frames; ADU = 16-bit data numbers):
 - ``truth.json``: spec, gain, every frame (file, kind, date, exposure, temperature; for lights the
   matrix, fwhm_px, eccentricity, psf angle, beta, airmass, transparency, scale = T_0 / T_i, sky level
   and gradient polynomial, trails, cosmic rays), hot/warm/cold pixels, flat panel colour.
-- ``scene_adu.fits``: the noiseless object + stars of light 1 in its grid, with light 1's PSF and
+- ``scene_adu.npy``: the noiseless object + stars of light 1 in its grid, with light 1's PSF and
   transparency, no sky, no flat, ADU; (3, H, W) R, G, B for colour cameras (each channel as a CFA pixel
   of that colour would see it).
-- ``sky_adu.fits``: the sky of light 1 in ADU (same shape rule). A perfectly calibrated light 1
+- ``sky_adu.npy``: the sky of light 1 in ADU (same shape rule). A perfectly calibrated light 1
   (``(raw - dark) / flat`` with the flat normalised to its mean) is scene + sky (colour: divided by the
   flat panel colour relative to its mean).
-- ``bias_adu.fits``: bias level + fixed row, column and pixel pattern (ADU).
-- ``dark_current_adu_per_s.fits``: dark current incl. hot/warm pixels and amp glow at ``temperature_c``.
-- ``flat_response.fits``: optical response (vignetting, dust, PRNU, cold pixels), mean 1.
+- ``bias_adu.npy``: bias level + fixed row, column and pixel pattern (ADU).
+- ``dark_current_adu_per_s.npy``: dark current incl. hot/warm pixels and amp glow at ``temperature_c``.
+- ``flat_response.npy``: optical response (vignetting, dust, PRNU, cold pixels), mean 1.
 - ``stars.csv``: x, y (reference grid), flux_adu (as in light 1: T_0 applied, no flat; colour: R, G, B
   columns), mag, bv.
 - ``trail_mask_<stem>.npy``: bool mask (frame grid) of pixels where a trail adds >= 2 electrons.
@@ -97,8 +98,8 @@ _NEBULA_COLOUR = np.array([0.62, 0.22, 0.16])
 class SimulationSpec:
     """Everything that defines a simulated night. All fields have defaults (the `small` preset).
 
-    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``) are 0-based
-    light indices in capture order.
+    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``, ``blurred``)
+    are 0-based light indices in capture order (across filters: filter blocks follow each other).
     """
 
     width: int = 512
@@ -169,6 +170,7 @@ class SimulationSpec:
     moffat_beta: float = 4.0
     eccentricity: float = 0.15  # typical tracking eccentricity (each frame draws around it)
     elongated: tuple[tuple[int, float, float], ...] = ()  # (light index, eccentricity, angle deg)
+    blurred: tuple[tuple[int, float], ...] = ()  # (light index, FWHM factor): wind gust, bad focus
     # sky and atmosphere
     sky_e_per_s: float = 2.0  # per pixel, L band, zenith, clear
     sky_airmass_coeff: float = 0.5  # sky *= 1 + coeff * (X - 1)
@@ -282,7 +284,8 @@ class FrameTruth:
     filter: str
     cosmics: tuple[tuple[float, ...], ...] = ()  # (x, y, e-, length px, angle deg)
     matrix: tuple[tuple[float, ...], ...] | None = None  # 3x3 frame -> reference
-    fwhm_px: float | None = None
+    fwhm_px: float | None = None  # of the PSF on the sky (geometric mean of major and minor axes)
+    fwhm_sampled_px: float | None = None  # what a PSF fit to pixel values sees: sqrt(fwhm^2 + 2.3548^2/12)
     eccentricity: float | None = None
     psf_angle_deg: float | None = None
     beta: float | None = None
@@ -441,6 +444,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     n_all = spec.total_lights
     clouds = dict(spec.clouds)
     elong = {i: (e, a) for i, e, a in spec.elongated}
+    blur = dict(spec.blurred)
     z = 0.0
     theta = 0.0
     drift = np.zeros(2)
@@ -478,6 +482,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         pa = float(rng_l.uniform(-90, 90))
         if i in elong:
             ecc, pa = elong[i]
+        fwhm *= blur.get(i, 1.0)
         cloud = float(clouds.get(i, 1.0))
         transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
         if first_transparency is None:
@@ -501,7 +506,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
             kind="light", index=i, file=_file_name("light", t, spec.object_name, filt, spec.exposure_s, number),
             date_obs=_fmt_time(t), exposure_s=spec.exposure_s, temperature_c=temp_reading(spec.temperature_c),
             filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
-            fwhm_px=fwhm, eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
+            fwhm_px=fwhm, fwhm_sampled_px=math.sqrt(fwhm * fwhm + 2.3548**2 / 12.0), eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
             altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
             transparency=transparency, scale=first_transparency / transparency, sky_e=sky,
             sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
@@ -590,25 +595,30 @@ def make_truth(spec: SimulationSpec) -> Truth:
 
     # --- sensor maps
     rng_m = _rng(spec, 7)
-    bias = (spec.bias_adu
-            + rng_m.normal(0, spec.bias_row_pattern_adu, size=(h, 1))
-            + rng_m.normal(0, spec.bias_column_pattern_adu, size=(1, w))
-            + rng_m.normal(0, spec.bias_pixel_pattern_adu, size=(h, w)))
-    dark = spec.dark_current_e_per_s * rng_m.lognormal(0.0, 0.25, size=(h, w))
-    yy, xx = np.mgrid[0:h, 0:w]
+    f32 = np.float32
+    bias = rng_m.standard_normal(size=(h, w), dtype=f32)
+    bias *= f32(spec.bias_pixel_pattern_adu)
+    bias += (spec.bias_adu + rng_m.normal(0, spec.bias_row_pattern_adu, size=(h, 1))).astype(f32)
+    bias += rng_m.normal(0, spec.bias_column_pattern_adu, size=(1, w)).astype(f32)
+    dark = rng_m.standard_normal(size=(h, w), dtype=f32)
+    dark *= f32(0.25)
+    np.exp(dark, out=dark)
+    dark *= f32(spec.dark_current_e_per_s)
+    yy, xx = np.ogrid[0:h, 0:w]
     glow_len = max(spec.amp_glow_scale_frac * w, 1.0)
-    dark += spec.amp_glow_e_per_s * np.exp(-np.hypot(w - 1 - xx, yy) / glow_len)
+    dark += (spec.amp_glow_e_per_s * np.exp(-np.hypot((w - 1 - xx).astype(f32), yy.astype(f32)) / f32(glow_len))
+             ).astype(f32)
     npx = h * w
-    perm = rng_m.permutation(npx)
     n_hot = round(spec.hot_pixel_frac * npx)
     n_warm = round(spec.warm_pixel_frac * npx)
     n_cold = round(spec.cold_pixel_frac * npx)
-    hot = perm[:n_hot]
-    warm = perm[n_hot:n_hot + n_warm]
-    cold = perm[n_hot + n_warm:n_hot + n_warm + n_cold]
+    picked = rng_m.choice(npx, size=n_hot + n_warm + n_cold, replace=False)
+    hot = picked[:n_hot]
+    warm = picked[n_hot:n_hot + n_warm]
+    cold = picked[n_hot + n_warm:]
     dflat = dark.reshape(-1)
-    dflat[hot] += np.exp(rng_m.uniform(math.log(0.5), math.log(20.0), size=hot.size))
-    dflat[warm] += np.exp(rng_m.uniform(math.log(0.03), math.log(0.5), size=warm.size))
+    dflat[hot] += np.exp(rng_m.uniform(math.log(0.5), math.log(20.0), size=hot.size)).astype(f32)
+    dflat[warm] += np.exp(rng_m.uniform(math.log(0.03), math.log(0.5), size=warm.size)).astype(f32)
     dflat[cold] = 0.0
     # optics: vignetting centre slightly off the frame centre; dust donuts
     dust = []
@@ -618,17 +628,21 @@ def make_truth(spec: SimulationSpec) -> Truth:
                      float(rng_m.uniform(10.0, 30.0) * dscale), float(rng_m.uniform(0.01, 0.03))))
     vc = (c[0] + rng_m.uniform(-0.04, 0.04) * w, c[1] + rng_m.uniform(-0.04, 0.04) * h)
     resp = _sky.dust_and_vignetting((h, w), vignetting=spec.vignetting, centre=vc, dust=dust)
-    resp *= 1.0 + rng_m.normal(0, spec.prnu, size=(h, w))
+    prnu = rng_m.standard_normal(size=(h, w), dtype=f32)
+    prnu *= f32(spec.prnu)
+    prnu += f32(1.0)
+    resp *= prnu
+    del prnu
     rflat = resp.reshape(-1)
-    rflat[cold] *= rng_m.uniform(0.05, 0.5, size=cold.size)
-    resp /= resp.mean()
+    rflat[cold] *= rng_m.uniform(0.05, 0.5, size=cold.size).astype(f32)
+    resp /= f32(resp.mean(dtype=np.float64))
     panel = (0.75, 1.0, 0.55) if spec.osc else (1.0, 1.0, 1.0)
 
     def coords(idx: np.ndarray) -> tuple[tuple[int, int], ...]:
         return tuple((int(i % w), int(i // w)) for i in np.sort(idx))
 
-    return Truth(spec=spec, frames=tuple(frames), stars=stars, bias_adu=bias.astype(np.float32),
-                 dark_e_per_s=dark.astype(np.float32), response=resp.astype(np.float32), panel_colour=panel,
+    return Truth(spec=spec, frames=tuple(frames), stars=stars, bias_adu=bias, dark_e_per_s=dark, response=resp,
+                 panel_colour=panel,
                  hot_pixels=coords(hot), warm_pixels=coords(warm), cold_pixels=coords(cold), galaxy=galaxy,
                  nebula=nebula, nebula_origin=neb_origin, nebula_step_px=neb_step,
                  sky_centre=(c[0], c[1], max(w, h) / 2.0))
@@ -683,17 +697,27 @@ def sky_model_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) 
     spec = truth.spec
     assert frame.sky_poly is not None
     cx, cy, r = truth.sky_centre
-    u = ((np.arange(spec.width) - cx) / r)[None, :]
+    u = (np.arange(spec.width) - cx) / r
     v = ((np.arange(spec.height) - cy) / r)[:, None]
     p = frame.sky_poly
-    sky = p[0] + p[1] * u + p[2] * v + p[3] * u * u + p[4] * u * v + p[5] * v * v
+    row = (p[0] + p[1] * u + p[3] * u * u).astype(np.float32)[None, :]  # terms in u only
+    slope = (p[2] + p[4] * u).astype(np.float32)[None, :]  # coefficient of v
+    sky = slope * v.astype(np.float32)
+    sky += row
+    sky += (p[5] * v * v).astype(np.float32)
     cmap, bands = _channel_setup(spec, frame.filter)
     col = _SKY_COLOUR @ bands.T  # (C,)
     if channel is not None:
-        return (sky * col[channel]).astype(np.float32)
-    colour = col[cmap]  # (2, 2)
-    tile = np.tile(colour, (spec.height // 2, spec.width // 2))
-    return (sky * tile).astype(np.float32)
+        sky *= np.float32(col[channel])
+        return sky
+    if np.all(col == col[0]) and not spec.osc:
+        sky *= np.float32(col[0])
+        return sky
+    colour = col[cmap].astype(np.float32)  # (2, 2)
+    for j in range(2):
+        for i in range(2):
+            sky[j::2, i::2] *= colour[j, i]
+    return sky
 
 
 @dataclass(frozen=True)
@@ -966,10 +990,8 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_f32(path: Path, data: np.ndarray, comment: str) -> None:
-    hdr = fits.Header()
-    hdr["COMMENT"] = comment
-    fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=hdr).writeto(path, overwrite=True)
+def _write_f32(path: Path, data: np.ndarray) -> None:
+    np.save(path, np.asarray(data, dtype=np.float32))
 
 
 def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
@@ -1008,12 +1030,11 @@ def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
     }
     (tdir / "truth.json").write_text(json.dumps(doc, indent=1))
     scene, sky = scene_adu(truth)
-    _write_f32(tdir / "scene_adu.fits", scene, "noiseless object + stars of light 1, its grid, ADU, no sky, no flat")
-    _write_f32(tdir / "sky_adu.fits", sky, "sky model of light 1, ADU, no flat")
-    _write_f32(tdir / "bias_adu.fits", truth.bias_adu, "bias level + fixed pattern, ADU")
-    _write_f32(tdir / "dark_current_adu_per_s.fits", truth.dark_e_per_s * g,
-               f"dark current at {spec.temperature_c} C incl. hot pixels and amp glow, ADU/s")
-    _write_f32(tdir / "flat_response.fits", truth.response, "optical response, mean 1")
+    _write_f32(tdir / "scene_adu.npy", scene)
+    _write_f32(tdir / "sky_adu.npy", sky)
+    _write_f32(tdir / "bias_adu.npy", truth.bias_adu)
+    _write_f32(tdir / "dark_current_adu_per_s.npy", truth.dark_e_per_s * g)
+    _write_f32(tdir / "flat_response.npy", truth.response)
     st = truth.stars
     f0 = truth.lights()[0]
     assert f0.transparency is not None

@@ -263,7 +263,8 @@ def test_write_night_headers_and_truth(tmp_path: Path) -> None:
     assert (tmp_path / lights[1]["file"]).is_file() and "trail_mask" in lights[1]
     assert np.load(tmp_path / "truth" / lights[1]["trail_mask"]).any()
     for name in ("scene_adu", "sky_adu", "bias_adu", "dark_current_adu_per_s", "flat_response"):
-        assert fits.getdata(tmp_path / "truth" / f"{name}.fits").shape == spec.shape
+        assert np.load(tmp_path / "truth" / f"{name}.npy").shape == spec.shape
+    assert not list((tmp_path / "truth").glob("*.fit*"))
     rows = (tmp_path / "truth" / "stars.csv").read_text().splitlines()
     assert rows[0].startswith("x,y,flux_adu") and len(rows) == len(truth.stars) + 1
 
@@ -284,3 +285,54 @@ def test_slow_writer(tmp_path: Path) -> None:
     S.write_fits(tmp_path / "a.fits", fr.data, fr.header, chunk_bytes=2880)
     np.testing.assert_array_equal(fits.getdata(tmp_path / "a.fits"), fr.data)
     assert fr.offset_s > 0 and fr.filename.startswith("lights/")
+
+
+def _moments(img: np.ndarray) -> tuple[float, float]:
+    """(FWHM-equivalent from the half-maximum area, eccentricity from second moments) of a noiseless star."""
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    tot = img.sum()
+    cx, cy = (img * xx).sum() / tot, (img * yy).sum() / tot
+    core = img >= 0.05 * img.max()
+    w = img * core
+    mxx = (w * (xx - cx) ** 2).sum() / w.sum()
+    myy = (w * (yy - cy) ** 2).sum() / w.sum()
+    mxy = (w * (xx - cx) * (yy - cy)).sum() / w.sum()
+    tr, det = mxx + myy, mxx * myy - mxy * mxy
+    l1 = tr / 2 + math.sqrt(max(tr * tr / 4 - det, 0.0))
+    l2 = tr / 2 - math.sqrt(max(tr * tr / 4 - det, 0.0))
+    area = (img >= 0.5 * img.max()).sum()
+    # pixel integration adds 1/12 px^2 to the variance along every axis
+    return 2.0 * math.sqrt(area / math.pi), math.sqrt(1.0 - (l2 - 1 / 12) / (l1 - 1 / 12))
+
+
+@pytest.mark.parametrize("fwhm", [2.0, 3.5, 6.0])
+def test_psf_width_and_shape_match_truth(fwhm: float) -> None:
+    from scipy.optimize import curve_fit
+
+    out = np.zeros((81, 81), dtype=np.float32)
+    K.render_stars(out, np.array([40.2]), np.array([39.7]), np.array([1e6]), fwhm_px=fwhm, beta=3.5)
+    yy, xx = np.mgrid[0:81, 0:81]
+
+    def moffat(xy: np.ndarray, amp: float, x0: float, y0: float, fw: float) -> np.ndarray:
+        a = K.moffat_alpha(fw, 3.5)
+        return amp * (1 + ((xy[0] - x0) ** 2 + (xy[1] - y0) ** 2) / a**2) ** -3.5
+
+    p, _ = curve_fit(moffat, np.stack([xx.ravel(), yy.ravel()]), out.ravel().astype(np.float64),
+                     p0=[out.max(), 40, 40, fwhm])
+    # a pixel-integrated profile is wider than the PSF on the sky by 1/12 px^2 in variance
+    assert abs(p[3] / math.sqrt(fwhm**2 + 2.3548**2 / 12) - 1.0) < 0.02, p
+    assert abs(p[1] - 40.2) < 0.01 and abs(p[2] - 39.7) < 0.01
+    ecc_out = np.zeros((81, 81), dtype=np.float32)
+    K.render_stars(ecc_out, np.array([40.0]), np.array([40.0]), np.array([1e6]), fwhm_px=fwhm, eccentricity=0.6,
+                   angle_deg=20.0)
+    _, ecc = _moments(ecc_out)
+    if fwhm >= 3.0:  # moments of a 2 px star are too coarse to check the shape this way
+        assert abs(ecc - 0.6) < 0.06
+
+
+def test_blurred_and_elongated_lights() -> None:
+    truth = S.make_truth(_spec(n_lights=4, blurred=((2, 1.8),), elongated=((3, 0.7, 45.0),)))
+    lights = truth.lights()
+    assert lights[2].fwhm_px is not None and lights[1].fwhm_px is not None
+    assert lights[2].fwhm_px > 1.5 * lights[1].fwhm_px
+    assert lights[3].eccentricity == 0.7 and lights[3].psf_angle_deg == 45.0
