@@ -1,0 +1,664 @@
+"""Star detection and frame measurement (algorithms.md §1.3, §6.1-§6.3).
+
+`measure(image)` works on a calibrated frame: mono (H, W), or debayered colour (3, H, W) measured on
+its luminance (R+G+B)/3. It returns a frozen `Measurement` with
+
+- ``stars``: a `StarTable` (x, y, flux, peak, fwhm, a, b, theta, flags, snr, npix, hfr), brightest
+  first, at most ``max_stars`` rows; x, y are 0-based pixel centres (x = column, y = row), windowed
+  (SExtractor XWIN) positions; ``fwhm`` is the PSF-fit FWHM where the star was fitted, else NaN;
+- ``metrics``: `FrameMetrics` (stars, fwhm_px, fwhm_arcsec, eccentricity, hfr, background, noise,
+  psf_snr ...); frame values are medians over PSF fits of the brightest clean stars;
+- the sky background model (``background_map()``, ``background_rms_map()``, ``background_box_px``).
+
+Detection uses sep: a first background pass, extraction on the background-subtracted frame (NaN
+filled and masked), then a second background pass with the detected stars masked (the reported
+background and the map). Saturated and edge stars are flagged and never enter the PSF fits.
+
+PSF fits: elliptical Moffat (beta free in [1.5, 10]) or Gaussian by a small Levenberg-Marquardt
+(numba normal equations, analytic Jacobian) on cutouts of the brightest unsaturated isolated stars. The model is
+evaluated at pixel centres; the FWHM of each axis is then corrected for pixel integration by
+subtracting the variance of a one-pixel box in quadrature (FWHM^2 - 8 ln2/12), so that the reported
+FWHM is the optical PSF's. Frame values are medians of the fits after a 3-sigma MAD clip; a reduced
+chi^2 cut is not applied (no gain is known here, so star cores' shot noise makes chi^2 meaningless).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sep
+from numba import njit
+from scipy.spatial import cKDTree
+from stackwatch.engine.errors import StackwatchError
+
+__all__ = [
+    "FLAG_ARTEFACT",
+    "FLAG_BLENDED",
+    "FLAG_EDGE",
+    "FLAG_SATURATED",
+    "FrameMetrics",
+    "Measurement",
+    "StarTable",
+    "fit_psf",
+    "luminance",
+    "measure",
+    "pixel_scale_arcsec",
+]
+
+FLAG_SATURATED = 1
+FLAG_EDGE = 2
+FLAG_BLENDED = 4
+FLAG_ARTEFACT = 8
+
+_FWHM_GAUSS = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.35482
+_PIXEL_VAR_FWHM2 = 8.0 * math.log(2.0) / 12.0  # FWHM^2 of a one-pixel box's variance (Gaussian-equivalent)
+
+sep.set_extract_pixstack(2_000_000)
+sep.set_sub_object_limit(4096)
+
+
+@dataclass(frozen=True)
+class StarTable:
+    """Detected stars, brightest first. All arrays have the same length (0 for an empty frame).
+
+    x, y: windowed centroids, 0-based (x = column, y = row). flux: background-subtracted isophotal
+    flux (sep); peak: background-subtracted peak; fwhm: PSF-fit FWHM in px (NaN where not fitted);
+    a, b, theta: sep second-moment ellipse (px, radians from +x towards +y); flags: FLAG_* bits;
+    snr: flux / (rms * sqrt(npix)); npix: isophotal area; hfr: half-flux radius in px.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    peak: np.ndarray
+    fwhm: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    theta: np.ndarray
+    flags: np.ndarray
+    snr: np.ndarray
+    npix: np.ndarray
+    hfr: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @staticmethod
+    def empty() -> StarTable:
+        f = np.zeros(0, dtype=np.float64)
+        return StarTable(
+            x=f, y=f.copy(), flux=f.copy(), peak=f.copy(), fwhm=f.copy(), a=f.copy(), b=f.copy(),
+            theta=f.copy(), flags=np.zeros(0, dtype=np.int32), snr=f.copy(), npix=np.zeros(0, dtype=np.int64),
+            hfr=f.copy(),
+        )
+
+    def select(self, index: np.ndarray) -> StarTable:
+        """A new table with rows ``index`` (bool mask or integer indices), order kept."""
+        return StarTable(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
+    @property
+    def clean(self) -> np.ndarray:
+        """Bool mask of stars with no flag (usable for shapes and photometry)."""
+        return np.asarray(self.flags == 0)
+
+
+@dataclass(frozen=True)
+class FrameMetrics:
+    """Per-frame measurements. NaN where a value could not be measured (``reason`` says why).
+
+    stars: detected stars (not capped by ``max_stars``, hot pixels and artefacts excluded);
+    fwhm_px / fwhm_arcsec: median PSF FWHM (geometric mean of the axes); eccentricity: median
+    sqrt(1 - b^2/a^2); hfr: median half-flux radius of the fitted stars (px); background: median of
+    the sky mesh (data units); background_rms: sep's global RMS; noise: multiresolution noise
+    (§1.2) when available, else the background RMS (``noise_method`` says which); psf_snr:
+    (sum of star fluxes)^2 / (noise^2 * sum of their areas), a PSF signal-to-noise figure;
+    psf_fits: number of PSF fits behind the medians; fwhm_spread_px: 1.4826 MAD of the fit FWHMs.
+    """
+
+    stars: int
+    fwhm_px: float
+    fwhm_arcsec: float
+    eccentricity: float
+    hfr: float
+    background: float
+    background_rms: float
+    noise: float
+    noise_method: str
+    psf_snr: float
+    psf_fits: int
+    fwhm_spread_px: float
+    beta: float
+    saturated_stars: int
+    pixel_scale_arcsec: float
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the metrics (floats/ints/strs)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The measurement of one frame: the star table, the metrics and the background model."""
+
+    stars: StarTable
+    metrics: FrameMetrics
+    shape: tuple[int, int]
+    background_box_px: int
+    _background: Any = field(default=None, repr=False, compare=False)
+
+    def background_map(self) -> np.ndarray:
+        """The full-resolution sky background (float32 (H, W)) from the star-masked sep mesh."""
+        if self._background is None:
+            return np.full(self.shape, np.nan, dtype=np.float32)
+        return np.asarray(self._background.back(), dtype=np.float32)
+
+    def background_rms_map(self) -> np.ndarray:
+        """The full-resolution background RMS (float32 (H, W))."""
+        if self._background is None:
+            return np.full(self.shape, np.nan, dtype=np.float32)
+        return np.asarray(self._background.rms(), dtype=np.float32)
+
+
+def pixel_scale_arcsec(pixel_size_um: float | None, focal_length_mm: float | None, binning: int = 1) -> float:
+    """Image scale in arcsec/px = 206.265 * pixel_um / focal_mm * binning; NaN when unknown.
+
+    Pass the pixel size as the header gives it (XPIXSZ); if the header's XPIXSZ already includes binning,
+    pass binning=1.
+    """
+    if not pixel_size_um or not focal_length_mm or pixel_size_um <= 0 or focal_length_mm <= 0:
+        return float("nan")
+    return 206.265 * float(pixel_size_um) / float(focal_length_mm) * max(1, int(binning))
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """The 2-D plane to measure: the image itself (H, W), or (R+G+B)/3 of a (3, H, W) frame, float32."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        return np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3):
+        return np.asarray(arr.mean(axis=0, dtype=np.float32), dtype=np.float32)
+    raise StackwatchError(f"image must be (H, W) or (3, H, W), got shape {arr.shape}")
+
+
+# --------------------------------------------------------------------------------------- PSF fit
+
+
+@njit(cache=True, nogil=True)
+def _normal_eq(p, dx, dy, z, moffat, a, g):  # pragma: no cover - numba
+    """Sum of squared residuals at p; fills the normal matrix a = J^T J and gradient g = J^T r."""
+    k = p.shape[0]
+    b0 = p[0]
+    amp = p[1]
+    x0 = p[2]
+    y0 = p[3]
+    cxx = p[4]
+    cyy = p[5]
+    cxy = p[6]
+    beta = p[7] if moffat else 0.0
+    a[:, :] = 0.0
+    g[:] = 0.0
+    jr = np.empty(k)
+    cost = 0.0
+    for n in range(z.shape[0]):
+        ex = dx[n] - x0
+        ey = dy[n] - y0
+        q = cxx * ex * ex + cyy * ey * ey + cxy * ex * ey
+        if moffat:
+            uu = max(1.0 + q, 1e-12)
+            lu = math.log(uu)
+            base = math.exp(-beta * lu)
+            dq = -amp * beta * base / uu
+            jr[7] = -amp * base * lu
+        else:
+            base = math.exp(-0.5 * q)
+            dq = -0.5 * amp * base
+        r = b0 + amp * base - z[n]
+        cost += r * r
+        jr[0] = 1.0
+        jr[1] = base
+        jr[2] = -dq * (2.0 * cxx * ex + cxy * ey)
+        jr[3] = -dq * (2.0 * cyy * ey + cxy * ex)
+        jr[4] = dq * ex * ex
+        jr[5] = dq * ey * ey
+        jr[6] = dq * ex * ey
+        for i in range(k):
+            g[i] += jr[i] * r
+            for j in range(i + 1):
+                a[i, j] += jr[i] * jr[j]
+    for i in range(k):
+        for j in range(i + 1, k):
+            a[i, j] = a[j, i]
+    return cost
+
+
+def _levmar(p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, dx: np.ndarray, dy: np.ndarray, z: np.ndarray,
+            moffat: bool, max_nfev: int) -> np.ndarray | None:
+    """Levenberg-Marquardt (Marquardt's diagonal scaling, bounds by clipping); None if it goes non-finite."""
+    k = p0.shape[0]
+    p = p0.copy()
+    a = np.empty((k, k))
+    g = np.empty(k)
+    an = np.empty((k, k))
+    gn = np.empty(k)
+    cost = _normal_eq(p, dx, dy, z, moffat, a, g)
+    if not math.isfinite(cost):
+        return None
+    lam = 1e-3
+    nfev = 1
+    rel = 1.0
+    while nfev < max_nfev:
+        d = np.diag(a).copy()
+        d[d <= 0] = 1e-12
+        improved = False
+        while nfev < max_nfev:
+            try:
+                step = np.linalg.solve(a + lam * np.diag(d), -g)
+            except np.linalg.LinAlgError:
+                return None
+            pn = np.clip(p + step, lo, hi)
+            cn = _normal_eq(pn, dx, dy, z, moffat, an, gn)
+            nfev += 1
+            if math.isfinite(cn) and cn < cost:
+                rel = (cost - cn) / max(cost, 1e-300)
+                p, cost = pn, cn
+                a, an = an, a
+                g, gn = gn, g
+                lam = max(lam / 3.0, 1e-9)
+                improved = True
+                break
+            lam *= 4.0
+            if lam > 1e9:
+                break
+        if not improved or rel < 1e-7:
+            break
+    return p if np.all(np.isfinite(p)) else None
+
+
+@dataclass(frozen=True)
+class _Fit:
+    x: float
+    y: float
+    fwhm: float
+    fwhm_a: float
+    fwhm_b: float
+    ecc: float
+    beta: float
+
+
+def fit_psf(
+    cutout: np.ndarray,
+    *,
+    x0: float,
+    y0: float,
+    fwhm_guess_px: float,
+    model: str = "moffat",
+    max_nfev: int = 50,
+) -> _Fit | None:
+    """Fit an elliptical Moffat or Gaussian to a background-subtracted cutout; None when the fit fails.
+
+    Parameters
+    ----------
+    cutout : 2-D float array (NaN pixels are ignored).
+    x0, y0 : start position inside the cutout (0-based).
+    fwhm_guess_px : start FWHM.
+    model : "moffat" (beta free in [1.5, 10]) or "gaussian". Default is "moffat".
+    max_nfev : evaluation limit. Default is 50.
+
+    Returned FWHMs are corrected for pixel integration (see module doc).
+    """
+    moffat = model == "moffat"
+    hh, ww = cutout.shape
+    yy, xx = np.mgrid[0:hh, 0:ww]
+    ok = np.isfinite(cutout)
+    if ok.sum() < 12:
+        return None
+    z = np.ascontiguousarray(cutout[ok], dtype=np.float64)
+    dx = np.ascontiguousarray(xx[ok], dtype=np.float64)
+    dy = np.ascontiguousarray(yy[ok], dtype=np.float64)
+    fw = max(float(fwhm_guess_px), 1.0)
+    border = np.concatenate([cutout[0], cutout[-1], cutout[:, 0], cutout[:, -1]])
+    border = border[np.isfinite(border)]
+    b0 = float(np.median(border)) if border.size else 0.0
+    amp = float(np.nanmax(cutout)) - b0
+    if not amp > 0:
+        return None
+    if moffat:
+        beta0 = 3.0
+        alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta0) - 1.0))
+        c0 = 1.0 / (alpha * alpha)
+        p0 = np.array([b0, amp, x0, y0, c0, c0, 0.0, beta0])
+        lo = np.array([-np.inf, 0.0, x0 - 2.0, y0 - 2.0, 1e-5, 1e-5, -np.inf, 1.5])
+        hi = np.array([np.inf, np.inf, x0 + 2.0, y0 + 2.0, 50.0, 50.0, np.inf, 10.0])
+    else:
+        sig = fw / _FWHM_GAUSS
+        c0 = 1.0 / (sig * sig)
+        p0 = np.array([b0, amp, x0, y0, c0, c0, 0.0])
+        lo = np.array([-np.inf, 0.0, x0 - 2.0, y0 - 2.0, 1e-5, 1e-5, -np.inf])
+        hi = np.array([np.inf, np.inf, x0 + 2.0, y0 + 2.0, 50.0, 50.0, np.inf])
+
+    p = _levmar(p0, lo, hi, dx, dy, z, moffat, max_nfev)
+    if p is None:
+        return None
+    cxx, cyy, cxy = p[4], p[5], p[6]
+    mat = np.array([[cxx, 0.5 * cxy], [0.5 * cxy, cyy]])
+    lam = np.linalg.eigvalsh(mat)  # ascending
+    if not np.all(np.isfinite(lam)) or lam[0] <= 0:
+        return None
+    ax_major = 1.0 / math.sqrt(lam[0])
+    ax_minor = 1.0 / math.sqrt(lam[1])
+    if moffat:
+        beta = float(p[7])
+        k = 2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0)
+    else:
+        beta = float("inf")
+        k = _FWHM_GAUSS
+    fa2 = (k * ax_major) ** 2 - _PIXEL_VAR_FWHM2
+    fb2 = (k * ax_minor) ** 2 - _PIXEL_VAR_FWHM2
+    if fb2 <= 0.0 or fa2 <= 0.0:
+        return None
+    fa = math.sqrt(fa2)
+    fb = math.sqrt(fb2)
+    ecc = math.sqrt(max(0.0, 1.0 - (fb / fa) ** 2))
+    return _Fit(x=float(p[2]), y=float(p[3]), fwhm=math.sqrt(fa * fb), fwhm_a=fa, fwhm_b=fb, ecc=ecc, beta=beta)
+
+
+# ----------------------------------------------------------------------------------- detection
+
+
+def _box_size(fwhm_px: float | None, scale: float | None) -> int:
+    cands = []
+    if fwhm_px and math.isfinite(fwhm_px) and fwhm_px > 0:
+        cands.append(10.0 * fwhm_px)
+    if scale and math.isfinite(scale) and scale > 0:
+        cands.append(60.0 / scale)
+    if not cands:
+        return 64
+    return int(min(256, max(32, round(max(cands)))))
+
+
+def _gauss_kernel(fwhm: float) -> np.ndarray:
+    sig = max(fwhm, 1.0) / _FWHM_GAUSS
+    half = max(1, math.ceil(2.0 * sig))
+    r = np.arange(-half, half + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / (sig * sig))
+    return np.asarray(k / k.sum(), dtype=np.float32)
+
+
+def _extract(data: np.ndarray, thresh: float, mask: np.ndarray | None, minarea: int, kernel: np.ndarray) -> tuple[np.ndarray, float, str]:
+    """sep.extract with retries on buffer overflow (threshold x1.5, up to 3 times)."""
+    note = ""
+    for attempt in range(4):
+        try:
+            objs = sep.extract(
+                data, thresh, mask=mask, minarea=minarea, filter_kernel=kernel, filter_type="matched",
+                deblend_nthresh=32, deblend_cont=0.005, clean=True,
+            )
+            return objs, thresh, note
+        except Exception as exc:  # sep raises a bare Exception on buffer overflow
+            text = str(exc)
+            if "full" not in text and "overflow" not in text and "limit" not in text:
+                raise
+            note = f"detection threshold raised x{1.5 ** (attempt + 1):.2f} after sep overflow ({text.strip()})"
+            thresh *= 1.5
+    return np.zeros(0, dtype=[("x", "f8")]), thresh, note + "; gave up"
+
+
+def _empty(shape: tuple[int, int], reason: str, *, background: float = float("nan"), rms: float = float("nan"),
+           noise: float = float("nan"), noise_method: str = "NONE", scale: float = float("nan"),
+           box: int = 64, bkg: Any = None) -> Measurement:
+    nan = float("nan")
+    metrics = FrameMetrics(
+        stars=0, fwhm_px=nan, fwhm_arcsec=nan, eccentricity=nan, hfr=nan, background=background,
+        background_rms=rms, noise=noise, noise_method=noise_method, psf_snr=nan, psf_fits=0,
+        fwhm_spread_px=nan, beta=nan, saturated_stars=0, pixel_scale_arcsec=scale, reason=reason,
+    )
+    return Measurement(stars=StarTable.empty(), metrics=metrics, shape=shape, background_box_px=box, _background=bkg)
+
+
+def _noise(lum: np.ndarray, finite: np.ndarray, saturated: np.ndarray | None, fallback: float) -> tuple[float, str]:
+    """Multiresolution noise (stats.mrs_noise, §1.2) on the central <= 2048^2 window; else the sep RMS."""
+    try:
+        from stackwatch.engine import stats  # H3's module; optional until it lands
+    except ImportError:
+        return fallback, "SEP_RMS"
+    mrs = getattr(stats, "mrs_noise", None)
+    if mrs is None:
+        return fallback, "SEP_RMS"
+    h, w = lum.shape
+    y0 = max(0, (h - 2048) // 2)
+    x0 = max(0, (w - 2048) // 2)
+    win = lum[y0 : y0 + 2048, x0 : x0 + 2048]
+    bad = ~finite[y0 : y0 + 2048, x0 : x0 + 2048]
+    if saturated is not None:
+        bad = bad | saturated[y0 : y0 + 2048, x0 : x0 + 2048]
+    try:
+        est = mrs(win, mask=bad)
+    except StackwatchError:
+        return fallback, "SEP_RMS"
+    sigma = float(getattr(est, "sigma", float("nan")))
+    if not math.isfinite(sigma) or sigma <= 0:
+        return fallback, "SEP_RMS"
+    return sigma, str(getattr(est, "method", "MRS"))
+
+
+def measure(
+    image: np.ndarray,
+    *,
+    saturated: np.ndarray | None = None,
+    saturation: float | None = None,
+    pixel_scale_arcsec: float | None = None,
+    fwhm_guess_px: float | None = None,
+    detect_sigma: float = 5.0,
+    max_stars: int = 2000,
+    psf_fit_stars: int = 100,
+    psf_model: str = "moffat",
+    noise: float | None = None,
+    refine_background: bool = True,
+) -> Measurement:
+    """Detect and measure the stars of a calibrated frame.
+
+    Parameters
+    ----------
+    image : float32 (H, W), or (3, H, W) measured on its luminance; NaN = no data.
+    saturated : bool (H, W) mask of saturated pixels (True = saturated), or None. Default is None.
+    saturation : data value at which a pixel saturates (Image.saturation); stars whose peak reaches
+        0.9 of it are flagged saturated, and only stars below 0.5 of it are PSF-fitted. Default is None.
+    pixel_scale_arcsec : image scale for fwhm_arcsec and the background box; None = unknown. Default is None.
+    fwhm_guess_px : expected FWHM (e.g. the previous frame's) for the detection kernel; None = 3 px.
+        Default is None.
+    detect_sigma : detection threshold in background RMS. Default is 5.0.
+    max_stars : rows kept in the star table (brightest first). Default is 2000.
+    psf_fit_stars : PSF fits of the brightest clean, isolated stars. Default is 100.
+    psf_model : "moffat" or "gaussian". Default is "moffat".
+    noise : the frame's noise if already known (e.g. NOISE keyword from calibration); None = measure
+        it (multiresolution estimate on the central 2048^2 window). Default is None.
+    refine_background : second background pass with the stars masked. Default is True.
+    """
+    if psf_model not in ("moffat", "gaussian"):
+        raise StackwatchError(f"unknown PSF model {psf_model!r} (expected moffat or gaussian)")
+    lum = luminance(image)
+    h, w = lum.shape
+    scale = float(pixel_scale_arcsec) if pixel_scale_arcsec and pixel_scale_arcsec > 0 else float("nan")
+    if h < 8 or w < 8:
+        return _empty((h, w), f"frame too small to measure ({h}x{w})", scale=scale)
+    sat = None
+    if saturated is not None:
+        sat = np.asarray(saturated, dtype=bool)
+        if sat.shape != (h, w):
+            raise StackwatchError(f"saturated mask shape {sat.shape} does not match the image {(h, w)}")
+    finite = np.isfinite(lum)
+    nfinite = int(finite.sum())
+    if nfinite < 64:
+        return _empty((h, w), "no data (all NaN)", scale=scale)
+    fw_guess = float(fwhm_guess_px) if fwhm_guess_px and math.isfinite(fwhm_guess_px) and fwhm_guess_px > 0 else 3.0
+    box = _box_size(fwhm_guess_px, pixel_scale_arcsec)
+    box = min(box, max(8, min(h, w)))
+    has_nan = nfinite < lum.size
+    if has_nan:
+        fill = float(np.median(lum[finite][:: max(1, nfinite // 1_000_000)]))
+        data = np.where(finite, lum, np.float32(fill)).astype(np.float32)
+        nanmask: np.ndarray | None = ~finite
+    else:
+        data = np.ascontiguousarray(lum, dtype=np.float32)
+        if not data.dtype.isnative:
+            data = data.astype(np.float32)
+        nanmask = None
+    bmask = nanmask
+    if sat is not None:
+        bmask = sat if bmask is None else (bmask | sat)
+    bkg = sep.Background(data, mask=bmask, bw=box, bh=box, fw=3, fh=3)
+    rms = float(bkg.globalrms)
+    sub = data - bkg.back()
+    if not (rms > 0 and math.isfinite(rms)):
+        noise_v = float(noise) if noise is not None else float("nan")
+        return _empty((h, w), "flat frame: background RMS is zero", background=float(bkg.globalback), rms=rms,
+                      noise=noise_v, noise_method="GIVEN" if noise is not None else "NONE", scale=scale, box=box,
+                      bkg=bkg)
+    if has_nan:
+        sub[~finite] = 0.0
+    minarea = max(5, math.ceil(0.5 * math.pi * (fw_guess / 2.0) ** 2))
+    objs, _thr, note = _extract(sub, detect_sigma * rms, nanmask, minarea, _gauss_kernel(fw_guess))
+    n_all = len(objs)
+    if refine_background and n_all:
+        smask = np.zeros((h, w), dtype=bool)
+        sep.mask_ellipse(smask, objs["x"], objs["y"], objs["a"], objs["b"], objs["theta"], r=3.0)
+        if bmask is not None:
+            smask |= bmask
+        if smask.mean() < 0.7:
+            bkg = sep.Background(data, mask=smask, bw=box, bh=box, fw=3, fh=3)
+    background = float(np.median(bkg.back()[:: max(1, h // 64), :: max(1, w // 64)]))
+    if noise is not None:
+        noise_v, noise_method = float(noise), "GIVEN"
+    else:
+        noise_v, noise_method = _noise(lum, finite, sat, float(bkg.globalrms))
+    if n_all == 0:
+        return _empty((h, w), "no stars detected" + (f"; {note}" if note else ""), background=background, rms=rms,
+                      noise=noise_v, noise_method=noise_method, scale=scale, box=box, bkg=bkg)
+
+    a = np.asarray(objs["a"], dtype=np.float64)
+    b = np.asarray(objs["b"], dtype=np.float64)
+    mom_fwhm = _FWHM_GAUSS * np.sqrt(np.maximum(a * b, 0.0))
+    npix = np.asarray(objs["npix"], dtype=np.int64)
+    hot = (mom_fwhm < 0.7) | (npix < minarea)
+    typical = float(np.median(mom_fwhm[~hot])) if np.any(~hot) else fw_guess
+    artefact = (a > 3.0 * np.maximum(b, 1e-3)) | (npix > max(2000.0, 400.0 * typical * typical))
+    keep_all = ~hot
+    n_stars = int(np.count_nonzero(keep_all & ~artefact))
+    idx = np.nonzero(keep_all)[0]
+    idx = idx[np.argsort(-np.asarray(objs["flux"])[idx], kind="stable")][:max_stars]
+    o = objs[idx]
+    n = len(o)
+    x = np.asarray(o["x"], dtype=np.float64)
+    y = np.asarray(o["y"], dtype=np.float64)
+    flux = np.asarray(o["flux"], dtype=np.float64)
+    peak = np.asarray(o["peak"], dtype=np.float64)
+    flags = np.zeros(n, dtype=np.int32)
+    flags[artefact[idx]] |= FLAG_ARTEFACT
+    # saturation: the peak pixel is masked, or the raw peak reaches 0.9 of the saturation level
+    xp = np.clip(np.asarray(o["xpeak"], dtype=np.int64), 0, w - 1)
+    yp = np.clip(np.asarray(o["ypeak"], dtype=np.int64), 0, h - 1)
+    is_sat = np.zeros(n, dtype=bool)
+    if sat is not None:
+        for dyy in (-1, 0, 1):
+            for dxx in (-1, 0, 1):
+                is_sat |= sat[np.clip(yp + dyy, 0, h - 1), np.clip(xp + dxx, 0, w - 1)]
+    if saturation is not None and math.isfinite(saturation):
+        is_sat |= data[yp, xp] >= 0.9 * float(saturation)
+    flags[is_sat] |= FLAG_SATURATED
+    margin = max(10.0, 3.0 * typical)
+    edge = (x < margin) | (y < margin) | (x > w - 1 - margin) | (y > h - 1 - margin)
+    if has_nan:
+        mi = math.ceil(margin)
+        for k in np.nonzero(~edge)[0]:
+            yi, xi = round(y[k]), round(x[k])
+            if not finite[max(0, yi - mi) : yi + mi + 1, max(0, xi - mi) : xi + mi + 1].all():
+                edge[k] = True
+    flags[edge] |= FLAG_EDGE
+    merged = (np.asarray(o["flag"]) & sep.OBJ_MERGED) != 0
+    blended = merged.copy()
+    if n >= 2:
+        tree = cKDTree(np.column_stack([x, y]))
+        dist, _ = tree.query(np.column_stack([x, y]), k=2)
+        blended |= dist[:, 1] < 2.0 * typical
+        iso = dist[:, 1] >= 3.0 * typical
+    else:
+        iso = np.ones(n, dtype=bool)
+    flags[blended] |= FLAG_BLENDED
+    snr = flux / (rms * np.sqrt(np.maximum(npix[idx], 1)))
+    # windowed centroids (XWIN) and half-flux radii
+    rmax = np.maximum(3.0 * typical, 6.0 * a[idx])
+    hfr, _fl = sep.flux_radius(sub, x, y, rmax, 0.5, normflux=np.maximum(flux, 1e-30), mask=nanmask, subpix=5)
+    hfr = np.asarray(hfr, dtype=np.float64)
+    sig = np.where(np.isfinite(hfr) & (hfr > 0), 2.0 * hfr / _FWHM_GAUSS, typical / _FWHM_GAUSS)
+    xw, yw, wflag = sep.winpos(sub, x, y, sig, mask=nanmask)
+    good = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x, yw - y) < max(1.0, typical))
+    x = np.where(good, xw, x)
+    y = np.where(good, yw, y)
+
+    # PSF fits on the brightest clean, isolated, unsaturated, well-exposed stars
+    fwhm = np.full(n, np.nan)
+    cand = (flags == 0) & iso & (snr > 20.0)
+    if saturation is not None and math.isfinite(saturation):
+        cand &= data[yp, xp] < 0.5 * float(saturation)
+    half = int(min(20, max(4, math.ceil(2.5 * typical))))
+    fits: list[_Fit] = []
+    fit_idx: list[int] = []
+    for k in np.nonzero(cand)[0][: max(0, psf_fit_stars)]:
+        xi, yi = round(x[k]), round(y[k])
+        y0c, x0c = max(0, yi - half), max(0, xi - half)
+        cut = sub[y0c : yi + half + 1, x0c : xi + half + 1].astype(np.float64)
+        if has_nan:
+            cut = np.where(finite[y0c : yi + half + 1, x0c : xi + half + 1], cut, np.nan)
+        f = fit_psf(cut, x0=x[k] - x0c, y0=y[k] - y0c, fwhm_guess_px=typical, model=psf_model)
+        if f is None or not (0.5 <= f.fwhm <= 30.0) or math.hypot(f.x + x0c - x[k], f.y + y0c - y[k]) > 1.0:
+            continue
+        fits.append(f)
+        fit_idx.append(int(k))
+        fwhm[k] = f.fwhm
+    nsat = int(np.count_nonzero(is_sat))
+    reason = note
+    nan = float("nan")
+    fwhm_px = ecc = hfr_m = beta_m = spread = nan
+    if len(fits) >= 5:
+        fw_arr = np.array([f.fwhm for f in fits])
+        med = float(np.median(fw_arr))
+        mad = 1.4826 * float(np.median(np.abs(fw_arr - med)))
+        inl = np.abs(fw_arr - med) <= max(3.0 * mad, 1e-6 * med) if mad > 0 else np.ones(len(fits), dtype=bool)
+        sel = [f for f, ok in zip(fits, inl, strict=True) if ok]
+        fwhm_px = float(np.median([f.fwhm for f in sel]))
+        ecc = float(np.median([f.ecc for f in sel]))
+        beta_m = float(np.median([f.beta for f in sel]))
+        spread = mad
+        hsel = hfr[np.array(fit_idx)[inl]]
+        hsel = hsel[np.isfinite(hsel)]
+        hfr_m = float(np.median(hsel)) if hsel.size else nan
+    else:
+        msg = f"only {len(fits)} PSF fits (need 5)"
+        reason = f"{reason}; {msg}" if reason else msg
+        # eccentricity still matters for a trailed frame: from the moments of the brightest stars
+        usable = (flags & (FLAG_SATURATED | FLAG_EDGE)) == 0
+        if np.count_nonzero(usable) >= 3:
+            aa = a[idx][usable][:50]
+            bb = b[idx][usable][:50]
+            ecc = float(np.median(np.sqrt(np.maximum(0.0, 1.0 - (bb / np.maximum(aa, 1e-9)) ** 2))))
+    fwhm_arcsec = fwhm_px * scale if math.isfinite(scale) else nan
+    clean = flags == 0
+    if np.any(clean) and noise_v > 0:
+        psf_snr = float(flux[clean].sum() ** 2 / (noise_v**2 * npix[idx][clean].sum()))
+    else:
+        psf_snr = nan
+    metrics = FrameMetrics(
+        stars=n_stars, fwhm_px=fwhm_px, fwhm_arcsec=fwhm_arcsec, eccentricity=ecc, hfr=hfr_m,
+        background=background, background_rms=float(bkg.globalrms), noise=noise_v, noise_method=noise_method,
+        psf_snr=psf_snr, psf_fits=len(fits), fwhm_spread_px=spread, beta=beta_m, saturated_stars=nsat,
+        pixel_scale_arcsec=scale, reason=reason,
+    )
+    table = StarTable(
+        x=x, y=y, flux=flux, peak=peak, fwhm=fwhm, a=a[idx], b=b[idx],
+        theta=np.asarray(o["theta"], dtype=np.float64), flags=flags, snr=snr, npix=npix[idx], hfr=hfr,
+    )
+    return Measurement(stars=table, metrics=metrics, shape=(h, w), background_box_px=box, _background=bkg)
