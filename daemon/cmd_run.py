@@ -108,9 +108,9 @@ async def serve(
     if web:
         from stackwatch.web.app import check_bind  # lazily: the daemon does not depend on the web view
 
+        check_bind(config.service.host, token)  # beyond loopback only with a configured token
         if not token:
             token = secrets.token_urlsafe(24)
-        check_bind(config.service.host, token)
     installed: list[int] = []
     for sig, handler in ((signal.SIGTERM, service.request_stop), (signal.SIGINT, service.request_stop),
                          (signal.SIGHUP, service.reload_config)):
@@ -130,8 +130,8 @@ async def serve(
         await service.shutdown()
         if runner is not None:
             await runner.cleanup()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
     return 0
 
 
