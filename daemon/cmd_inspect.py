@@ -111,7 +111,8 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def _table(records: list[dict[str, Any]]) -> str:
-    header = [c for c in COLUMNS]
+    """Aligned columns; an unreadable file shows its path, "unreadable" and the reason."""
+    header = list(COLUMNS)
     rows = []
     for rec in records:
         if rec["error"]:
@@ -120,10 +121,8 @@ def _table(records: list[dict[str, Any]]) -> str:
             rows.append([_fmt(c, rec[c]) for c in COLUMNS])
     widths = [len(h) for h in header]
     for row in rows:
-        if len(row) == len(header):
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-        else:
-            widths[0] = max(widths[0], len(row[0]))
+        cells = row if len(row) == len(header) else row[:2]
+        widths = [max(w, len(cell)) for w, cell in zip(widths, cells)] + widths[len(cells) :]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     for row in rows:
         if len(row) == len(header):

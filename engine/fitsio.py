@@ -228,7 +228,34 @@ def _open(path: str) -> fits.HDUList:
     except PermissionError:
         raise FrameError(path, "permission denied") from None
     except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+        gz = _gzip_problem(path)
+        if gz:
+            raise FrameError(path, gz) from None
         raise FrameError(path, f"not a readable FITS file ({_short(exc)})") from None
+
+
+def _gzip_problem(path: str) -> str | None:
+    """For a gzip file that astropy could not open: say whether it is truncated or corrupt."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return None
+        with gzip.open(path, "rb") as gz:
+            while gz.read(1 << 22):
+                pass
+    except EOFError:
+        return "truncated gzip file (still being written?)"
+    except (OSError, gzip.BadGzipFile, ValueError) as exc:
+        return f"corrupt gzip file ({_short(exc)})"
+    return None
+
+
+def _data_problem(path: str, exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "not enough memory to read the pixel data"
+    if isinstance(exc, EOFError) or "too small" in str(exc) or "truncated" in str(exc).lower():
+        return "truncated file: the pixel data is shorter than the header says (still being written?)"
+    return _gzip_problem(path) or f"cannot read pixel data: corrupt ({_short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -518,7 +545,7 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0, saturat
         except FrameError:
             raise
         except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile, MemoryError) as exc:
-            raise FrameError(spath, f"cannot read pixel data: truncated or corrupt ({_short(exc)})") from None
+            raise FrameError(spath, _data_problem(spath, exc)) from None
         if not _any_finite(data):
             raise FrameError(spath, "no valid pixels (all NaN or infinite)")
         bayer = bayer_pattern(header)
@@ -582,8 +609,8 @@ def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
             del raw
         except FrameError:
             raise
-        except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile) as exc:
-            raise FrameError(spath, f"cannot read pixel data: truncated or corrupt ({_short(exc)})") from None
+        except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile, MemoryError) as exc:
+            raise FrameError(spath, _data_problem(spath, exc)) from None
     finally:
         hdul.close()
     return out

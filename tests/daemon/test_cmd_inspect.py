@@ -91,6 +91,8 @@ def test_inspect_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert lines[1].index("light") == lines[0].index("kind")
     assert lines[1].index("24x32") == lines[0].index("shape")
     assert "unreadable" in lines[2] and "error: truncated file" in lines[2]
+    assert lines[2].index("unreadable") == lines[0].index("kind")
+    assert lines[2].index("error:") == lines[0].index("exposure_s")
     assert "1 unreadable" in err and "Traceback" not in err
 
 

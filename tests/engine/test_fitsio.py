@@ -286,8 +286,14 @@ def test_refuse_truncated(tmp_path: Path) -> None:
         fitsio.read_image(path)
     gz = tmp_path / "t.fits.gz"
     gz.write_bytes(gzip.compress(whole)[:3000])
-    with pytest.raises(FrameError, match=r"t\.fits\.gz"):
+    with pytest.raises(FrameError, match=r"t\.fits\.gz: truncated gzip"):
         fitsio.read_image(gz)
+    # a complete gzip stream of a FITS file cut in its data
+    gz.write_bytes(gzip.compress(whole[: 2880 + 5000]))
+    with pytest.raises(FrameError, match=r"t\.fits\.gz: truncated file"):
+        fitsio.read_image(gz)
+    with pytest.raises(FrameError, match="truncated"):
+        fitsio.read_rows(gz, 0, 10)
 
 
 def test_refuse_table_only(tmp_path: Path) -> None:
