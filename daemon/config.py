@@ -179,6 +179,7 @@ class ServiceConfig:
     min_free_space_mb: float = _f(500.0, "pause processing while the state folder has less free space than this")
     disk_check_interval_s: float = _f(10.0, "while paused for disk space, check again this often")
     shutdown_timeout_s: float = _f(60.0, "on SIGTERM, wait this long for the frame in flight before exiting")
+    exact_pass_idle_s: float = _f(1200.0, "run the exact integration of a stack with new frames after this long without a new frame (end of night)")
 
 
 @dataclass

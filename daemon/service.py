@@ -304,6 +304,7 @@ class Service:
         self._in_flight: str | None = None
         self._since_checkpoint = 0
         self._last_checkpoint = clock()
+        self._last_processed = clock()
         self._new_since_final: dict[str, int] = {}
         self._finalizing: asyncio.Task[Any] | None = None
         self._last_frame: dict[str, Any] | None = None
@@ -737,6 +738,7 @@ class Service:
         finally:
             self._in_flight = None
         elapsed = self._clock() - t0
+        self._last_processed = self._clock()
         status = str(record.get("status"))
         if status not in DONE_STATUSES:
             record = {**record, "status": "failed", "reason": f"pipeline returned status {status!r}"}
@@ -861,7 +863,8 @@ class Service:
         if self._finalizing is not None and not self._finalizing.done():
             return
         threshold = max(1, int(self.config.live.exact_pass_frames))
-        due = [sid for sid, n in self._new_since_final.items() if n >= threshold]
+        quiet = self._clock() - self._last_processed >= float(self.config.service.exact_pass_idle_s)
+        due = [sid for sid, n in self._new_since_final.items() if n >= threshold or (n > 0 and quiet)]
         if not due or self.pipeline is None:
             return
         sid = due[0]

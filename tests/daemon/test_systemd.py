@@ -94,3 +94,54 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(unit) in line]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not problems, problems
+
+
+async def test_service_reports_ready_status_watchdog_stopping(tmp_path: Path) -> None:
+    """The service's own notifications, over a real socket: READY after start-up, STATUS per frame,
+    WATCHDOG at half the interval, STOPPING on the way out."""
+    import asyncio
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stackwatch.daemon.service import Service
+    from test_service import FakePipeline, fast_config, write_frame
+
+    sock, path = _socket(tmp_path)
+    sock.setblocking(False)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    notifier = SdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    service = Service(fast_config(), watch_dir=watch, state_dir=tmp_path / "state", notifier=notifier,
+                      pipeline_factory=lambda c, s: FakePipeline(c, s), free_bytes=lambda _p: 10**12)
+    messages: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    await service.startup()
+    runner = asyncio.create_task(service.run())
+    try:
+        write_frame(watch / "l0.fits")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("1 stacked" in m for m in messages):
+            await asyncio.sleep(0.05)
+            drain()
+        await asyncio.sleep(0.5)
+        drain()
+    finally:
+        service.request_stop()
+        await runner
+        await service.shutdown()
+        drain()
+        sock.close()
+    # the watchdog is fed during start-up too (loading the pipeline can take a while)
+    assert [m for m in messages if m != "WATCHDOG=1"][0].startswith("READY=1")
+    assert any(m.startswith("STATUS=1 stacked, 0 rejected, 0 failed, 0 pending") for m in messages), messages
+    assert sum(m == "WATCHDOG=1" for m in messages) >= 2
+    assert any(m.startswith("STOPPING=1") for m in messages)
+    assert messages.index(next(m for m in messages if m.startswith("STOPPING=1"))) > 0
