@@ -8,7 +8,7 @@ Kind, in this order:
    (INDI/Ekos), OBSTYPE. Values are compared case-folded with spaces, '-' and '_' removed and a
    trailing "frame"/"image" dropped, so "Light Frame", "LIGHT", "light_frame" are the same; see
    ``_KIND_WORDS`` for every spelling.
-2. Otherwise the path: the file name first, then its folders from the nearest up. Each component is
+2. Otherwise the path: the file name first, then its 4 nearest folders, nearest first. Each component is
    cut into words (at non-letters and camelCase humps: "FlatWizard" -> flat, wizard) and the first
    rule that matches wins, in the order darkflat (darkflat, flatdark, or "dark" next to "flat"),
    bias (bias, offset, zero), dark, flat, light (light, science).
@@ -209,6 +209,12 @@ _NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = (
 )
 
 
+# Capture programs put the frame type at most a few folders above the file (N.I.N.A.'s
+# TARGET/DATE/TYPE/, SGP's TARGET/TYPE/, ASIAIR's Autorun/TYPE/TARGET/); folders further up (a user's
+# "Dark Sky Site" archive) say nothing about the frame.
+_NAME_FOLDER_DEPTH = 4
+
+
 def _words(component: str) -> list[str]:
     return [w.casefold() for w in _WORD_RE.findall(component)]
 
@@ -237,7 +243,8 @@ def kind_from_name(path: str) -> str | None:
         return None
     name = parts[-1]
     stem = re.sub(r"(\.(fits|fit|fts))?(\.gz|\.fz)?$", "", name, flags=re.IGNORECASE)
-    for component in [stem, *reversed(parts[:-1])]:
+    folders = [p for p in reversed(parts[:-1]) if p not in ("/", "\\") and not p.endswith((":", ":\\", ":/"))]
+    for component in [stem, *folders[:_NAME_FOLDER_DEPTH]]:
         kind = _kind_of_component(component)
         if kind is not None:
             return kind

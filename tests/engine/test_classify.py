@@ -188,6 +188,9 @@ def test_bias_from_short_dark() -> None:
         ("/night/Flats/Ha/0001.fits.gz", "flat"),
         ("/night/microobs_hatp32/HATP-32171220013343.fits.gz", None),
         ("/darkstar/obs/img.fits", None),  # "darkstar" is not the word "dark"
+        ("/Dark Sky Site/2024/M31/Ha/session1/img.fits", None),  # too far up to describe the frame
+        ("/night/Darks/2024-01-01/gain100/-10C/img.fits", "dark"),  # 4th folder up still counts
+        ("C:\\Astro\\Flats\\f_001.fits", "flat"),  # one POSIX name, its words still tell
         ("", None),
     ],
 )

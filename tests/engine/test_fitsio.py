@@ -433,3 +433,23 @@ def test_saturation_frac(tmp_path: Path) -> None:
     assert fitsio.read_image(path, saturation_frac=0.95).saturation == pytest.approx(0.95)
     path = _write(tmp_path / "b.fits", [fits.PrimaryHDU(_ramp((8, 8)).astype(np.uint8))])
     assert fitsio.read_image(path).saturation == pytest.approx(0.999)
+
+
+@pytest.mark.slow
+def test_full_size_frame_matches_astropy(tmp_path: Path) -> None:
+    """26 MP (6248 x 4176) 16-bit frame, BOTTOM-UP: whole read and row bands equal astropy's values."""
+    from tests.conftest import slow_count
+
+    for i in range(slow_count(1)):
+        raw = np.random.default_rng(100 + i).integers(0, 65536, size=(4176, 6248), dtype=np.uint16)
+        hdu = fits.PrimaryHDU(raw)
+        hdu.header["ROWORDER"] = "BOTTOM-UP"
+        path = tmp_path / f"big{i}.fits"
+        hdu.writeto(path)
+        del hdu
+        img = fitsio.read_image(path)
+        assert img.data.shape == (4176, 6248) and img.data.flags.c_contiguous
+        expected = (raw[::-1].astype(np.float64) / 65535.0).astype(np.float32)
+        np.testing.assert_array_equal(img.data, expected)
+        for y0 in (0, 1000, 4000):
+            np.testing.assert_array_equal(fitsio.read_rows(path, y0, y0 + 176), expected[y0 : y0 + 176])
