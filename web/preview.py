@@ -173,18 +173,22 @@ def _block_mean(src: np.ndarray, f: int, out: np.ndarray) -> None:
         oy = k % oh
         y0 = oy * f
         y1 = min(y0 + f, h)
-        for ox in range(ow):
-            x0 = ox * f
-            x1 = min(x0 + f, w)
-            acc = 0.0
-            n = 0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
+        acc = np.zeros(ow, dtype=np.float64)
+        cnt = np.zeros(ow, dtype=np.int64)
+        for y in range(y0, y1):  # whole input rows, read contiguously
+            for ox in range(ow):
+                x1 = min(ox * f + f, w)
+                s = 0.0
+                n = 0
+                for x in range(ox * f, x1):
                     v = src[c, y, x]
                     if not np.isnan(v):
-                        acc += v
+                        s += v
                         n += 1
-            out[c, oy, ox] = acc / n if n > 0 else np.nan
+                acc[ox] += s
+                cnt[ox] += n
+        for ox in range(ow):
+            out[c, oy, ox] = acc[ox] / cnt[ox] if cnt[ox] > 0 else np.nan
 
 
 def downsample(image: np.ndarray, *, max_px: int = 2048) -> tuple[np.ndarray, int]:
