@@ -27,7 +27,8 @@ products legitimately have them) unless the frame looks like unsigned data writt
 
 Orientation and colour: arrays are top-down. ``ROWORDER = 'BOTTOM-UP'`` flips the rows; absent
 ROWORDER means TOP-DOWN (what camera drivers write). The Bayer pattern is read from BAYERPAT (also
-COLORTYP, CFATYPE, CFA-PAT), folded with XBAYROFF/YBAYROFF and the flip into the effective pattern of
+COLORTYP, CFATYPE, CFA-PAT, BAYERPATT), folded with XBAYROFF/YBAYROFF (also BAYOFFX/BAYOFFY,
+BAYEROFFX/BAYEROFFY) and the flip into the effective pattern of
 ``data[0:2, 0:2]`` (algorithms.md §5.1). The header returned with an image is rewritten to match the
 array: ROWORDER='TOP-DOWN', BAYERPAT = effective pattern, XBAYROFF = YBAYROFF = 0, no BZERO/BSCALE/BLANK.
 
@@ -73,7 +74,9 @@ __all__ = [
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 _NAME_RE = re.compile(r"\.(fits|fit|fts)(\.gz|\.fz)?$", re.IGNORECASE)
 
-_BAYER_KEYWORDS = ("BAYERPAT", "COLORTYP", "CFATYPE", "CFA-PAT", "CFAPAT")
+_BAYER_KEYWORDS = ("BAYERPAT", "COLORTYP", "CFATYPE", "CFA-PAT", "CFAPAT", "BAYERPATT")
+_XOFF_KEYWORDS = ("XBAYROFF", "BAYOFFX", "BAYEROFFX")
+_YOFF_KEYWORDS = ("YBAYROFF", "BAYOFFY", "BAYEROFFY")
 _VALID_TILE = re.compile(r"^[RGB]{4}$")
 _STRUCTURAL = (
     "SIMPLE",
@@ -173,6 +176,13 @@ def _header_int(header: fits.Header, key: str, default: int = 0) -> int:
         return default
 
 
+def _first_int(header: fits.Header, keys: tuple[str, ...]) -> int:
+    for key in keys:
+        if key in header:
+            return _header_int(header, key)
+    return 0
+
+
 def _raw_bayer(header: fits.Header) -> str | None:
     for key in _BAYER_KEYWORDS:
         value = _header_str(header, key).upper().replace(" ", "")
@@ -196,8 +206,8 @@ def bayer_pattern(header: fits.Header) -> str | None:
     shape = image_shape(header)
     if tile is None or len(shape) != 2:
         return None
-    xoff = _header_int(header, "XBAYROFF") % 2
-    yoff = _header_int(header, "YBAYROFF") % 2
+    xoff = _first_int(header, _XOFF_KEYWORDS) % 2
+    yoff = _first_int(header, _YOFF_KEYWORDS) % 2
     height = shape[0]
     flip = _bottom_up(header)
     out = []
@@ -476,7 +486,7 @@ def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]
     if was_bottom_up:
         out.add_history("stackwatch: file was ROWORDER=BOTTOM-UP; rows flipped to top-down")
     if bayer is not None:
-        for key in _BAYER_KEYWORDS:
+        for key in (*_BAYER_KEYWORDS, *_XOFF_KEYWORDS, *_YOFF_KEYWORDS):
             out.remove(key, ignore_missing=True, remove_all=True)
         out["BAYERPAT"] = (bayer, "Bayer pattern of data[0:2,0:2], top-down")
         out["XBAYROFF"] = (0, "folded into BAYERPAT")

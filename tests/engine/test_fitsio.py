@@ -199,9 +199,13 @@ def test_bayer_pattern_matches_pixels(tmp_path: Path) -> None:
         assert img.bayer == seen, (tile, xoff, yoff, order, h)
 
 
-@pytest.mark.parametrize("key", ["BAYERPAT", "COLORTYP", "CFATYPE"])
+@pytest.mark.parametrize("key", ["BAYERPAT", "COLORTYP", "CFATYPE", "BAYERPATT"])
 def test_bayer_keywords(key: str) -> None:
     h = fits.Header({"NAXIS": 2, "NAXIS1": 4, "NAXIS2": 4, key: "gbrg "})
+    assert fitsio.bayer_pattern(h) == "GBRG"
+    h["BAYOFFX"] = 1  # alternative offset keywords
+    assert fitsio.bayer_pattern(h) == "BGGR"
+    h["XBAYROFF"] = 0  # the standard one wins
     assert fitsio.bayer_pattern(h) == "GBRG"
     h[key] = "MONO"
     assert fitsio.bayer_pattern(h) is None
