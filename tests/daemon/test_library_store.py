@@ -1,0 +1,134 @@
+"""The on-disk calibration library: incremental masters equal batch masters, matching, provenance,
+frozen masters, defect-map cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
+from stackwatch.engine import fitsio
+from stackwatch.engine.classify import classify
+
+pytest.importorskip("stackwatch.engine.integrate")
+sim = pytest.importorskip("stackwatch.engine.simulate")
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    spec = sim.SimulationSpec(width=128, height=96, n_lights=2, n_darks=9, n_biases=9, n_flats=7, n_darkflats=6,
+                              exposure_s=120.0, dark_exposure_s=300.0, seed=21)
+    truth = sim.make_truth(spec)
+    folder = tmp_path_factory.mktemp("night")
+    files: dict[str, list[str]] = {k: [] for k in sim.KINDS}
+    for fr in sim.iter_night(truth):
+        p = folder / fr.filename
+        sim.write_fits(p, fr.data, fr.header)
+        files[fr.kind].append(str(p))
+    return {"spec": spec, "truth": truth, "files": files, "folder": folder}
+
+
+def _calibration_files(files: dict[str, list[str]]) -> list[str]:
+    return files["bias"] + files["dark"] + files["darkflat"] + files["flat"]
+
+
+def test_incremental_master_equals_batch(night: dict, tmp_path: Path) -> None:
+    files = night["files"]
+    batch = CalibrationLibrary(tmp_path / "batch")
+    batch.add_frames(_calibration_files(files) + files["light"])
+    inc = CalibrationLibrary(tmp_path / "inc")
+    # arrive one by one in a different order, rebuilding after each
+    order = files["dark"][::-1] + files["bias"] + files["darkflat"] + files["flat"]
+    for p in order[:5]:
+        inc.add_frames([p])
+    inc.add_frames(order[5:])
+    mb = {r.key.id: r for r in batch.masters()}
+    mi = {r.key.id: r for r in inc.masters()}
+    assert set(mb) == set(mi) and {r.kind for r in mb.values()} == {"bias", "dark", "darkflat", "flat"}
+    worst = 0.0
+    for k in mb:
+        a = fitsio.read_image(mb[k].path).data
+        b = fitsio.read_image(mi[k].path).data
+        assert mb[k].ncombine == mi[k].ncombine
+        worst = max(worst, float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-6))))
+    print(f"incremental vs batch masters: max relative difference {worst:.2e}")
+    assert worst <= 2e-7  # float32 rounding (bit-identical expected)
+    batch.close()
+    inc.close()
+
+
+def test_lights_are_ignored_and_unchanged_files_not_reintegrated(night: dict, tmp_path: Path) -> None:
+    lib = CalibrationLibrary(tmp_path)
+    assert lib.add_frames(night["files"]["light"]) == []
+    assert lib.masters() == []
+    first = lib.add_frames(night["files"]["bias"])
+    assert len(first) == 1 and first[0].ncombine == 9
+    assert lib.add_frames(night["files"]["bias"]) == []  # same size and mtime: nothing to do
+
+
+def test_provenance_in_fits_header(night: dict, tmp_path: Path) -> None:
+    lib = CalibrationLibrary(tmp_path)
+    lib.add_frames(night["files"]["dark"])
+    (rec,) = lib.masters()
+    h = fits.getheader(rec.path)
+    assert h["NCOMBINE"] == 9 and h["IMAGETYP"] == "Master Dark" and h["REJALG"] == "winsorized"
+    assert h["EXPTIME"] == pytest.approx(300.0) and "DATE-OBS" in h and "DATE-END" in h
+    hist = " ".join(str(v) for v in h["HISTORY"])
+    assert "member" in hist and os.path.basename(night["files"]["dark"][0])[:20] in hist.replace(" ", "")
+    d = record_dict(rec)
+    assert d["kind"] == "dark" and d["ncombine"] == 9 and d["age_days"] is not None and len(d["members"]) == 9
+    # the library is reused: a new object over the same folder sees the same masters
+    lib.close()
+    again = CalibrationLibrary(tmp_path)
+    assert [r.path for r in again.masters()] == [rec.path]
+
+
+def test_match_light_through_the_library(night: dict, tmp_path: Path) -> None:
+    files = night["files"]
+    lib = CalibrationLibrary(tmp_path)
+    lib.add_frames(_calibration_files(files))
+    info = classify(fitsio.read_header(files["light"][0]), files["light"][0])
+    ms = lib.match(info)
+    assert ms.bias is not None and ms.dark is not None and ms.flat is not None
+    assert ms.dark_scale == pytest.approx(0.4) and ms.optimize_dark
+    assert any(e.startswith("dark: 300 s for 120 s") for e in ms.explanations), ms.explanations
+    flat_hist = " ".join(str(v) for v in fits.getheader(ms.flat.path)["HISTORY"])
+    assert "flat-dark" in flat_hist
+    dm = lib.defects(ms.dark, bias=ms.bias, flat=ms.flat)
+    assert dm is not None and dm.hot.size > 0
+    again = lib.defects(ms.dark, bias=ms.bias, flat=ms.flat)  # from the cache file
+    assert again is not None and np.array_equal(again.indices, dm.indices)
+
+
+def test_missing_member_freezes_master_and_new_frames_start_another(night: dict, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    copies = []
+    for p in night["files"]["bias"]:
+        q = src / Path(p).name
+        shutil.copy(p, q)
+        copies.append(str(q))
+    lib = CalibrationLibrary(tmp_path / "lib")
+    lib.add_frames(copies[:4])
+    os.unlink(copies[0])
+    assert lib.add_frames(copies[4:6]) == []  # frozen: the 4-frame master stays as it is
+    recs = lib.masters()
+    assert len(recs) == 1 and recs[0].ncombine == 4
+    out = lib.add_frames(copies[6:])
+    assert len(out) == 1 and out[0].ncombine == 3 and out[0].path.endswith("-2.fits")
+
+
+def test_debounce(night: dict, tmp_path: Path) -> None:
+    now = [0.0]
+    lib = CalibrationLibrary(tmp_path, clock=lambda: now[0])
+    lib.add_frames(night["files"]["bias"][:3], rebuild=False)
+    assert lib.pending() and lib.due(debounce_s=20, debounce_members=10) == []
+    now[0] = 25.0
+    assert lib.due(debounce_s=20, debounce_members=10) == lib.pending()
+    assert lib.due(debounce_s=100, debounce_members=3) == lib.pending()
+    assert len(lib.rebuild(lib.due(debounce_s=20))) == 1 and lib.pending() == []
