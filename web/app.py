@@ -552,7 +552,7 @@ async def _crop(request: web.Request) -> web.Response:
 
 
 def _fits_header_cards(header: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    cards = []
+    cards: list[tuple[str, Any]] = []
     for key, value in header.items():
         k = str(key).upper()
         if not re.fullmatch(r"[A-Z0-9_-]{1,8}", k) or k in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2",
