@@ -60,6 +60,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--aircraft", type=_indices, default=(), metavar="I,J", help="lights with an aircraft trail")
     p.add_argument("--clouds", type=_clouds, default=(), metavar="I:T,...",
                    help="thin cloud: light index and its transparency, e.g. 4:0.6")
+    p.add_argument("--field-psf", type=float, default=0.0, metavar="F",
+                   help="off-axis PSF growth: 0 perfect optics, 0.2 mediocre flattener (wider, radially elongated "
+                   "stars in the corners). Default 0")
     p.add_argument("--target", choices=("galaxy", "nebula", "none"), default="galaxy", help="extended target")
     p.add_argument("--width", type=int, default=None, help="override the preset's width (even)")
     p.add_argument("--height", type=int, default=None, help="override the preset's height (even)")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise StackwatchError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise StackwatchError(f"{out}: folder is not empty (use --force to write into it)")
-    over: dict[str, Any] = {"seed": args.seed, "osc": args.osc, "target": args.target}
+    over: dict[str, Any] = {"seed": args.seed, "osc": args.osc, "target": args.target, "field_psf": args.field_psf}
     if args.lights is not None:
         over["n_lights"] = args.lights
     if args.calibration is not None:

@@ -171,6 +171,7 @@ class SimulationSpec:
     eccentricity: float = 0.15  # typical tracking eccentricity (each frame draws around it)
     elongated: tuple[tuple[int, float, float], ...] = ()  # (light index, eccentricity, angle deg)
     blurred: tuple[tuple[int, float], ...] = ()  # (light index, FWHM factor): wind gust, bad focus
+    field_psf: float = 0.0  # off-axis PSF growth (0 = perfect flattener; 0.2 = mediocre, see simulate_sky.psf_shape)
     # sky and atmosphere
     sky_e_per_s: float = 2.0  # per pixel, L band, zenith, clear
     sky_airmass_coeff: float = 0.5  # sky *= 1 + coeff * (X - 1)
@@ -287,7 +288,7 @@ class FrameTruth:
     fwhm_px: float | None = None  # of the PSF on the sky (geometric mean of major and minor axes)
     fwhm_sampled_px: float | None = None  # what a PSF fit to pixel values sees: sqrt(fwhm^2 + 2.3548^2/12)
     eccentricity: float | None = None
-    psf_angle_deg: float | None = None
+    psf_angle_deg: float | None = None  # major axis from +x towards +y, in the reference grid (fixed on the sky)
     beta: float | None = None
     hour_angle_h: float | None = None
     altitude_deg: float | None = None
@@ -295,7 +296,7 @@ class FrameTruth:
     pier_side: str | None = None
     cloud: float | None = None  # cloud transparency (1 = clear)
     transparency: float | None = None  # extinction * cloud, relative to zenith in clear sky
-    scale: float | None = None  # T_0 / T_i: multiply this light's signal to match light 1
+    scale: float | None = None  # T_ref / T_i, ref = the first light of the same filter (light 1 for one filter)
     sky_e: float | None = None  # mean sky level in the frame centre, electrons (L band sum)
     sky_poly: tuple[float, ...] | None = None  # (c00, c10, c01, c20, c11, c02) x level, in u, v
     trails: tuple[dict[str, Any], ...] = ()
@@ -452,7 +453,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     flip_offset = np.zeros(2)
     t = start
     first_airmass = None
-    first_transparency = None
+    first_transparency: dict[str, float] = {}
     light_records = []
     for i in range(n_all):
         filt = filters[i // spec.n_lights]
@@ -485,8 +486,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         fwhm *= blur.get(i, 1.0)
         cloud = float(clouds.get(i, 1.0))
         transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
-        if first_transparency is None:
-            first_transparency = transparency
+        first_transparency.setdefault(filt, transparency)
         sky = spec.sky_e_per_s * spec.exposure_s * (1.0 + spec.sky_airmass_coeff * (airmass - 1.0))
         sky *= 1.0 + spec.cloud_sky_boost * (1.0 - cloud)
         # light pollution grows towards the horizon; direction = parallactic angle seen in the frame
@@ -508,7 +508,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
             filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
             fwhm_px=fwhm, fwhm_sampled_px=math.sqrt(fwhm * fwhm + 2.3548**2 / 12.0), eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
             altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
-            transparency=transparency, scale=first_transparency / transparency, sky_e=sky,
+            transparency=transparency, scale=first_transparency[filt] / transparency, sky_e=sky,
             sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
         t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if spec.dither_every else 0))
     frames.extend(light_records)
@@ -575,9 +575,9 @@ def make_truth(spec: SimulationSpec) -> Truth:
         q = rng_t.uniform(0.3, 0.6)
         sky_rate = spec.sky_e_per_s * spec.exposure_s
         rows = []
-        for ie, re, n, qq in ((1.5, 0.03, 4.0, min(1.0, q + 0.3)), (0.6, 0.12, 1.0, q)):
-            bn = 2.0 * n - 1.0 / 3.0 + 0.009876 / n
-            rows.append([gx0, gy0, ie * sky_rate * spec.target_brightness, re * scale_len, n, bn, qq,
+        for ie, re, sersic_n, qq in ((1.5, 0.03, 4.0, min(1.0, q + 0.3)), (0.6, 0.12, 1.0, q)):
+            bn = 2.0 * sersic_n - 1.0 / 3.0 + 0.009876 / sersic_n
+            rows.append([gx0, gy0, ie * sky_rate * spec.target_brightness, re * scale_len, sersic_n, bn, qq,
                          math.cos(pa), math.sin(pa), 0.5 * spec.fwhm_px])
         galaxy = np.array(rows)
     elif spec.target == "nebula":
@@ -586,11 +586,12 @@ def make_truth(spec: SimulationSpec) -> Truth:
         nx = int((x_hi - x_lo) / neb_step) + 4
         ny = int((y_hi - y_lo) / neb_step) + 4
         raw = rng_t.normal(size=(ny, nx))
-        smooth = gaussian_filter(raw, 2.5) + 0.6 * gaussian_filter(raw, 1.2)
-        smooth /= smooth.std() + 1e-12
+        # multi-scale (roughly power-law) structure, log-normal so that filaments stand out
+        smooth = sum(s**0.8 * gaussian_filter(raw, s) for s in (1.0, 2.0, 4.0, 8.0))
+        smooth = (smooth - smooth.mean()) / (smooth.std() + 1e-12)
         yy, xx = np.mgrid[0:ny, 0:nx]
         env = np.exp(-(((xx - nx / 2) / (0.35 * nx)) ** 2 + ((yy - ny / 2) / (0.35 * ny)) ** 2))
-        nebula = np.maximum(smooth + 0.5, 0.0) ** 2 * env
+        nebula = np.exp(1.3 * smooth) * env
         nebula *= 0.8 * spec.sky_e_per_s * spec.exposure_s * spec.target_brightness / max(nebula.max(), 1e-12)
 
     # --- sensor maps
@@ -680,8 +681,11 @@ def _signal_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) ->
     flux = st.flux_e[keep] @ bands.T  # (N, C)
     # PSF angle is fixed on the sky (tracking errors follow RA): rotate with the frame
     rot = math.degrees(math.atan2(m[1, 0], m[0, 0]))
+    cx, cy, _ = truth.sky_centre
     _sky.render_stars(out, fx[keep], fy[keep], flux, fwhm_px=frame.fwhm_px, eccentricity=frame.eccentricity or 0.0,
-                      angle_deg=(frame.psf_angle_deg or 0.0) - rot, beta=frame.beta, cmap=cmap)
+                      angle_deg=(frame.psf_angle_deg or 0.0) - rot, beta=frame.beta, cmap=cmap,
+                      field_psf=spec.field_psf, optical_centre=(cx, cy),
+                      field_radius_px=math.hypot(spec.width, spec.height) / 2.0)
     if truth.galaxy.size:
         comps = truth.galaxy.copy()
         comps[:, 9] = 0.5 * frame.fwhm_px

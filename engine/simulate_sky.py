@@ -24,6 +24,7 @@ __all__ = [
     "bayer_channel_map",
     "dust_and_vignetting",
     "moffat_alpha",
+    "psf_shape",
     "render_galaxy",
     "render_nebula",
     "render_stars",
@@ -77,22 +78,15 @@ def star_colour_weights(bv: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _render_stars(out, xs, ys, flux, radii, subs, cmap, shape_par, band_rows):  # pragma: no cover - numba
+def _render_stars(out, xs, ys, flux, shapes, radii, subs, cmap, beta_par, band_rows):  # pragma: no cover - numba
     """Add elliptical Moffat stars, each integrated over a pixel by subs[k] x subs[k] point samples.
 
-    shape_par = (alpha_major, alpha_minor, cos_theta, sin_theta, beta, integer beta or 0). Threads take
-    row bands, so no two threads write the same pixel.
+    shapes[k] = (1/alpha_major^2, 1/alpha_minor^2, cos_theta, sin_theta, norm), norm the peak per unit
+    flux; beta_par = (beta, integer beta or 0). Threads take row bands: no two write the same pixel.
     """
     h, w = out.shape
-    ax = shape_par[0]
-    ay = shape_par[1]
-    ct = shape_par[2]
-    st = shape_par[3]
-    beta = shape_par[4]
-    ibeta = int(shape_par[5])
-    norm = (beta - 1.0) / (math.pi * ax * ay)
-    inv_ax2 = 1.0 / (ax * ax)
-    inv_ay2 = 1.0 / (ay * ay)
+    beta = beta_par[0]
+    ibeta = int(beta_par[1])
     nband = (h + band_rows - 1) // band_rows
     for b in prange(nband):
         by0 = b * band_rows
@@ -109,6 +103,11 @@ def _render_stars(out, xs, ys, flux, radii, subs, cmap, shape_par, band_rows):  
             ix1 = min(w - 1, math.ceil(x0 + r))
             if ix0 > ix1:
                 continue
+            inv_ax2 = shapes[k, 0]
+            inv_ay2 = shapes[k, 1]
+            ct = shapes[k, 2]
+            st = shapes[k, 3]
+            norm = shapes[k, 4]
             sub = subs[k]
             inv_sub2 = 1.0 / (sub * sub)
             for y in range(iy0, iy1 + 1):
@@ -132,6 +131,51 @@ def _render_stars(out, xs, ys, flux, radii, subs, cmap, shape_par, band_rows):  
                     out[y, x] += flux[k, cmap[y & 1, x & 1]] * norm * acc * inv_sub2
 
 
+def psf_shape(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    fwhm_px: float,
+    eccentricity: float = 0.0,
+    angle_deg: float = 0.0,
+    beta: float = 4.0,
+    field_psf: float = 0.0,
+    optical_centre: tuple[float, float] = (0.0, 0.0),
+    field_radius_px: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Moffat (alpha_major, alpha_minor, angle rad) of the PSF at each (x, y).
+
+    The on-axis PSF has ``fwhm_px`` (geometric mean), ``eccentricity`` and ``angle_deg`` (tracking).
+    Off axis (field_psf > 0) its second moments grow like a mediocre flattener: isotropically by
+    (1 + field_psf r^2)^2 and radially by 2 field_psf r^2 alpha^2, r = distance to ``optical_centre``
+    over ``field_radius_px``; at r = 1 the FWHM is ~(1 + 1.2 field_psf) and the eccentricity ~0.47 for 0.2.
+    """
+    e = min(max(float(eccentricity), 0.0), 0.99)
+    ratio = math.sqrt(1.0 - e * e)  # b / a
+    alpha = moffat_alpha(fwhm_px, beta)
+    a2 = alpha * alpha / ratio
+    b2 = alpha * alpha * ratio
+    th = math.radians(angle_deg)
+    c, s = math.cos(th), math.sin(th)
+    cxx = a2 * c * c + b2 * s * s
+    cyy = a2 * s * s + b2 * c * c
+    cxy = (a2 - b2) * c * s
+    n = np.asarray(xs).size
+    if field_psf <= 0:
+        return (np.full(n, math.sqrt(a2)), np.full(n, math.sqrt(b2)), np.full(n, th))
+    dx = (np.asarray(xs, dtype=np.float64) - optical_centre[0]) / field_radius_px
+    dy = (np.asarray(ys, dtype=np.float64) - optical_centre[1]) / field_radius_px
+    r2 = dx * dx + dy * dy
+    grow = (1.0 + field_psf * r2) ** 2
+    rad = 2.0 * field_psf * alpha * alpha  # times r^2 u u^T = times (dx, dy)(dx, dy)^T
+    sxx = cxx * grow + rad * dx * dx
+    syy = cyy * grow + rad * dy * dy
+    sxy = cxy * grow + rad * dx * dy
+    half_tr = 0.5 * (sxx + syy)
+    disc = np.sqrt(np.maximum(0.25 * (sxx - syy) ** 2 + sxy * sxy, 0.0))
+    return np.sqrt(half_tr + disc), np.sqrt(np.maximum(half_tr - disc, 1e-12)), 0.5 * np.arctan2(2 * sxy, sxx - syy)
+
+
 def render_stars(
     out: np.ndarray,
     xs: np.ndarray,
@@ -144,6 +188,9 @@ def render_stars(
     beta: float = 4.0,
     cmap: np.ndarray | None = None,
     floor_e: float = 0.02,
+    field_psf: float = 0.0,
+    optical_centre: tuple[float, float] = (0.0, 0.0),
+    field_radius_px: float = 1.0,
 ) -> None:
     """Add Moffat stars to ``out`` (float32 (H, W), electrons) in place.
 
@@ -151,12 +198,13 @@ def render_stars(
     ----------
     xs, ys : star centres in ``out``'s pixel grid (pixel centres at integers).
     flux : (N,) or (N, C) total electrons per star (per channel C of ``cmap``).
-    fwhm_px : geometric-mean FWHM sqrt(FWHM_major * FWHM_minor).
-    eccentricity : sqrt(1 - (b/a)^2) of the PSF. Default is 0.
+    fwhm_px : on-axis geometric-mean FWHM sqrt(FWHM_major * FWHM_minor) of the PSF (before pixels).
+    eccentricity : sqrt(1 - (b/a)^2) of the on-axis PSF. Default is 0.
     angle_deg : position angle of the major axis from +x towards +y. Default is 0.
     beta : Moffat beta. Default is 4.
     cmap : (2, 2) channel map (see module doc); None = mono. Default is None.
     floor_e : each star is drawn out to the radius where its profile falls below this. Default 0.02.
+    field_psf, optical_centre, field_radius_px : off-axis PSF growth, see `psf_shape`. Default 0 (none).
     """
     if out.dtype != np.float32 or out.ndim != 2:
         raise ValueError("out must be a float32 (H, W) array")
@@ -171,12 +219,8 @@ def render_stars(
         raise ValueError("flux has fewer channels than the channel map needs")
     if xs.size == 0:
         return
-    e = min(max(float(eccentricity), 0.0), 0.99)
-    ratio = math.sqrt(1.0 - e * e)  # b / a
-    alpha = moffat_alpha(fwhm_px, beta)
-    ax = alpha / math.sqrt(ratio)
-    ay = alpha * math.sqrt(ratio)
-    th = math.radians(angle_deg)
+    ax, ay, th = psf_shape(xs, ys, fwhm_px=fwhm_px, eccentricity=eccentricity, angle_deg=angle_deg, beta=beta,
+                           field_psf=field_psf, optical_centre=optical_centre, field_radius_px=field_radius_px)
     norm = (beta - 1.0) / (math.pi * ax * ay)
     peak = fl.max(axis=1) * norm
     ratio_floor = np.maximum(peak / floor_e, 1.0)
@@ -187,8 +231,8 @@ def render_stars(
     sub_bright = int(min(5, max(1, math.ceil(6.0 / fwhm_px))))
     subs = np.where(peak >= 10.0, sub_bright, 1).astype(np.int64)
     ibeta = float(beta) if float(beta).is_integer() and 1 < beta <= 12 else 0.0
-    par = np.array([ax, ay, math.cos(th), math.sin(th), beta, ibeta], dtype=np.float64)
-    _render_stars(out, xs, ys, fl, radii, subs, cm, par, 64)
+    shapes = np.ascontiguousarray(np.stack([1.0 / (ax * ax), 1.0 / (ay * ay), np.cos(th), np.sin(th), norm], axis=1))
+    _render_stars(out, xs, ys, fl, shapes, radii, subs, cm, np.array([beta, ibeta]), 64)
 
 
 # ------------------------------------------------------------------------------ extended targets

@@ -13,14 +13,14 @@ from stackwatch.daemon.cli import main
 def test_simulate_writes_a_night(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "night"
     rc = main(["simulate", str(out), "--lights", "4", "--calibration", "1", "--width", "96", "--height", "64",
-               "--flip", "--clouds", "2:0.7", "--seed", "3"])
+               "--flip", "--clouds", "2:0.7", "--seed", "3", "--field-psf", "0.2"])
     assert rc == 0
     assert "4 light" in capsys.readouterr().out
     for folder, n in (("lights", 4), ("darks", 1), ("flats", 1), ("darkflats", 1), ("biases", 1)):
         assert len(list((out / folder).glob("*.fits"))) == n
     doc = json.loads((out / "truth" / "truth.json").read_text())
     lights = [f for f in doc["frames"] if f["kind"] == "light"]
-    assert doc["spec"]["seed"] == 3 and doc["spec"]["meridian_flip_after"] == 1
+    assert doc["spec"]["seed"] == 3 and doc["spec"]["meridian_flip_after"] == 1 and doc["spec"]["field_psf"] == 0.2
     assert lights[2]["cloud"] == 0.7 and lights[1]["trails"]  # default: a satellite in light 1
     assert [f["pier_side"] for f in lights] == ["West", "West", "East", "East"]
     hdr = fits.getheader(out / lights[3]["file"])

@@ -336,3 +336,18 @@ def test_blurred_and_elongated_lights() -> None:
     assert lights[2].fwhm_px is not None and lights[1].fwhm_px is not None
     assert lights[2].fwhm_px > 1.5 * lights[1].fwhm_px
     assert lights[3].eccentricity == 0.7 and lights[3].psf_angle_deg == 45.0
+
+
+def test_field_dependent_psf() -> None:
+    ax, ay, _ = K.psf_shape(np.array([0.0, 100.0]), np.array([0.0, 0.0]), fwhm_px=3.0, field_psf=0.2,
+                            optical_centre=(0.0, 0.0), field_radius_px=100.0)
+    alpha = K.moffat_alpha(3.0, 4.0)
+    np.testing.assert_allclose([ax[0], ay[0]], [alpha, alpha])
+    # at the field edge: wider, elongated radially (along x here)
+    assert ay[1] / alpha == pytest.approx(1.2, rel=1e-6)
+    assert ax[1] / alpha == pytest.approx(math.sqrt(1.44 + 0.4), rel=1e-6)
+    out = np.zeros((40, 240), dtype=np.float32)
+    K.render_stars(out, np.array([20.0, 220.0]), np.array([20.0, 20.0]), np.array([1e5, 1e5]), fwhm_px=3.0,
+                   field_psf=0.3, optical_centre=(20.0, 20.0), field_radius_px=200.0)
+    assert out[:, :120].max() > 1.3 * out[:, 120:].max()
+    assert abs(out.sum() / 2e5 - 1) < 0.01
