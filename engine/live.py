@@ -1,0 +1,983 @@
+"""Live integration: a running weighted mean with on-arrival and retroactive rejection (§10).
+
+`LiveStack` keeps per-pixel accumulators (structure of arrays, one contiguous plane per field):
+
+    S, W      float32  Σw·y and Σw over accepted samples
+    n         uint16   accepted count
+    r_lo,r_hi uint16   rejected counts (on arrival or retroactive)
+    hv, hi    float32 + uint16 frame slot, k_high planes: largest accepted samples, descending
+    lv, li    float32 + uint16 frame slot, k_low planes: smallest accepted samples, ascending
+
+so memory does not grow with the number of frames (k_high = 2, k_low = 1: 32 B/px mono). A new
+normalised frame is tested against a trimmed centre (accepted samples that are not retained
+extremes) with a per-frame noise model
+
+    σ_f²(c) = ρ_f·((m_f·σ_f)² + m_f·s/g_f) + (ε·s)²,  s = max(0, c − b_ref)
+
+(§10): rejected on arrival, or accepted, after which the retained extremes are tested again and
+removed retroactively when they are outliers (a satellite trail in frame 1 is removed once enough
+frames show it). Per-frame rejection lists record every rejected (pixel, side) so a frame can be
+excluded later. `exact_pass` runs the batch integrator (stackwatch.engine.integrate) over the frame
+store with §7.5's algorithm and rebuilds the accumulators from its decisions: the live image then
+equals the batch integration, and live updates continue from that exact state.
+
+Checkpoints (`save`/`load`): each array to ``<name>.g<generation>.npy.tmp``, fsync, rename; then
+``manifest.json`` (generation, frames, parameters, CRC32 checksums) the same way, last; older
+generations are deleted after the manifest is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numba import njit, prange
+from stackwatch.engine.errors import StackwatchError
+
+__all__ = ["EMPTY", "ExactResult", "FrameRecord", "LiveStack", "UpdateResult"]
+
+#: Frame slot meaning "no retained sample".
+EMPTY = 0xFFFF
+_MAX_SLOTS = 0xFFFE
+_MANIFEST = "manifest.json"
+_FORMAT = 1
+
+# frame table rows (per channel): weight, scale m, noise σ (pre-resampling), ρ, 1/gain
+_T_W, _T_M, _T_S, _T_RHO, _T_IG = 0, 1, 2, 3, 4
+
+
+class _BandSource(Protocol):
+    shape: tuple[int, ...]
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _sigma(tab: np.ndarray, ch: int, f: int, c: float, b: float, eps: float) -> float:
+    s = c - b
+    if s < 0.0:
+        s = 0.0
+    m = tab[ch, _T_M, f]
+    sg = tab[ch, _T_S, f]
+    var = tab[ch, _T_RHO, f] * ((m * sg) ** 2 + m * s * tab[ch, _T_IG, f]) + (eps * s) ** 2
+    return math.sqrt(var)
+
+
+@njit(cache=True, nogil=True)
+def _trimmed_hi(hi: np.ndarray, f: int, t: int, r: int, x: int) -> bool:
+    for q in range(t):
+        if hi[q, r, x] == f:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _centre(
+    s_acc: float,
+    w_acc: float,
+    n_acc: int,
+    hv: np.ndarray,
+    hi: np.ndarray,
+    lv: np.ndarray,
+    li: np.ndarray,
+    r: int,
+    x: int,
+    tab: np.ndarray,
+    ch: int,
+    extra: float,
+    buf: np.ndarray,
+) -> tuple[float, int]:
+    """Symmetrically trimmed weighted mean of the accepted samples and the number it averages.
+
+    The t = min(#retained high, #retained low) most extreme retained samples of each side are left
+    out (a symmetric trim keeps the centre unbiased; the spec's "untracked samples only" trims 2
+    high and 1 low and biases the centre low). When nothing is left: the median of the retained
+    values (and `extra` unless NaN)."""
+    kh = hv.shape[0]
+    kl = lv.shape[0]
+    nh = 0
+    for j in range(kh):
+        if hi[j, r, x] != EMPTY:
+            nh += 1
+    nl = 0
+    for j in range(kl):
+        if li[j, r, x] != EMPTY:
+            nl += 1
+    t = min(nh, nl)
+    sret = 0.0
+    wret = 0.0
+    nret = 0
+    nb = 0
+    for j in range(kh):
+        f = hi[j, r, x]
+        if f != EMPTY:
+            buf[nb] = hv[j, r, x]
+            nb += 1
+            if j < t:
+                w = tab[ch, _T_W, f]
+                sret += w * hv[j, r, x]
+                wret += w
+                nret += 1
+    for j in range(kl):
+        f = li[j, r, x]
+        if f != EMPTY:
+            dup = False
+            for q in range(kh):
+                if hi[q, r, x] == f:
+                    dup = True
+            if not dup:
+                buf[nb] = lv[j, r, x]
+                nb += 1
+            if j < t and not (dup and _trimmed_hi(hi, f, t, r, x)):
+                w = tab[ch, _T_W, f]
+                sret += w * lv[j, r, x]
+                wret += w
+                nret += 1
+    ncore = n_acc - nret
+    wc = w_acc - wret
+    if ncore > 0 and wc > 1e-6 * w_acc:
+        return (s_acc - sret) / wc, ncore
+    if not math.isnan(extra):
+        buf[nb] = extra
+        nb += 1
+    if nb == 0:
+        return math.nan, 0
+    return float(np.median(buf[:nb])), 0
+
+
+@njit(cache=True, nogil=True)
+def _drop(vals: np.ndarray, idx: np.ndarray, j: int, r: int, x: int) -> None:
+    k = vals.shape[0]
+    for q in range(j, k - 1):
+        vals[q, r, x] = vals[q + 1, r, x]
+        idx[q, r, x] = idx[q + 1, r, x]
+    idx[k - 1, r, x] = EMPTY
+    vals[k - 1, r, x] = np.nan
+
+
+@njit(cache=True, nogil=True)
+def _drop_slot(vals: np.ndarray, idx: np.ndarray, f: int, r: int, x: int) -> None:
+    for j in range(vals.shape[0]):
+        if idx[j, r, x] == f:
+            _drop(vals, idx, j, r, x)
+            return
+
+
+@njit(cache=True, nogil=True)
+def _insert(vals: np.ndarray, idx: np.ndarray, v: float, f: int, r: int, x: int, descending: bool) -> None:
+    k = vals.shape[0]
+    for j in range(k):
+        cur = idx[j, r, x]
+        better = cur == EMPTY or (v > vals[j, r, x] if descending else v < vals[j, r, x])
+        if better:
+            for q in range(k - 1, j, -1):
+                vals[q, r, x] = vals[q - 1, r, x]
+                idx[q, r, x] = idx[q - 1, r, x]
+            vals[j, r, x] = v
+            idx[j, r, x] = f
+            return
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _update_kernel(
+    y: np.ndarray,
+    slot: int,
+    acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    ret: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    tab: np.ndarray,
+    bgrid: np.ndarray,
+    params: np.ndarray,
+    arrival: np.ndarray,
+    events: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Add frame `slot`'s normalised samples y (R, W); see the module docstring.
+
+    params = (kappa_low, kappa_high, n_min, eps, bg_step, plane_rows).
+    arrival (out): 0 accepted, 1 rejected low, 2 rejected high, 3 no data.
+    events: (ev_x int32 (R, cap), ev_f uint16 (R, cap), ev_side uint8 (R, cap), ev_n int32 (R,),
+    overflow int32 (R,)) retroactive removals per row.
+    """
+    S, Wt, N, RLO, RHI = acc
+    hv, hi, lv, li = ret
+    ev_x, ev_f, ev_side, ev_n, overflow = events
+    kl_, kh_, n_min, eps, step, hrows = params[0], params[1], int(params[2]), params[3], params[4], int(params[5])
+    rows, width = y.shape
+    cap = ev_x.shape[1]
+    gh = bgrid.shape[1]
+    gw = bgrid.shape[2]
+    w_new = tab[0, _T_W, slot]
+    for r in prange(rows):
+        buf = np.empty(hv.shape[0] + lv.shape[0] + 1, np.float64)
+        ch = r // hrows
+        yy = (r - ch * hrows) / step
+        iy = min(int(yy), gh - 1)
+        iy1 = min(iy + 1, gh - 1)
+        fy = yy - iy if iy1 > iy else 0.0
+        ev_n[r] = 0
+        overflow[r] = 0
+        for x in range(width):
+            xx = x / step
+            ix = min(int(xx), gw - 1)
+            ix1 = min(ix + 1, gw - 1)
+            fx = xx - ix if ix1 > ix else 0.0
+            b = (1 - fy) * ((1 - fx) * bgrid[ch, iy, ix] + fx * bgrid[ch, iy, ix1]) + fy * (
+                (1 - fx) * bgrid[ch, iy1, ix] + fx * bgrid[ch, iy1, ix1]
+            )
+            v = y[r, x]
+            n0 = int(N[r, x])
+            if not math.isfinite(v):
+                arrival[r, x] = 3
+            else:
+                c, ncore = _centre(float(S[r, x]), float(Wt[r, x]), n0, hv, hi, lv, li, r, x, tab, ch, v, buf)
+                code = 0
+                if n0 >= n_min and math.isfinite(c):
+                    ke = math.sqrt(1.0 + 1.0 / max(ncore, 1))
+                    sg = _sigma(tab, ch, slot, c, b, eps)
+                    d = v - c
+                    if d > kh_ * ke * sg:
+                        code = 2
+                    elif -d > kl_ * ke * sg:
+                        code = 1
+                arrival[r, x] = code
+                if code == 2:
+                    RHI[r, x] += 1
+                elif code == 1:
+                    RLO[r, x] += 1
+                else:
+                    S[r, x] = np.float32(float(S[r, x]) + w_new * v)
+                    Wt[r, x] = np.float32(float(Wt[r, x]) + w_new)
+                    N[r, x] = n0 + 1
+                    _insert(hv, hi, v, slot, r, x, True)
+                    _insert(lv, li, v, slot, r, x, False)
+            # retroactive test of the retained extremes
+            n1 = int(N[r, x])
+            if n1 < n_min or (hi[0, r, x] == EMPTY and li[0, r, x] == EMPTY):
+                continue
+            c, ncore = _centre(float(S[r, x]), float(Wt[r, x]), n1, hv, hi, lv, li, r, x, tab, ch, math.nan, buf)
+            if not math.isfinite(c):
+                continue
+            ke = math.sqrt(1.0 + 1.0 / max(ncore, 1))
+            for side in range(2):
+                vals = hv if side == 0 else lv
+                idx = hi if side == 0 else li
+                kap = kh_ if side == 0 else kl_
+                while idx[0, r, x] != EMPTY and int(N[r, x]) > n_min - 1:
+                    f = int(idx[0, r, x])
+                    val = float(vals[0, r, x])
+                    d = val - c if side == 0 else c - val
+                    if not d > kap * ke * _sigma(tab, ch, f, c, b, eps):
+                        break
+                    k = ev_n[r]
+                    if k >= cap:
+                        overflow[r] += 1
+                        break
+                    ev_x[r, k] = x
+                    ev_f[r, k] = f
+                    ev_side[r, k] = 2 if side == 0 else 1
+                    ev_n[r] = k + 1
+                    w = tab[ch, _T_W, f]
+                    S[r, x] = np.float32(float(S[r, x]) - w * val)
+                    Wt[r, x] = np.float32(float(Wt[r, x]) - w)
+                    N[r, x] -= 1
+                    if side == 0:
+                        RHI[r, x] += 1
+                        _drop(hv, hi, 0, r, x)
+                        _drop_slot(lv, li, f, r, x)
+                    else:
+                        RLO[r, x] += 1
+                        _drop(lv, li, 0, r, x)
+                        _drop_slot(hv, hi, f, r, x)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _exclude_kernel(
+    y: np.ndarray,
+    slot: int,
+    w: float,
+    rej: np.ndarray,
+    acc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    ret: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    S, Wt, N, RLO, RHI = acc
+    hv, hi, lv, li = ret
+    rows, width = y.shape
+    for r in prange(rows):
+        for x in range(width):
+            v = y[r, x]
+            if not math.isfinite(v):
+                continue
+            code = rej[r, x]
+            if code == 1:
+                if RLO[r, x] > 0:
+                    RLO[r, x] -= 1
+            elif code == 2:
+                if RHI[r, x] > 0:
+                    RHI[r, x] -= 1
+            else:
+                S[r, x] = np.float32(float(S[r, x]) - w * v)
+                Wt[r, x] = np.float32(float(Wt[r, x]) - w)
+                if N[r, x] > 0:
+                    N[r, x] -= 1
+                if N[r, x] == 0:
+                    S[r, x] = 0.0
+                    Wt[r, x] = 0.0
+                _drop_slot(hv, hi, slot, r, x)
+                _drop_slot(lv, li, slot, r, x)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rebuild_kernel(
+    vals: np.ndarray,
+    slots: np.ndarray,
+    rlo: np.ndarray,
+    rhi: np.ndarray,
+    hv: np.ndarray,
+    hi: np.ndarray,
+    lv: np.ndarray,
+    li: np.ndarray,
+    code: np.ndarray,
+) -> None:
+    """From a band of all frames (N, h, W) and the batch rejection counts, mark the rejected ends
+    (sorted by (value, frame order)) in code (N, h, W) (1 low, 2 high) and fill the retained
+    extremes of the accepted samples."""
+    nf, h, width = vals.shape
+    kh = hv.shape[0]
+    kl = lv.shape[0]
+    for r in prange(h):
+        taken = np.zeros(nf, np.uint8)
+        for x in range(width):
+            for j in range(kh):
+                hi[j, r, x] = EMPTY
+                hv[j, r, x] = np.nan
+            for j in range(kl):
+                li[j, r, x] = EMPTY
+                lv[j, r, x] = np.nan
+            nv = 0
+            for i in range(nf):
+                code[i, r, x] = 0
+                if math.isfinite(vals[i, r, x]):
+                    taken[i] = 0
+                    nv += 1
+                else:
+                    taken[i] = 3
+            nlo = min(int(rlo[r, x]), nv)
+            nhi = min(int(rhi[r, x]), nv - nlo)
+            # lowest nlo: strict < keeps the earliest frame among ties (sort by (value, order))
+            for _ in range(nlo):
+                best = -1
+                for i in range(nf):
+                    if taken[i] == 0 and (best < 0 or vals[i, r, x] < vals[best, r, x]):
+                        best = i
+                taken[best] = 1
+                code[best, r, x] = 1
+            for _ in range(nhi):
+                best = -1
+                for i in range(nf):
+                    if taken[i] == 0 and (best < 0 or vals[i, r, x] >= vals[best, r, x]):
+                        best = i
+                taken[best] = 2
+                code[best, r, x] = 2
+            for i in range(nf):
+                if taken[i] == 0:
+                    v = vals[i, r, x]
+                    _insert(hv, hi, v, slots[i], r, x, True)
+                    _insert(lv, li, v, slots[i], r, x, False)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One frame of the live stack: its id, slot and per-channel noise-model parameters."""
+
+    frame_id: str
+    slot: int
+    weight: float
+    scale: tuple[float, ...]
+    noise: tuple[float, ...]
+    rho: float
+    gain: float | None
+    excluded: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one update did: arrival rejections, retroactive removals (from earlier frames)."""
+
+    frame_id: str
+    n_frames: int
+    duplicate: bool
+    rejected_low: int
+    rejected_high: int
+    no_data: int
+    retro_removed: int
+    overflow_rows: int
+
+
+@dataclass(frozen=True)
+class ExactResult:
+    """What an exact pass did: the algorithm and parameters used and the frames integrated."""
+
+    rejection: str
+    params: dict[str, float]
+    n_frames: int
+
+
+class LiveStack:
+    """A running integration with retroactive rejection; memory independent of the frame count.
+
+    Parameters
+    ----------
+    shape : (H, W) or (C, H, W) of the normalised frames.
+    k_high, k_low : retained extreme samples per pixel. Default is 2 and 1.
+    kappa_low, kappa_high : rejection thresholds in σ of the noise model. Default is 4.0 and 3.0.
+    n_min : no rejection before this many accepted samples. Default is 5.
+    epsilon : relative scale-noise term of the noise model. Default is 0.2.
+    background : the reference background b_ref: a scalar, or a coarse grid (C, gh, gw) / (gh, gw)
+        with nodes every `background_step_px`. Default is 0.0.
+    background_step_px : node spacing of the background grid. Default is 64.
+    event_capacity : retroactive removals recorded per row and update (more are deferred to the
+        next exact pass and the row is marked dirty). Default is None (W // 4, at least 256).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        *,
+        k_high: int = 2,
+        k_low: int = 1,
+        kappa_low: float = 4.0,
+        kappa_high: float = 3.0,
+        n_min: int = 5,
+        epsilon: float = 0.2,
+        background: float | np.ndarray = 0.0,
+        background_step_px: int = 64,
+        event_capacity: int | None = None,
+    ) -> None:
+        shp = tuple(int(v) for v in shape)
+        if len(shp) == 2:
+            c, h, w = 1, shp[0], shp[1]
+        elif len(shp) == 3:
+            c, h, w = shp
+        else:
+            raise StackwatchError(f"live stack shape must be (H, W) or (C, H, W), got {shape}")
+        if min(c, h, w) <= 0 or not (1 <= k_high <= 8 and 1 <= k_low <= 8):
+            raise StackwatchError(f"live stack: invalid shape {shape} or k_high/k_low {k_high}/{k_low}")
+        self.shape = shp
+        self._c, self._h, self._w = c, h, w
+        self.k_high, self.k_low = int(k_high), int(k_low)
+        self.kappa_low, self.kappa_high = float(kappa_low), float(kappa_high)
+        self.n_min = int(n_min)
+        self.epsilon = float(epsilon)
+        self.background_step_px = int(background_step_px)
+        self._bgrid = self._make_bgrid(background)
+        rows = c * h
+        self._S = np.zeros((rows, w), np.float32)
+        self._Wt = np.zeros((rows, w), np.float32)
+        self._N = np.zeros((rows, w), np.uint16)
+        self._RLO = np.zeros((rows, w), np.uint16)
+        self._RHI = np.zeros((rows, w), np.uint16)
+        self._hv = np.full((self.k_high, rows, w), np.nan, np.float32)
+        self._hi = np.full((self.k_high, rows, w), EMPTY, np.uint16)
+        self._lv = np.full((self.k_low, rows, w), np.nan, np.float32)
+        self._li = np.full((self.k_low, rows, w), EMPTY, np.uint16)
+        self._tab = np.zeros((c, 5, 64), np.float64)
+        self._frames: list[FrameRecord] = []
+        self._by_id: dict[str, int] = {}
+        self._rej: dict[int, list[np.ndarray]] = {}  # slot -> chunks of (flat index << 2 | side)
+        self._dirty = np.zeros(rows, np.bool_)
+        self._exact: np.ndarray | None = None
+        self.generation = 0
+        cap = event_capacity if event_capacity is not None else max(256, w // 4)
+        self._cap = int(cap)
+        self._arrival: np.ndarray | None = None
+        self._events: tuple[np.ndarray, ...] | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _make_bgrid(self, background: float | np.ndarray) -> np.ndarray:
+        b = np.asarray(background, np.float64)
+        if b.ndim == 0:
+            return np.full((self._c, 1, 1), float(b))
+        if b.ndim == 2:
+            b = np.broadcast_to(b, (self._c, *b.shape))
+        if b.ndim != 3 or b.shape[0] != self._c:
+            raise StackwatchError(f"background grid shape {b.shape} does not fit a stack of shape {self.shape}")
+        return np.ascontiguousarray(b, np.float64)
+
+    def _rows(self, a: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(a)
+        if tuple(arr.shape) != self.shape:
+            raise StackwatchError(f"{what}: shape {arr.shape} does not match the live stack's {self.shape}")
+        return np.ascontiguousarray(arr.reshape(self._c * self._h, self._w), dtype=np.float32)
+
+    def _per_channel(self, v: float | Sequence[float], what: str) -> tuple[float, ...]:
+        arr = np.atleast_1d(np.asarray(v, np.float64))
+        if arr.size == 1:
+            arr = np.repeat(arr, self._c)
+        if arr.size != self._c or not np.all(np.isfinite(arr)):
+            raise StackwatchError(f"{what}: need 1 or {self._c} finite values, got {v!r}")
+        return tuple(float(x) for x in arr)
+
+    def _ensure_slot_capacity(self, slot: int) -> None:
+        if slot >= self._tab.shape[2]:
+            new = np.zeros((self._c, 5, max(slot + 1, 2 * self._tab.shape[2])), np.float64)
+            new[:, :, : self._tab.shape[2]] = self._tab
+            self._tab = new
+
+    def _set_tab(self, rec: FrameRecord) -> None:
+        self._ensure_slot_capacity(rec.slot)
+        for ch in range(self._c):
+            self._tab[ch, _T_W, rec.slot] = 0.0 if rec.excluded else rec.weight
+            self._tab[ch, _T_M, rec.slot] = rec.scale[ch]
+            self._tab[ch, _T_S, rec.slot] = rec.noise[ch]
+            self._tab[ch, _T_RHO, rec.slot] = rec.rho
+            self._tab[ch, _T_IG, rec.slot] = 0.0 if not rec.gain else 1.0 / rec.gain
+
+    def _acc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return (self._S, self._Wt, self._N, self._RLO, self._RHI)
+
+    def _ret(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return (self._hv, self._hi, self._lv, self._li)
+
+    def _params(self) -> np.ndarray:
+        return np.array(
+            [self.kappa_low, self.kappa_high, self.n_min, self.epsilon, self.background_step_px, self._h], np.float64
+        )
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def frames(self) -> tuple[FrameRecord, ...]:
+        """Every frame ever added (excluded ones flagged), in arrival order."""
+        return tuple(self._frames)
+
+    @property
+    def frame_ids(self) -> tuple[str, ...]:
+        """Ids of the frames currently included."""
+        return tuple(f.frame_id for f in self._frames if not f.excluded)
+
+    @property
+    def n_frames(self) -> int:
+        return sum(1 for f in self._frames if not f.excluded)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the per-pixel state (the accumulators and retained extremes)."""
+        arrs = (self._S, self._Wt, self._N, self._RLO, self._RHI, self._hv, self._hi, self._lv, self._li)
+        return int(sum(a.nbytes for a in arrs))
+
+    def _shape_out(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(self.shape)
+
+    def image(self) -> np.ndarray:
+        """The current stack (float32, NaN where no accepted sample): the exact-pass image if no
+        update happened since, else S/W."""
+        if self._exact is not None:
+            return self._exact.copy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(self._Wt > 0, self._S / np.where(self._Wt > 0, self._Wt, 1), np.nan).astype(np.float32)
+        return self._shape_out(out)
+
+    def coverage(self) -> np.ndarray:
+        """Valid samples per pixel (accepted + rejected), uint16."""
+        return self._shape_out((self._N.astype(np.int32) + self._RLO + self._RHI).astype(np.uint16))
+
+    def rejection_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rejected counts (low, high) per pixel."""
+        return self._shape_out(self._RLO.copy()), self._shape_out(self._RHI.copy())
+
+    def weight_sum(self) -> np.ndarray:
+        return self._shape_out(self._Wt.copy())
+
+    def accepted_count(self) -> np.ndarray:
+        return self._shape_out(self._N.copy())
+
+    def dirty_rows(self) -> np.ndarray:
+        """Rows (of the (C·H, W) plane stack) where a retroactive removal or deferred event happened
+        since the last exact pass: candidates for a banded exact pass."""
+        return self._dirty.copy()
+
+    def rejections(self, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Flat pixel indices (into the (C·H·W) image) and sides (1 low, 2 high) rejected in a frame."""
+        slot = self._slot(frame_id)
+        chunks = self._rej.get(slot, [])
+        enc = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+        return enc >> 2, (enc & 3).astype(np.uint8)
+
+    def _slot(self, frame_id: str) -> int:
+        if frame_id not in self._by_id:
+            raise StackwatchError(f"frame {frame_id!r} is not in the live stack")
+        return self._by_id[frame_id]
+
+    # ---------------------------------------------------------------- update
+    def update(
+        self,
+        frame_id: str,
+        y: np.ndarray,
+        *,
+        weight: float,
+        scale: float | Sequence[float] = 1.0,
+        noise: float | Sequence[float],
+        rho: float = 1.0,
+        gain: float | None = None,
+    ) -> UpdateResult:
+        """Add a normalised frame y (NaN = no data). Idempotent by frame id.
+
+        Parameters
+        ----------
+        frame_id : unique id of the frame (e.g. its catalogue id or path).
+        y : normalised frame, the stack's shape.
+        weight : integration weight (NWEIGHT), > 0.
+        scale : photometric scale m (one value or per channel). Default is 1.0.
+        noise : pre-resampling noise σ of the un-normalised frame (one value or per channel).
+        rho : mean resampling variance factor Σw²/(Σw)². Default is 1.0.
+        gain : effective gain in e⁻ per unit of normalised signal; None = no shot-noise term.
+            Default is None.
+        """
+        if frame_id in self._by_id:
+            return UpdateResult(frame_id, self.n_frames, True, 0, 0, 0, 0, 0)
+        if not (math.isfinite(weight) and weight > 0):
+            raise StackwatchError(f"frame {frame_id!r}: weight must be finite and > 0, got {weight}")
+        if len(self._frames) >= _MAX_SLOTS:
+            raise StackwatchError(f"live stack is full ({_MAX_SLOTS} frames); run an exact pass into a new stack")
+        rows = self._rows(y, f"frame {frame_id!r}")
+        slot = len(self._frames)
+        rec = FrameRecord(
+            frame_id=frame_id,
+            slot=slot,
+            weight=float(weight),
+            scale=self._per_channel(scale, "scale"),
+            noise=self._per_channel(noise, "noise"),
+            rho=float(rho),
+            gain=None if gain is None else float(gain),
+        )
+        self._set_tab(rec)
+        nrow = rows.shape[0]
+        if self._arrival is None:
+            self._arrival = np.empty(rows.shape, np.uint8)
+            self._events = (
+                np.empty((nrow, self._cap), np.int32),
+                np.empty((nrow, self._cap), np.uint16),
+                np.empty((nrow, self._cap), np.uint8),
+                np.zeros(nrow, np.int32),
+                np.zeros(nrow, np.int32),
+            )
+        ev = self._events
+        assert ev is not None
+        _update_kernel(
+            rows, slot, self._acc(), self._ret(), self._tab, self._bgrid, self._params(), self._arrival, ev  # type: ignore[arg-type]
+        )
+        self._frames.append(rec)
+        self._by_id[frame_id] = slot
+        self._exact = None
+        arr = self._arrival.ravel()
+        rej_idx = np.flatnonzero((arr == 1) | (arr == 2))
+        chunks = self._rej.setdefault(slot, [])
+        if rej_idx.size:
+            chunks.append((rej_idx.astype(np.int64) << 2) | arr[rej_idx].astype(np.int64))
+        n_lo = int(np.count_nonzero(arr[rej_idx] == 1))
+        n_hi = int(rej_idx.size - n_lo)
+        no_data = int(np.count_nonzero(arr == 3))
+        ev_x, ev_f, ev_side, ev_n, overflow = ev
+        n_ret = int(ev_n.sum())
+        if n_ret:
+            rr = np.flatnonzero(ev_n)
+            for r in rr:
+                k = int(ev_n[r])
+                flat = r * self._w + ev_x[r, :k].astype(np.int64)
+                enc = (flat << 2) | ev_side[r, :k].astype(np.int64)
+                fs = ev_f[r, :k]
+                for f in np.unique(fs):
+                    self._rej.setdefault(int(f), []).append(enc[fs == f])
+            self._dirty[rr] = True
+        n_over = int(np.count_nonzero(overflow))
+        if n_over:
+            self._dirty[overflow > 0] = True
+        self.generation += 1
+        return UpdateResult(frame_id, self.n_frames, False, n_lo, n_hi, no_data, n_ret, n_over)
+
+    # ---------------------------------------------------------------- exclusion
+    def exclude(self, frame_id: str, y: np.ndarray) -> None:
+        """Remove a frame from the running sums; y is that frame's normalised data (from the frame
+        store), exactly as it was added. Follow with `exact_pass` for the batch-exact result."""
+        slot = self._slot(frame_id)
+        rec = self._frames[slot]
+        if rec.excluded:
+            return
+        rows = self._rows(y, f"frame {frame_id!r}")
+        rej = np.zeros(rows.shape, np.uint8)
+        idx, side = self.rejections(frame_id)
+        rej.ravel()[idx] = side
+        _exclude_kernel(rows, slot, rec.weight, rej, self._acc(), self._ret())  # type: ignore[arg-type]
+        self._frames[slot] = FrameRecord(**{**rec.__dict__, "excluded": True})
+        self._set_tab(self._frames[slot])
+        self._rej.pop(slot, None)
+        self._exact = None
+        self.generation += 1
+
+    # ---------------------------------------------------------------- exact pass
+    def exact_pass(
+        self,
+        sources: Sequence[_BandSource],
+        *,
+        frame_ids: Sequence[str] | None = None,
+        rejection: str = "auto",
+        params: dict[str, float] | None = None,
+        large_scale: bool = False,
+        band_budget_bytes: int = 1 << 30,
+    ) -> ExactResult:
+        """Batch-integrate the included frames and rebuild the live state from its decisions.
+
+        Parameters
+        ----------
+        sources : one BandSource per included frame (the frame store), in the order of `frame_ids`.
+        frame_ids : the frames the sources hold. Default is None (`self.frame_ids`, in order).
+        rejection : an algorithm name of stackwatch.engine.reject, or "auto" (§7.5 for the current
+            number of frames). Default is "auto".
+        params : rejection parameters. Default is None (the algorithm's defaults / §7.5's).
+        large_scale : large-scale rejection in the batch integrator. Default is False.
+        band_budget_bytes : memory for one band of all frames. Default is 1 GiB.
+        """
+        from stackwatch.engine import integrate as _integrate  # owned by H3
+        from stackwatch.engine import reject as _reject
+
+        ids = list(self.frame_ids if frame_ids is None else frame_ids)
+        if len(ids) != len(sources):
+            raise StackwatchError(f"exact pass: {len(sources)} sources for {len(ids)} frames")
+        if not ids:
+            raise StackwatchError("exact pass: no frames")
+        slots = []
+        for fid in ids:
+            s = self._slot(fid)
+            if self._frames[s].excluded:
+                raise StackwatchError(f"exact pass: frame {fid!r} is excluded")
+            slots.append(s)
+        if sorted(slots) != sorted(self._by_id[f] for f in self.frame_ids):
+            raise StackwatchError("exact pass: the sources must cover exactly the included frames")
+        for src in sources:
+            if tuple(src.shape) != self.shape:
+                raise StackwatchError(f"exact pass: source shape {tuple(src.shape)} differs from {self.shape}")
+        if rejection == "auto":
+            name, auto_params = _reject.auto_rejection(len(ids))
+            use_params = dict(auto_params) if params is None else dict(params)
+        else:
+            name, use_params = rejection, dict(params or {})
+        weights = np.array([self._frames[s].weight for s in slots], np.float64)
+        res = _integrate.integrate(
+            list(sources),
+            weights=weights,
+            combination="mean",
+            rejection=name,
+            params=use_params,
+            large_scale=large_scale,
+            band_budget_bytes=band_budget_bytes,
+        )
+        img = np.asarray(res.image, np.float32).reshape(self._c * self._h, self._w)
+        ws = np.asarray(res.weight_sum, np.float32).reshape(img.shape)
+        cov = np.asarray(res.coverage).reshape(img.shape).astype(np.int32)
+        rlo = np.asarray(res.rej_low).reshape(img.shape).astype(np.int32)
+        rhi = np.asarray(res.rej_high).reshape(img.shape).astype(np.int32)
+        nacc = np.clip(cov - rlo - rhi, 0, None)
+        good = (nacc > 0) & np.isfinite(img) & (ws > 0)
+        self._S[:] = np.where(good, img * ws, 0).astype(np.float32)
+        self._Wt[:] = np.where(good, ws, 0).astype(np.float32)
+        self._N[:] = np.where(good, nacc, 0).astype(np.uint16)
+        self._RLO[:] = rlo.astype(np.uint16)
+        self._RHI[:] = rhi.astype(np.uint16)
+        self._rebuild_extremes(sources, slots, band_budget_bytes)
+        self._dirty[:] = False
+        self._exact = np.asarray(res.image, np.float32).reshape(self.shape).copy()
+        self.generation += 1
+        return ExactResult(rejection=name, params=use_params, n_frames=len(ids))
+
+    def _rebuild_extremes(self, sources: Sequence[_BandSource], slots: list[int], budget: int) -> None:
+        nf = len(sources)
+        h, w, c = self._h, self._w, self._c
+        band = int(max(1, min(h, budget // max(1, nf * w * c * 5))))
+        slot_arr = np.array(slots, np.uint16)
+        new_rej: dict[int, list[np.ndarray]] = {s: [] for s in slots}
+        for y0 in range(0, h, band):
+            y1 = min(h, y0 + band)
+            cube = np.empty((nf, c, y1 - y0, w), np.float32)
+            for i, src in enumerate(sources):
+                cube[i] = np.asarray(src.read_band(y0, y1), np.float32).reshape(c, y1 - y0, w)
+            for ch in range(c):
+                r0 = ch * h + y0
+                r1 = ch * h + y1
+                vals = np.ascontiguousarray(cube[:, ch])
+                code = np.empty(vals.shape, np.uint8)
+                hv = np.empty((self.k_high, y1 - y0, w), np.float32)
+                hi = np.empty((self.k_high, y1 - y0, w), np.uint16)
+                lv = np.empty((self.k_low, y1 - y0, w), np.float32)
+                li = np.empty((self.k_low, y1 - y0, w), np.uint16)
+                _rebuild_kernel(vals, slot_arr, self._RLO[r0:r1], self._RHI[r0:r1], hv, hi, lv, li, code)
+                self._hv[:, r0:r1] = hv
+                self._hi[:, r0:r1] = hi
+                self._lv[:, r0:r1] = lv
+                self._li[:, r0:r1] = li
+                for i in range(nf):
+                    idx = np.flatnonzero(code[i])
+                    if idx.size:
+                        flat = (idx // w + r0) * w + idx % w
+                        new_rej[slots[i]].append((flat.astype(np.int64) << 2) | code[i].ravel()[idx].astype(np.int64))
+        for s in list(self._rej):
+            if s not in new_rej:
+                self._rej.pop(s)
+        self._rej.update(new_rej)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _arrays(self) -> dict[str, np.ndarray]:
+        rej_all = [np.concatenate(v) for v in self._rej.values() if v]
+        rej_slots = [np.full(sum(len(c) for c in v), s, np.uint16) for s, v in self._rej.items() if v]
+        out = {
+            "S": self._S,
+            "W": self._Wt,
+            "n": self._N,
+            "r_lo": self._RLO,
+            "r_hi": self._RHI,
+            "hv": self._hv,
+            "hi": self._hi,
+            "lv": self._lv,
+            "li": self._li,
+            "bgrid": self._bgrid,
+            "dirty": self._dirty,
+            "rej_enc": np.concatenate(rej_all) if rej_all else np.empty(0, np.int64),
+            "rej_slot": np.concatenate(rej_slots) if rej_slots else np.empty(0, np.uint16),
+        }
+        if self._exact is not None:
+            out["exact"] = self._exact
+        return out
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write an atomic checkpoint into `directory`; returns the manifest path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        gen = self.generation
+        files: dict[str, dict[str, Any]] = {}
+        for name, arr in self._arrays().items():
+            fn = f"{name}.g{gen:08d}.npy"
+            tmp = d / (fn + ".tmp")
+            a = np.ascontiguousarray(arr)
+            with open(tmp, "wb") as fh:
+                np.save(fh, a)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, d / fn)
+            files[name] = {"file": fn, "crc32": zlib.crc32(memoryview(a).cast("B")), "shape": list(a.shape)}
+        manifest = {
+            "format": _FORMAT,
+            "generation": gen,
+            "shape": list(self.shape),
+            "params": {
+                "k_high": self.k_high,
+                "k_low": self.k_low,
+                "kappa_low": self.kappa_low,
+                "kappa_high": self.kappa_high,
+                "n_min": self.n_min,
+                "epsilon": self.epsilon,
+                "background_step_px": self.background_step_px,
+                "event_capacity": self._cap,
+            },
+            "frames": [{**f.__dict__, "scale": list(f.scale), "noise": list(f.noise)} for f in self._frames],
+            "included": list(self.frame_ids),
+            "files": files,
+        }
+        tmp = d / (_MANIFEST + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, d / _MANIFEST)
+        try:
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+        keep = {v["file"] for v in files.values()}
+        for p in d.glob("*.g*.npy*"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        return d / _MANIFEST
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> LiveStack:
+        """Read the checkpoint in `directory` (checksums verified)."""
+        d = Path(directory)
+        mpath = d / _MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise StackwatchError(f"{mpath}: cannot read live-stack checkpoint ({exc})") from None
+        if manifest.get("format") != _FORMAT:
+            raise StackwatchError(f"{mpath}: unknown checkpoint format {manifest.get('format')!r}")
+        p = manifest["params"]
+        arrays: dict[str, np.ndarray] = {}
+        for name, info in manifest["files"].items():
+            fp = d / info["file"]
+            try:
+                a = np.load(fp, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise StackwatchError(f"{fp}: cannot read checkpoint array ({exc})") from None
+            if zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) != info["crc32"]:
+                raise StackwatchError(f"{fp}: checksum mismatch (checkpoint corrupt)")
+            arrays[name] = a
+        st = cls(
+            tuple(manifest["shape"]),
+            k_high=p["k_high"],
+            k_low=p["k_low"],
+            kappa_low=p["kappa_low"],
+            kappa_high=p["kappa_high"],
+            n_min=p["n_min"],
+            epsilon=p["epsilon"],
+            background=arrays["bgrid"],
+            background_step_px=p["background_step_px"],
+            event_capacity=p["event_capacity"],
+        )
+        st._S[:] = arrays["S"]
+        st._Wt[:] = arrays["W"]
+        st._N[:] = arrays["n"]
+        st._RLO[:] = arrays["r_lo"]
+        st._RHI[:] = arrays["r_hi"]
+        st._hv[:] = arrays["hv"]
+        st._hi[:] = arrays["hi"]
+        st._lv[:] = arrays["lv"]
+        st._li[:] = arrays["li"]
+        st._dirty[:] = arrays["dirty"]
+        for fd in manifest["frames"]:
+            rec = FrameRecord(
+                frame_id=fd["frame_id"],
+                slot=int(fd["slot"]),
+                weight=float(fd["weight"]),
+                scale=tuple(fd["scale"]),
+                noise=tuple(fd["noise"]),
+                rho=float(fd["rho"]),
+                gain=fd["gain"],
+                excluded=bool(fd["excluded"]),
+            )
+            st._frames.append(rec)
+            st._by_id[rec.frame_id] = rec.slot
+            st._set_tab(rec)
+        enc, sl = arrays["rej_enc"], arrays["rej_slot"]
+        for s in np.unique(sl):
+            st._rej[int(s)] = [enc[sl == s].astype(np.int64)]
+        if "exact" in arrays:
+            st._exact = arrays["exact"].astype(np.float32)
+        st.generation = int(manifest["generation"])
+        return st
