@@ -23,6 +23,7 @@ __all__ = ["build_parser", "main"]
 COMMAND_MODULES = [
     "stackwatch.daemon.cmd_inspect",
     "stackwatch.daemon.cmd_config",
+    "stackwatch.daemon.cmd_masters",
     "stackwatch.daemon.cmd_simulate",
     "stackwatch.daemon.cmd_run",
     "stackwatch.daemon.cmd_demo",
