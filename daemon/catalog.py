@@ -427,6 +427,12 @@ class Catalog:
             rows = self._db.execute("SELECT record FROM stacks ORDER BY id").fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def provisional_count(self) -> int:
+        """Stacked lights calibrated without their final masters (waiting for recalibration)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM files WHERE status = 'stacked' AND provisional = 1").fetchone()
+        return int(row[0])
+
     def stacked_counts(self) -> dict[str, int]:
         """stack id -> number of catalogued files with status ``stacked`` in it (not excluded)."""
         with self._lock:

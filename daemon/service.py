@@ -307,6 +307,10 @@ class Service:
         self._last_processed = clock()
         self._new_since_final: dict[str, int] = {}
         self._finalizing: asyncio.Task[Any] | None = None
+        self._recal_task: asyncio.Task[None] | None = None
+        self._recal_again = False
+        self.recalibration: dict[str, Any] = {"running": False, "frames": 0, "message": ""}
+        self._bg_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_frame: dict[str, Any] | None = None
         self.started_at = _now_iso()
         self.web_url: str | None = None
@@ -327,6 +331,7 @@ class Service:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, int(self.config.service.workers)), thread_name_prefix="stackwatch-work"
         )
+        self._bg_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackwatch-bg")
         self._activity = "loading the pipeline"
         self.pipeline = await self._run_in_executor(self._make_pipeline)
         await self._refresh_stacks()
@@ -340,6 +345,7 @@ class Service:
             self._submit(Path(row["path"]))
         self._tasks.append(asyncio.create_task(self._process_loop(), name="process"))
         self._work.set()
+        self._schedule_recalibration()  # a run interrupted by a restart is picked up again
         self._started = True
         self._activity = "idle"
         counts = self.catalog.counts()
@@ -421,8 +427,9 @@ class Service:
             if callable(close):
                 with contextlib.suppress(Exception):
                     close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._bg_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         if self.catalog is not None:
             self.catalog.close()
             self.catalog = None
@@ -807,36 +814,61 @@ class Service:
             self.events.emit("master_updated", m)
         if not masters:
             return
-        needing = getattr(self.pipeline, "frames_needing_recalibration", None)
-        recalibrate = getattr(self.pipeline, "recalibrate", None)
-        if not callable(needing) or not callable(recalibrate):
-            return
-        items = await self._run_in_executor(needing)
-        if not items:
-            return
-        n = len(items)
-        self._activity = f"recalibrating {n} frame(s) with the new master(s); their stack is rebuilt in the background"
-        _log.info(self._activity)
-        task = asyncio.create_task(self._recalibrate(recalibrate, items), name="recalibrate")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._schedule_recalibration()
 
-    async def _recalibrate(self, recalibrate: Callable[[Any], Any], items: Any) -> None:
-        assert self.catalog is not None
-        try:
-            result = await self._run_in_executor(recalibrate, items)
-        except Exception as exc:
-            self._warn(f"recalibration with the new master failed: {exc}")
+    def _schedule_recalibration(self) -> None:
+        """Lights stacked before a better master existed are recalibrated in the background (one run at
+        a time; a master arriving meanwhile triggers one more round)."""
+        if not callable(getattr(self.pipeline, "frames_needing_recalibration", None)):
             return
-        for rec in result or []:
-            if isinstance(rec, dict) and rec.get("path"):
-                row = self.catalog.get_by_path(rec["path"])
-                if row is not None and rec.get("status") in DONE_STATUSES:
-                    self.catalog.record_result(row["id"], rec)
-        await self._refresh_stacks()
-        for s in self._stacks_cache:
-            self.events.emit("stack_updated", s)
-        _log.info("recalibration done: %d frame(s)", len(items))
+        if self._recal_task is not None and not self._recal_task.done():
+            self._recal_again = True
+            return
+        self._recal_task = asyncio.create_task(self._recalibration_loop(), name="recalibrate")
+        self._background.add(self._recal_task)
+        self._recal_task.add_done_callback(self._background.discard)
+
+    async def _recalibration_loop(self) -> None:
+        assert self.catalog is not None and self.pipeline is not None
+        needing = self.pipeline.frames_needing_recalibration  # type: ignore[attr-defined]
+        recalibrate = self.pipeline.recalibrate  # type: ignore[attr-defined]
+        total = 0
+        while not self._stop.is_set():
+            self._recal_again = False
+            try:
+                items = list(await self._run_in_background(needing) or [])
+                if not items:
+                    break
+                self.recalibration = {"running": True, "frames": len(items),
+                                      "message": f"recalibrating {len(items)} frame(s) with the new master(s); "
+                                                 "their stacks are rebuilt in the background"}
+                _log.info(self.recalibration["message"])
+                self.events.emit("status", {"recalibration": dict(self.recalibration)})
+                result = await self._run_in_background(recalibrate, items)
+            except Exception as exc:
+                if _is_disk_full(exc):
+                    self._pause(f"state folder {self.state_dir} is full (recalibration: {exc})")
+                else:
+                    _log.exception("recalibration failed")
+                    self._warn(f"recalibration with the new master failed: {exc}")
+                self.recalibration = {"running": False, "frames": 0, "message": f"recalibration failed: {exc}"}
+                return
+            total += len(items)
+            for rec in result or []:
+                if isinstance(rec, dict) and rec.get("path"):
+                    row = self.catalog.get_by_path(str(rec["path"]))
+                    if row is not None and rec.get("status") in DONE_STATUSES:
+                        self.catalog.record_result(row["id"], rec)
+            await self._refresh_stacks()
+            for st in self._stacks_cache:
+                self.events.emit("stack_updated", dict(st))
+            if not self._recal_again:
+                break
+        if total:
+            self.recalibration = {"running": False, "frames": total,
+                                  "message": f"{total} frame(s) recalibrated with the new master(s) at {_now_iso()}"}
+            _log.info(self.recalibration["message"])
+            self.events.emit("status", {"recalibration": dict(self.recalibration)})
 
     async def _maybe_checkpoint(self, *, idle: bool) -> None:
         if self.pipeline is None or self._since_checkpoint == 0:
@@ -878,7 +910,7 @@ class Service:
         self._activity = f"exact integration of stack {stack_id}"
         t0 = self._clock()
         try:
-            result = await self._run_in_executor(self.pipeline.finalize, stack_id)
+            result = await self._run_in_background(self.pipeline.finalize, stack_id)
         except Exception as exc:
             if _is_disk_full(exc):
                 self._pause(f"state folder {self.state_dir} is full (exact pass: {exc})")
@@ -1014,6 +1046,11 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    async def _run_in_background(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Long jobs (recalibration, exact passes) on their own thread, so they never hold up intake."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._bg_executor, fn, *args)
+
     def _status_line(self) -> str:
         if self.catalog is None:
             return self._activity
@@ -1056,11 +1093,13 @@ class Service:
                 "calibration": counts.get("library", 0),
                 "duplicate": counts.get("duplicate", 0),
                 "missing": counts.get("missing", 0),
+                "provisional": self.catalog.provisional_count() if self.catalog is not None else 0,
             },
             "queue": {"pending": pending, "lag_s": 0.0 if oldest is None else max(0.0, time.time() - oldest)},
             "activity": self._activity,
             "paused": self.paused,
             "library": {"masters": len(masters), "by_kind": kinds},
+            "recalibration": dict(self.recalibration),
             "warnings": list(self._warnings)[-20:],
             "stacks": self.list_stacks(),
             "last_frame": self._last_frame,

@@ -42,8 +42,11 @@ class FakePipeline:
     """Stacks = running mean of frame means per (object, filter); idempotent by frame path."""
 
     def __init__(self, config: Config, state_dir: Path, *, delay_s: float = 0.0,
-                 fail_once: dict[str, BaseException] | None = None) -> None:
+                 fail_once: dict[str, BaseException] | None = None, recal_delay_s: float = 0.0,
+                 watch: Path | None = None) -> None:
         self.path = state_dir / "fake_pipeline.json"
+        self.recal_delay_s = recal_delay_s
+        self.watch = watch or state_dir.parent / "watch"
         self.delay_s = delay_s
         self.fail_once = dict(fail_once or {})
         self.lock = threading.Lock()
@@ -80,6 +83,10 @@ class FakePipeline:
             rec = {"stack_id": sid, "metrics": {"stars": int(header.get("NSTARS", 100)), "fwhm_px": 2.5},
                    "transform": [[1, 0, 0], [0, 1, 0]], "scale": 1.0, "weight": 1.0, "masters": {},
                    "timings": {"total": self.delay_s}}
+            if "flat" not in self.state["masters"]:
+                rec["provisional"] = True
+                rec["masters"] = {"flat": "none yet for this filter: stacked provisionally"}
+                self.state.setdefault("provisional", []).append(path.name)
             if header.get("NSTARS", 100) < 15:
                 return {**rec, "status": "rejected", "reason": "few_stars: stars < 15"}
             st = self.state["stacks"].setdefault(sid, {"id": sid, "target": info.object, "filter": info.filter,
@@ -90,6 +97,27 @@ class FakePipeline:
             st["version"] += 1
             self._save()
             return {**rec, "status": "stacked", "reason": ""}
+
+    def frames_needing_recalibration(self) -> list[str]:
+        with self.lock:
+            if "flat" not in self.state["masters"]:
+                return []
+            return list(self.state.get("provisional", []))
+
+    def recalibrate(self, items: list[str]) -> list[dict[str, Any]]:
+        time.sleep(self.recal_delay_s)
+        with self.lock:
+            out = []
+            for name in items:
+                for st in self.state["stacks"].values():
+                    if name in st["frames"]:
+                        st["version"] += 1
+                        out.append({"path": str(self.watch / name), "status": "stacked", "stack_id": st["id"],
+                                    "provisional": False, "masters": {"flat": "master_flat"}})
+                self.state["provisional"].remove(name)
+                self.state.setdefault("recalibrated", []).append(name)
+            self._save()
+            return out
 
     def stacks(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -406,6 +434,37 @@ async def test_polling_mode_and_reload(tmp_path: Path) -> None:
         assert not service.reload_config()
         assert service.config.live.kappa_high == 2.5
         assert any("kappa_hgih" in w for w in service.status()["warnings"])
+    finally:
+        service.request_stop()
+        await runner
+        await service.shutdown()
+
+
+async def test_lights_before_flats_are_recalibrated_in_the_background(tmp_path: Path) -> None:
+    h = Harness(tmp_path, recal_delay_s=1.0)
+    service = h.make()
+    await service.startup()
+    runner = asyncio.create_task(service.run())
+    try:
+        for i in range(3):
+            write_frame(h.watch / f"l{i}.fits", value=1000 + i)
+        await wait_for(lambda: service.status()["frames"]["stacked"] == 3, what="3 stacked")
+        frames = service.list_frames()["frames"]
+        assert all(f["provisional"] for f in frames)
+        assert service.status()["frames"]["provisional"] == 3
+        write_frame(h.watch / "flat.fits", kind="FLAT", obj="", value=30000, exptime=1.0)
+        await wait_for(lambda: service.status()["recalibration"]["running"], what="recalibration starts")
+        st = service.status()
+        assert "recalibrating 3 frame(s)" in st["recalibration"]["message"]
+        # the service keeps processing new lights meanwhile (recalibration runs on its own thread)
+        write_frame(h.watch / "l3.fits", value=1003)
+        await wait_for(lambda: statuses(service).get("l3.fits") == "stacked", what="l3 during recalibration")
+        assert service.status()["recalibration"]["running"]
+        await wait_for(lambda: not service.status()["recalibration"]["running"], what="recalibration ends")
+        st = service.status()
+        assert st["frames"]["provisional"] == 0 and "3 frame(s) recalibrated" in st["recalibration"]["message"]
+        assert sorted(h.pipelines[0].state["recalibrated"]) == ["l0.fits", "l1.fits", "l2.fits"]
+        assert service.list_frames()["frames"][0]["masters"] == {"flat": "master_flat"}
     finally:
         service.request_stop()
         await runner
