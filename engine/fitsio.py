@@ -585,8 +585,9 @@ _SCALE_LOCK = threading.Lock()
 def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
     """Rows ``[y0, y1)`` of the top-down image, converted exactly as :func:`read_image` would.
 
-    Uses a memory map (only those rows are read) for uncompressed files; .gz and .fz files are read
-    whole and sliced. Returns float32 (y1 - y0, W) or (3, y1 - y0, W). The data-dependent scale
+    Uses a memory map (only those rows are read) for uncompressed files and decompresses only the
+    tiles holding those rows for .fz files; .gz files are decompressed whole on every call (a band
+    integrator should not read .gz frames band by band). Returns float32 (y1 - y0, W) or (3, y1 - y0, W). The data-dependent scale
     decision (float and signed files) is made once per file version and cached.
     """
     spath = os.fspath(path)
@@ -603,20 +604,24 @@ def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
         flip = _bottom_up(header)
         fy0, fy1 = (height - y1, height - y0) if flip else (y0, y1)
         try:
-            raw = hdu.data.reshape(shape)
             st = os.stat(spath)
             key = (os.path.abspath(spath), st.st_mtime_ns, st.st_size)
             with _SCALE_LOCK:
                 sc = _SCALE_CACHE.get(key)
             if sc is None:
-                sc = _scaling(header, raw)
+                sc = _scaling(header, hdu.data.reshape(shape))
                 with _SCALE_LOCK:
                     if len(_SCALE_CACHE) > 4096:
                         _SCALE_CACHE.clear()
                     _SCALE_CACHE[key] = sc
-            band = np.ascontiguousarray(raw[..., fy0:fy1, :])
-            out = _convert(band, sc, flip)
-            del raw
+            if isinstance(hdu, fits.CompImageHDU) and _header_int(header, "NAXIS") == len(shape):
+                # only the tiles that hold these rows are decompressed
+                lead = (slice(None),) * (len(shape) - 2)
+                band = np.asarray(hdu.section[(*lead, slice(fy0, fy1), slice(None))])
+                band = band.reshape((*shape[:-2], fy1 - fy0, shape[-1]))
+            else:
+                band = hdu.data.reshape(shape)[..., fy0:fy1, :]
+            out = _convert(np.ascontiguousarray(band), sc, flip)
         except FrameError:
             raise
         except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile, MemoryError) as exc:
