@@ -27,8 +27,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from stackwatch.engine.errors import StackwatchError
+
+if TYPE_CHECKING:
+    from stackwatch.engine.register import Registration
+    from stackwatch.engine.stars import Measurement
 
 __all__ = [
     "DEFAULT_RULES",
@@ -38,6 +43,8 @@ __all__ = [
     "GateResult",
     "Verdict",
     "evaluate",
+    "frame_metrics",
+    "frame_record",
     "parse",
     "parse_rules",
 ]
@@ -520,3 +527,100 @@ def evaluate(
     failed_r = tuple(r for r in results if r.failed)
     reason = failed_r[0].reason if failed_r else ""
     return Verdict(accepted=not failed_r, reason=reason, failed=failed_r, results=tuple(results))
+
+
+# ------------------------------------------------------------------------------- report records
+
+
+def _json_num(v: Any) -> Any:
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return f if math.isfinite(f) else None
+
+
+def frame_metrics(
+    measurement: Measurement | None,
+    registration: Registration | None = None,
+    *,
+    scale: float | None = None,
+    weight: float | None = None,
+    extra: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The metrics mapping the gates see: measurement metrics, plus registration and normalisation
+    values when given (absent keys make gates that use them skip, see `evaluate`)."""
+    out: dict[str, float] = {}
+    if measurement is not None:
+        m = measurement.metrics
+        for name in ("stars", "fwhm_px", "fwhm_arcsec", "eccentricity", "hfr", "background", "background_rms",
+                     "noise", "psf_snr", "psf_fits", "saturated_stars", "fwhm_spread_px", "beta"):
+            out[name] = float(getattr(m, name))
+    if registration is not None:
+        out["reg_rms_px"] = float(registration.rms_px)
+        out["matched_fraction"] = float(registration.matched_fraction)
+        out["n_inliers"] = float(registration.n_inliers)
+    if scale is not None:
+        out["scale"] = float(scale)
+    if weight is not None:
+        out["weight"] = float(weight)
+    if extra:
+        out.update({k: float(v) for k, v in extra.items()})
+    return out
+
+
+def frame_record(
+    path: str,
+    measurement: Measurement | None,
+    registration: Registration | None,
+    verdict: Verdict | None,
+    *,
+    kind: str = "light",
+    status: str | None = None,
+    scale: float | None = None,
+    weight: float | None = None,
+) -> dict[str, Any]:
+    """The per-frame record of the stack report (design.md, "Stack report"), JSON-ready (NaN -> null).
+
+    Keys: path, kind, status ("stacked" / "rejected" / "failed"; default from the verdict and the
+    registration), reason, failed_gates, stars, fwhm_px, fwhm_arcsec, eccentricity, hfr, background, noise,
+    noise_method, psf_snr, reg_rms_px, matched_fraction, n_inliers, registration_method, transform (2x3
+    affine frame -> reference, 0-based, x = column, y = row; a homography's top two rows are written as
+    ``transform`` and the full 3x3 as ``homography``), scale, weight.
+    """
+    rec: dict[str, Any] = {"path": str(path), "kind": kind}
+    reasons: list[str] = []
+    if verdict is not None and not verdict.accepted:
+        reasons.append(f"rejected: {verdict.reason}")
+    if registration is not None and not registration.ok:
+        reasons.append(f"rejected: {registration.reason}")
+    if status is None:
+        status = "rejected" if reasons else "stacked"
+    rec["status"] = status
+    rec["reason"] = "; ".join(reasons) if reasons else (registration.reason if registration is not None else "")
+    rec["failed_gates"] = [r.name for r in verdict.failed] if verdict is not None else []
+    m = measurement.metrics if measurement is not None else None
+    for name in ("stars", "fwhm_px", "fwhm_arcsec", "eccentricity", "hfr", "background", "noise", "psf_snr"):
+        rec[name] = _json_num(getattr(m, name)) if m is not None else None
+    rec["noise_method"] = m.noise_method if m is not None else None
+    if registration is not None:
+        rec["reg_rms_px"] = _json_num(registration.rms_px)
+        rec["matched_fraction"] = _json_num(registration.matched_fraction)
+        rec["n_inliers"] = int(registration.n_inliers)
+        rec["registration_method"] = registration.method
+        if registration.ok:
+            mat = registration.matrix
+            rec["transform"] = [[float(v) for v in row] for row in mat[:2]]
+            if registration.model == "homography":
+                rec["homography"] = [[float(v) for v in row] for row in mat]
+        else:
+            rec["transform"] = None
+    else:
+        rec.update(reg_rms_px=None, matched_fraction=None, n_inliers=0, registration_method=None, transform=None)
+    rec["scale"] = _json_num(scale) if scale is not None else None
+    rec["weight"] = _json_num(weight) if weight is not None else None
+    return rec
