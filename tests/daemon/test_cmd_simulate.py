@@ -48,3 +48,33 @@ def test_simulate_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["simulate", str(tmp_path / "b"), "--lights", "3", "--trails", "7"]) == 1
     assert "only 3 lights" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "c"), "--width", "101"]) == 1
+
+
+@pytest.mark.parametrize("osc", [False, True])
+def test_inspect_classifies_every_simulated_frame(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  osc: bool) -> None:
+    out = tmp_path / "night"
+    argv = ["simulate", str(out), "--lights", "3", "--calibration", "2", "--width", "64", "--height", "48", "--quiet"]
+    if osc:
+        argv.append("--osc")
+    else:
+        argv += ["--filters", "L,Ha", "--dark-exposure", "300"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "truth" / "truth.json").read_text())
+    truth = {str(out / f["file"]): f for f in doc["frames"]}
+    seen = {str(Path(r["path"])): r for r in records if r.get("error") is None}
+    assert set(truth) <= set(seen)
+    for path, f in truth.items():
+        rec = seen[path]
+        assert rec["kind"] == f["kind"], path
+        assert rec["exposure_s"] == pytest.approx(f["exposure_s"])
+        assert rec["temperature_c"] == pytest.approx(f["temperature_c"])
+        assert rec["shape"] == [48, 64]
+        if f["kind"] in ("light", "flat"):
+            assert (rec["filter"] or "").lower() == f["filter"].lower()
+        if osc:
+            assert rec["bayer"] == "RGGB"
+    assert not [r for r in records if str(Path(r["path"])) not in truth]  # truth/ holds no frames
