@@ -1,0 +1,216 @@
+"""Band integrator: against numpy and the pure-Python reference, band-height invariance, weights,
+NaN/coverage rules, colour, .npy sources, large-scale rejection of trails, ccdproc.combine parity."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stackwatch.engine import integrate as I
+from stackwatch.engine import reject as R
+from stackwatch.engine.errors import StackwatchError
+
+from tests import naive
+
+
+def _frames(rng: np.random.Generator, n: int, h: int = 48, w: int = 64, sigma: float = 0.01) -> list[np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    sky = 0.2 + 0.05 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / 50.0)
+    return [(sky + rng.normal(0, sigma, (h, w))).astype(np.float32) for _ in range(n)]
+
+
+def test_no_rejection_equals_weighted_nanmean() -> None:
+    rng = np.random.default_rng(0)
+    fr = _frames(rng, 9)
+    fr[2][5, 5] = np.nan
+    fr[4][:, :3] = np.nan
+    w = rng.uniform(0.5, 2.0, 9)
+    res = I.integrate(fr, weights=w, rejection="none")
+    cube = np.stack(fr).astype(np.float64)
+    ok = np.isfinite(cube)
+    ref = np.nansum(cube * w[:, None, None], 0) / np.sum(ok * w[:, None, None], 0)
+    np.testing.assert_allclose(res.image, ref, rtol=2e-7)
+    assert res.image.dtype == np.float32
+    assert res.coverage[5, 5] == 8 and res.coverage[0, 0] == 8 and res.coverage[10, 10] == 9
+    np.testing.assert_allclose(res.weight_sum, np.sum(ok * w[:, None, None], 0), rtol=1e-6)
+    assert res.rej_low.sum() == 0 and res.rej_high.sum() == 0
+
+
+@pytest.mark.parametrize(("name", "n"), [("winsorized", 10), ("esd", 26), ("percentile", 4), ("linear_fit", 16)])
+def test_matches_pure_python_reference(name: str, n: int) -> None:
+    rng = np.random.default_rng(1)
+    fr = _frames(rng, n, h=12, w=14)
+    fr[1][3:5, :] += 0.3  # trail
+    fr[0][7, 7] = np.nan
+    w = rng.uniform(0.5, 2.0, n)
+    res = I.integrate(fr, weights=w, rejection=name, band_rows=5)
+    params = R.REJECTIONS[name].resolve(None)
+    cube = np.stack(fr)
+    worst = 0.0
+    mismatched = 0
+    for y in range(12):
+        for x in range(14):
+            vals = [float(v) for v in cube[:, y, x]]
+            codes = naive.reject(vals, name, params)
+            ref = naive.combine(vals, list(w), codes, use_median=False)
+            mismatched += codes.count(naive.LOW) != res.rej_low[y, x] or codes.count(naive.HIGH) != res.rej_high[y, x]
+            worst = max(worst, abs(ref - float(res.image[y, x])) / abs(ref))
+    allowed = 3 if name == "linear_fit" else 0  # non-unique LAD optimum, see test_reject
+    assert mismatched <= allowed
+    if mismatched == 0:
+        assert worst < 1e-6
+
+
+@pytest.mark.parametrize("rejection", ["winsorized", "esd", "sigma", "minmax", "mad"])
+@pytest.mark.parametrize("combination", ["mean", "median"])
+def test_band_height_invariance(rejection: str, combination: str) -> None:
+    rng = np.random.default_rng(2)
+    fr = _frames(rng, 26, h=37, w=29)
+    fr[3][10:12] += 0.5
+    fr[7][:, 4] = np.nan
+    w = rng.uniform(0.5, 2.0, 26)
+    results = [
+        I.integrate(fr, weights=w, rejection=rejection, combination=combination, band_rows=h) for h in (1, 5, 16, 37)
+    ]
+    for r in results[1:]:
+        for field in ("image", "rej_low", "rej_high", "coverage", "weight_sum"):
+            assert np.array_equal(getattr(r, field), getattr(results[0], field), equal_nan=True), field
+
+
+def test_budget_sets_band_rows() -> None:
+    assert I.band_rows_for(100, 6248, 4176, budget_bytes=1 << 30) == 304
+    assert I.band_rows_for(300, 6248, 4176, budget_bytes=1 << 30) == 109
+    assert I.band_rows_for(3, 100, 50, budget_bytes=1 << 30) == 50
+    rng = np.random.default_rng(3)
+    res = I.integrate(_frames(rng, 5, h=40, w=30), band_budget_bytes=5 * 30 * 5 * 20)
+    assert res.band_rows == 16
+
+
+def test_all_rejected_gives_median_and_no_data_gives_nan() -> None:
+    fr = [np.full((4, 4), v, np.float32) for v in (0.1, 0.2, 0.9)]
+    for f in fr:
+        f[0, 0] = np.nan
+    res = I.integrate(fr, rejection="range", params={"low": 0.5, "high": 0.05})  # rejects everything
+    assert res.image[1, 1] == pytest.approx(0.2)
+    assert res.rej_low[1, 1] + res.rej_high[1, 1] == 3
+    assert np.isnan(res.image[0, 0]) and res.coverage[0, 0] == 0 and res.weight_sum[0, 0] == 0
+
+
+def test_colour_per_channel_weights() -> None:
+    rng = np.random.default_rng(4)
+    mono = _frames(rng, 8, h=20, w=24)
+    fr = [np.stack([f, 2 * f, 3 * f]) for f in mono]
+    w = rng.uniform(0.5, 2.0, (8, 3))
+    res = I.integrate(fr, weights=w, rejection="none")
+    assert res.image.shape == (3, 20, 24)
+    cube = np.stack(fr).astype(np.float64)
+    for c in range(3):
+        ref = np.sum(cube[:, c] * w[:, c, None, None], 0) / w[:, c].sum()
+        np.testing.assert_allclose(res.image[c], ref, rtol=2e-7)
+
+
+def test_npy_and_masked_sources(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    fr = _frames(rng, 7, h=30, w=20)
+    paths = []
+    for i, f in enumerate(fr):
+        p = tmp_path / f"f{i}.npy"
+        np.save(p, f)
+        paths.append(p)
+    a = I.integrate([I.NpySource(p) for p in paths], rejection="winsorized", band_rows=7)
+    b = I.integrate(fr, rejection="winsorized", band_rows=30)
+    assert np.array_equal(a.image, b.image)
+    sat = np.zeros((30, 20), bool)
+    sat[4, 5] = True
+    c = I.integrate([I.MaskedSource(I.NpySource(paths[0]), sat), *[I.NpySource(p) for p in paths[1:]]])
+    assert c.coverage[4, 5] == 6 and c.coverage[0, 0] == 7
+    with pytest.raises(StackwatchError, match="cannot open frame store file"):
+        I.NpySource(tmp_path / "missing.npy")
+
+
+def test_user_errors() -> None:
+    a = np.zeros((4, 4), np.float32)
+    with pytest.raises(StackwatchError, match="no frames"):
+        I.integrate([])
+    with pytest.raises(StackwatchError, match="frame 1 has shape"):
+        I.integrate([a, np.zeros((4, 5), np.float32)])
+    with pytest.raises(StackwatchError, match="weights must"):
+        I.integrate([a, a], weights=[1.0, 0.0])
+    with pytest.raises(StackwatchError, match="unknown combination"):
+        I.integrate([a, a], combination="sum")
+    with pytest.raises(StackwatchError, match="unknown rejection"):
+        I.integrate([a, a], rejection="kappa")
+
+
+def test_auto_rejection_is_recorded() -> None:
+    rng = np.random.default_rng(6)
+    res = I.integrate(_frames(rng, 4, h=8, w=8), rejection="auto")
+    assert res.rejection == "percentile" and res.params == {"p_low": 0.2, "p_high": 0.1}
+
+
+def _trail(h: int, w: int, x0: float, y0: float, angle: float, width: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.abs((xx - x0) * np.sin(angle) - (yy - y0) * np.cos(angle))
+    return np.exp(-0.5 * (d / width) ** 2)
+
+
+@pytest.mark.parametrize("amp_sigma", [2.0, 5.0])
+def test_large_scale_rejection_removes_faint_trail(amp_sigma: float) -> None:
+    """A trail of a few sigma per pixel: pixel-wise rejection only catches its core; large-scale
+    rejection grows the detected core into the whole trail."""
+    rng = np.random.default_rng(7)
+    n, h, w, sigma = 12, 160, 200, 0.01
+    fr = [(0.2 + rng.normal(0, sigma, (h, w))).astype(np.float32) for _ in range(n)]
+    trail = _trail(h, w, 100, 80, 0.3, 1.5)
+    fr[5] = fr[5] + (amp_sigma * 2.5 * sigma * trail).astype(np.float32)
+    truth = 0.2
+    plain = I.integrate(fr, rejection="winsorized")
+    grown = I.integrate(fr, rejection="winsorized", large_scale=True)
+    sigma_stack = sigma / np.sqrt(n)
+    on = trail > 0.05
+    resid_plain = float(np.abs(np.mean(plain.image[on]) - truth))
+    resid_grown = float(np.abs(np.mean(grown.image[on]) - truth))
+    assert resid_grown < 0.3 * sigma_stack, (resid_plain, resid_grown)
+    assert resid_grown < resid_plain
+    assert grown.large_scale_pixels[5] > 0
+    # trail-free frames get (almost) no extra rejections
+    extra = sum(grown.large_scale_pixels) - grown.large_scale_pixels[5]
+    assert extra / (n * h * w) < 1e-4
+
+
+def test_large_scale_trail_free_field() -> None:
+    rng = np.random.default_rng(8)
+    fr = [(0.2 + rng.normal(0, 0.01, (120, 150))).astype(np.float32) for _ in range(10)]
+    res = I.integrate(fr, rejection="winsorized", large_scale=True)
+    assert sum(res.large_scale_pixels) / (10 * 120 * 150) < 1e-5
+    base = I.integrate(fr, rejection="winsorized")
+    assert np.array_equal(res.image, base.image)
+
+
+def test_ccdproc_combine_parity() -> None:
+    """ccdproc.combine(average, sigma_clip 3/3 around ma.mean with ma.std, one iteration) ==
+    our sigma rejection with centre=mean, ddof 0, max_iterations 1, min_n 0 (masters: no weights)."""
+    ccdproc = pytest.importorskip("ccdproc")
+    from astropy.nddata import CCDData
+
+    rng = np.random.default_rng(9)
+    n = 15
+    fr = _frames(rng, n, h=40, w=50)
+    fr[2][10:13] += 0.2
+    fr[6][:, 20] -= 0.1
+    ccds = [CCDData(f.astype(np.float64), unit="adu") for f in fr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = ccdproc.combine(
+            ccds, method="average", sigma_clip=True, sigma_clip_low_thresh=3, sigma_clip_high_thresh=3,
+            sigma_clip_func=np.ma.mean, sigma_clip_dev_func=np.ma.std,
+        )
+    ours = I.integrate(
+        fr, rejection="sigma",
+        params={"kappa_low": 3, "kappa_high": 3, "center_mean": 1, "ddof": 0, "max_iterations": 1, "min_n": 0},
+    )
+    rel = np.abs(ours.image - ref.data) / np.abs(ref.data)
+    assert float(rel.max()) < 1e-5
+    assert ours.rej_low[:, 20].sum() + ours.rej_high[10:13].sum() > 0  # the clipping did something

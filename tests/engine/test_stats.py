@@ -1,0 +1,151 @@
+"""Robust statistics and noise: against numpy/astropy, the B3 starlet against a direct convolution,
+and the MRS noise estimator against known Gaussian noise under stars and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.stats import biweight_midvariance as apy_bwmv
+from astropy.stats import mad_std
+from stackwatch.engine import stats
+
+from tests import naive
+
+
+@pytest.mark.parametrize("data", [
+    [1.0], [1.0, 2.0], [3.0, 3.0, 3.0, 7.0], [np.nan, 1.0, 5.0, 2.0], list(np.random.default_rng(0).normal(2, 3, 1001)),
+])
+def test_location_scale_against_numpy_astropy(data: list[float]) -> None:
+    a = np.array(data)
+    m, s = stats.robust_location_scale(a)
+    assert m == pytest.approx(float(np.nanmedian(a)), rel=1e-12)
+    assert s == pytest.approx(float(mad_std(a, ignore_nan=True)), rel=1e-6)
+    assert stats.sigma_mad(a) == s
+
+
+def test_all_nan_and_empty() -> None:
+    assert math.isnan(stats.sigma_mad(np.array([np.nan, np.nan])))
+    assert all(math.isnan(v) for v in stats.robust_location_scale(np.array([])))
+    assert math.isnan(stats.biweight_midvariance(np.array([np.nan])))
+    assert all(math.isnan(v) for v in stats.iks_location_scale(np.array([2.0, -1.0])))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_biweight_against_astropy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.2, 0.01, 500)
+    x[:20] = rng.uniform(0.5, 1.0, 20)
+    x[5] = np.nan
+    ours = stats.biweight_midvariance(x)
+    ref = float(apy_bwmv(x, ignore_nan=True))
+    assert ours == pytest.approx(ref, rel=1e-10)
+    # ties and a constant sample
+    ties = np.round(x[np.isfinite(x)], 3)
+    assert stats.biweight_midvariance(ties) == pytest.approx(float(apy_bwmv(ties)), rel=1e-10)
+    assert stats.biweight_midvariance(np.full(10, 0.3)) == 0.0
+
+
+def test_iks_location_scale_gaussian_with_outliers() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.25, 0.01, 50000)
+    x[:2000] = rng.uniform(0.3, 0.99, 2000)  # stars / nebula
+    loc, scale = stats.iks_location_scale(x)
+    assert loc == pytest.approx(0.25, abs=1e-3)
+    # 0.991 * sqrt(BWMV) of a clipped Gaussian: within a few percent of sigma
+    assert scale == pytest.approx(0.01, rel=0.05)
+
+
+def test_starlet_matches_direct_convolution() -> None:
+    rng = np.random.default_rng(2)
+    img = rng.normal(0, 1, (13, 17))
+    ws, cj = stats.starlet_transform(img, layers=3)
+    ref = img.tolist()
+    cur = ref
+    for j in range(3):
+        nxt = naive.starlet_smooth(cur, 1 << j)
+        wj = np.array(cur) - np.array(nxt)
+        np.testing.assert_allclose(ws[j], wj, atol=1e-12)
+        cur = nxt
+    np.testing.assert_allclose(cj, np.array(cur), atol=1e-12)
+    np.testing.assert_allclose(sum(ws) + cj, img, atol=1e-12)
+    w1 = stats.starlet_layer1(img.astype(np.float32))
+    np.testing.assert_allclose(w1, ws[0], atol=1e-6)
+
+
+def test_layer_noise_constants() -> None:
+    """Monte Carlo check of the starlet layer noise of unit white noise (§1.2 table)."""
+    rng = np.random.default_rng(8)
+    ws, _ = stats.starlet_transform(rng.normal(0, 1, (512, 512)), layers=3)
+    for j in range(3):
+        assert float(np.std(ws[j][32:-32, 32:-32])) == pytest.approx(stats.MRS_LAYER_NOISE[j], rel=0.03)
+
+
+def _sky(rng: np.random.Generator, h: int, w: int, sigma: float, stars: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.1 + 0.05 * xx / w + 0.04 * (yy / h) ** 2 + 0.01 * np.sin(xx / 90.0)
+    for _ in range(stars):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        amp = rng.uniform(5 * sigma, 0.6)
+        s = rng.uniform(0.8, 2.5)
+        r2 = (xx - x) ** 2 + (yy - y) ** 2
+        img += amp * np.exp(-r2 / (2 * s * s))
+    return img + rng.normal(0, sigma, (h, w))
+
+
+@pytest.mark.parametrize(("sigma", "seed"), [(0.002, 0), (0.005, 1), (0.01, 2), (0.0008, 3)])
+def test_mrs_noise_known_sigma(sigma: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    img = _sky(rng, 480, 600, sigma, 250).astype(np.float32)
+    est = stats.mrs_noise(img)
+    assert est.method == "MRS"
+    assert abs(est.sigma / sigma - 1) < 0.01, est
+    # the simple std is far off (stars, gradient): the test can fail
+    assert float(np.std(img)) > 2 * sigma
+
+
+def test_mrs_noise_nan_mask_and_window() -> None:
+    rng = np.random.default_rng(5)
+    sigma = 0.003
+    img = _sky(rng, 400, 500, sigma, 150).astype(np.float32)
+    img[:40, :] = np.nan  # outside the footprint
+    sat = np.zeros(img.shape, bool)
+    sat[200:210, 200:260] = True
+    img[sat] = 1.0
+    est = stats.mrs_noise(img, mask=sat)
+    assert abs(est.sigma / sigma - 1) < 0.015, est
+    win = stats.mrs_noise(img, mask=sat, window_px=256)
+    assert abs(win.sigma / sigma - 1) < 0.03, win
+
+
+def test_mrs_noise_fallback_and_degenerate() -> None:
+    flat = np.full((64, 64), 0.2, np.float32)
+    est = stats.mrs_noise(flat)
+    assert est.sigma == 0.0 or math.isnan(est.sigma) or est.method == "KSIGMA"
+    tiny = np.full((3, 3), np.nan, np.float32)
+    assert math.isnan(stats.mrs_noise(tiny).sigma)
+
+
+def test_ksigma_noise_of_first_layer() -> None:
+    rng = np.random.default_rng(9)
+    img = rng.normal(0.2, 0.01, (300, 300))
+    img[100:110, 100:110] += 0.5
+    w1 = stats.starlet_layer1(img)
+    assert stats.ksigma_noise(w1) / stats.MRS_LAYER_NOISE[0] == pytest.approx(0.01, rel=0.03)
+
+
+def test_cfa_noise_per_channel() -> None:
+    rng = np.random.default_rng(6)
+    h, w = 400, 480
+    sig = {"R": 0.004, "G": 0.002, "B": 0.006}
+    img = np.empty((h, w), np.float32)
+    pattern = "GRBG"
+    for k, colour in enumerate(pattern):
+        dy, dx = divmod(k, 2)
+        img[dy::2, dx::2] = rng.normal(0.1 + 0.05 * k, sig[colour], (h // 2, w // 2))
+    out = stats.cfa_noise(img, pattern)
+    for colour, s in sig.items():
+        assert out[colour] == pytest.approx(s, rel=0.02)
+    with pytest.raises(ValueError, match="unknown Bayer pattern"):
+        stats.cfa_noise(img, "RGBX")
