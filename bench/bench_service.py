@@ -181,8 +181,8 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             if not args.keep_files and i >= 2:
                 old = watch / f"bench_{i - 2:04d}.fits"  # the disk would fill over 300 x 52 MB
                 old.unlink(missing_ok=True)
-            lat = done[path.name] - closed[path.name]
-            print(f"frame {i:4d}: {results[path.name]:8s} latency {lat:6.3f} s   RSS {rss[-1]:7.0f} MB", flush=True)
+            one = done[path.name] - closed[path.name]
+            print(f"frame {i:4d}: {results[path.name]:8s} latency {one:6.3f} s   RSS {rss[-1]:7.0f} MB", flush=True)
     finally:
         service.request_stop()
         await runner

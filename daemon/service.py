@@ -647,6 +647,7 @@ class Service:
 
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)
+        self._arrived.pop(key, None)
         handle = self._retry_handles.pop(key, None)
         if handle is not None:
             handle.cancel()
