@@ -98,7 +98,7 @@ _NEBULA_COLOUR = np.array([0.62, 0.22, 0.16])
 class SimulationSpec:
     """Everything that defines a simulated night. All fields have defaults (the `small` preset).
 
-    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``, ``blurred``)
+    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``, ``blurred``, ``bright_sky``)
     are 0-based light indices in capture order (across filters: filter blocks follow each other).
     """
 
@@ -179,6 +179,7 @@ class SimulationSpec:
     extinction_mag: float = 0.2  # per airmass
     clouds: tuple[tuple[int, float], ...] = ()  # (light index, cloud transparency 0..1)
     cloud_sky_boost: float = 1.0  # sky *= 1 + boost * (1 - cloud transparency)
+    bright_sky: tuple[tuple[int, float], ...] = ()  # (light index, sky factor): moonrise, dawn, car headlights
     # transients
     trails: tuple[int, ...] = ()  # lights with a satellite trail
     aircraft: tuple[int, ...] = ()  # lights with an aircraft (two blinking wing lights)
@@ -446,6 +447,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     clouds = dict(spec.clouds)
     elong = {i: (e, a) for i, e, a in spec.elongated}
     blur = dict(spec.blurred)
+    bright = dict(spec.bright_sky)
     z = 0.0
     theta = 0.0
     drift = np.zeros(2)
@@ -489,6 +491,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         first_transparency.setdefault(filt, transparency)
         sky = spec.sky_e_per_s * spec.exposure_s * (1.0 + spec.sky_airmass_coeff * (airmass - 1.0))
         sky *= 1.0 + spec.cloud_sky_boost * (1.0 - cloud)
+        sky *= bright.get(i, 1.0)
         # light pollution grows towards the horizon; direction = parallactic angle seen in the frame
         g = spec.gradient_frac * airmass
         phi = q + math.pi / 2 - (theta + (math.pi if flipped else 0.0))
@@ -801,7 +804,7 @@ def render_frame(truth: Truth, frame: FrameTruth) -> np.ndarray:
             n = max(3, int(spec.width * spec.height / 1e6 * 200))
             sx = srng.uniform(0, spec.width, n)
             sy = srng.uniform(0, spec.height, n)
-            sf = 10 ** srng.uniform(3.0, 4.5, n) * (level_e / 2e4)
+            sf = 10 ** srng.uniform(3.5, 5.0, n) * (level_e / 2e4)
             fl = np.repeat(sf[:, None], 3, axis=1)
             _sky.render_stars(illum, sx, sy, fl, fwhm_px=spec.fwhm_px * 1.2, beta=spec.moffat_beta,
                               cmap=cmap if spec.osc else None)

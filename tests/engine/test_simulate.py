@@ -351,3 +351,18 @@ def test_field_dependent_psf() -> None:
                    field_psf=0.3, optical_centre=(20.0, 20.0), field_radius_px=200.0)
     assert out[:, :120].max() > 1.3 * out[:, 120:].max()
     assert abs(out.sum() / 2e5 - 1) < 0.01
+
+
+def test_bright_sky_and_sky_flats_with_stars() -> None:
+    spec = _spec(n_lights=3, bright_sky=((2, 3.0),), sky_flats_with_stars=True, n_flats=2, cosmics=False)
+    truth = S.make_truth(spec)
+    lights = truth.lights()
+    assert lights[2].sky_e is not None and lights[1].sky_e is not None
+    assert lights[2].sky_e == pytest.approx(3.0 * lights[1].sky_e, rel=0.02)
+    raw1 = S.render_light(truth, 1).astype(np.float64) - truth.bias_adu
+    raw2 = S.render_light(truth, 2).astype(np.float64) - truth.bias_adu
+    assert np.median(raw2) / np.median(raw1) == pytest.approx(3.0, rel=0.05)
+    f0 = S.render_frame(truth, truth.frame("flat", 0)).astype(np.float64)
+    f1 = S.render_frame(truth, truth.frame("flat", 1)).astype(np.float64)
+    diff = (f0 - f1) / np.sqrt(np.abs(f0 + f1) * spec.gain_e_per_adu) * spec.gain_e_per_adu
+    assert diff.max() > 8 and diff.min() < -8  # stars at different places in the two sky flats
