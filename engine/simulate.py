@@ -298,7 +298,7 @@ class FrameTruth:
     cloud: float | None = None  # cloud transparency (1 = clear)
     transparency: float | None = None  # extinction * cloud, relative to zenith in clear sky
     scale: float | None = None  # T_ref / T_i, ref = the first light of the same filter (light 1 for one filter)
-    sky_e: float | None = None  # mean sky level in the frame centre, electrons (L band sum)
+    sky_e: float | None = None  # sky level at the frame centre, electrons: mono through its filter; colour: R+G+B
     sky_poly: tuple[float, ...] | None = None  # (c00, c10, c01, c20, c11, c02) x level, in u, v
     trails: tuple[dict[str, Any], ...] = ()
     flat_star_seed: int | None = None  # sky flats with stars: seed of the star field of this flat
@@ -490,6 +490,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
         transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
         first_transparency.setdefault(filt, transparency)
         sky = spec.sky_e_per_s * spec.exposure_s * (1.0 + spec.sky_airmass_coeff * (airmass - 1.0))
+        if not spec.osc:  # what a mono pixel sees through the filter (L: everything)
+            sky *= float(_SKY_COLOUR @ np.array(_sky.FILTER_RESPONSE[filt.upper()]))
         sky *= 1.0 + spec.cloud_sky_boost * (1.0 - cloud)
         sky *= bright.get(i, 1.0)
         # light pollution grows towards the horizon; direction = parallactic angle seen in the frame
@@ -713,7 +715,8 @@ def sky_model_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) 
     sky += row
     sky += (p[5] * v * v).astype(np.float32)
     cmap, bands = _channel_setup(spec, frame.filter)
-    col = _SKY_COLOUR @ bands.T  # (C,)
+    # sky_poly is what a mono pixel sees through its filter; colour pixels see their band's share of it
+    col = _SKY_COLOUR @ bands.T if spec.osc else np.ones(1)  # (C,)
     if channel is not None:
         sky *= np.float32(col[channel])
         return sky
@@ -890,7 +893,9 @@ def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
     hdr["IMAGETYP"] = (_IMAGETYP[frame.kind], "Type of exposure")
     hdr["EXPOSURE"] = (float(frame.exposure_s), "[s] Exposure duration")
     hdr["EXPTIME"] = (float(frame.exposure_s), "[s] Exposure duration")
-    hdr["DATE-LOC"] = (frame.date_obs, "Time of observation (local)")
+    utc = _dt.datetime.fromisoformat(frame.date_obs)
+    hdr["DATE-LOC"] = (_fmt_time(utc + _dt.timedelta(hours=round(spec.longitude_deg / 15.0))),
+                       "Time of observation (local)")
     hdr["DATE-OBS"] = (frame.date_obs, "Time of observation (UTC)")
     hdr["XBINNING"] = (spec.binning, "X axis binning factor")
     hdr["YBINNING"] = (spec.binning, "Y axis binning factor")

@@ -366,3 +366,15 @@ def test_bright_sky_and_sky_flats_with_stars() -> None:
     f1 = S.render_frame(truth, truth.frame("flat", 1)).astype(np.float64)
     diff = (f0 - f1) / np.sqrt(np.abs(f0 + f1) * spec.gain_e_per_adu) * spec.gain_e_per_adu
     assert diff.max() > 8 and diff.min() < -8  # stars at different places in the two sky flats
+
+
+def test_sky_truth_through_filters() -> None:
+    spec = _spec(n_lights=2, filters=("L", "B"), target="none", cosmics=False, stars_per_mpix=100.0)
+    truth = S.make_truth(spec)
+    for f in truth.lights():
+        raw = S.render_frame(truth, f).astype(np.float64) - truth.bias_adu
+        comp_dark = truth.dark_e_per_s * f.exposure_s / spec.gain_e_per_adu
+        sky_adu = np.median((raw - comp_dark) / truth.response)
+        assert f.sky_e is not None
+        assert sky_adu == pytest.approx(f.sky_e / spec.gain_e_per_adu, rel=0.03), f.filter
+    assert truth.lights()[2].sky_e < 0.3 * truth.lights()[0].sky_e  # light pollution is faint in blue
