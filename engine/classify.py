@@ -112,6 +112,26 @@ class FrameInfo:
     subframe_origin: tuple[int, int] = (0, 0)
     rotator_deg: float | None = None
 
+    def __post_init__(self) -> None:
+        # JSON round trips (catalogue, library index) give lists: keep the tuple fields hashable
+        for name in ("binning", "shape", "subframe_origin"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+    @property
+    def calibration_key(self) -> tuple[Any, ...]:
+        """Frames with equal keys can be integrated into one master (temperature and date aside, which
+        are matched with tolerances): kind, :attr:`sensor_key`, the exposure in ms for darks and
+        flat-darks, and the filter for flats and lights."""
+        exposure_ms = (
+            round(self.exposure_s * 1000.0)
+            if self.kind in ("dark", "darkflat") and self.exposure_s is not None
+            else None
+        )
+        filt = self.filter if self.kind in ("flat", "light") else ""
+        return (self.kind, *self.sensor_key, exposure_ms, filt)
+
     @property
     def is_calibration(self) -> bool:
         """True for bias, dark, flat and flat-dark frames."""

@@ -303,3 +303,24 @@ def test_matching_keys() -> None:
     a = classify(fits.Header({"INSTRUME": "cam", "GAIN": 100, "READOUTM": "High Gain"}), "a.fits")
     b = classify(fits.Header({"INSTRUME": "cam", "GAIN": 100, "READOUTM": "Low Noise"}), "a.fits")
     assert a.sensor_key != b.sensor_key
+
+
+def test_json_round_trip_and_calibration_key() -> None:
+    import dataclasses
+    import json
+
+    info = classify(_fixture("ekos_dark.txt"), "/x/Darks/d1.fits")
+    back = type(info)(**json.loads(json.dumps(dataclasses.asdict(info))))
+    assert back == info and hash(back.sensor_key) == hash(info.sensor_key)
+    assert info.calibration_key[0] == "dark" and info.calibration_key[-2] == 60000
+    h = _fixture("ekos_dark.txt")
+    h["EXPTIME"] = 120.0
+    longer = classify(h, "/x/Darks/d2.fits")
+    assert longer.calibration_key != info.calibration_key
+    h = _fixture("ekos_dark.txt")
+    h["CCD-TEMP"] = 25.0
+    warmer = classify(h, "/x/Darks/d3.fits")
+    assert warmer.calibration_key == info.calibration_key  # temperature is matched with a tolerance
+    flat_l = classify(fits.Header({"IMAGETYP": "FLAT", "FILTER": "L"}), "f.fits")
+    flat_r = classify(fits.Header({"IMAGETYP": "FLAT", "FILTER": "R"}), "f.fits")
+    assert flat_l.calibration_key != flat_r.calibration_key
