@@ -53,11 +53,16 @@ _STATS_SAMPLES = 600_000  # pixels per channel for the median/MAD statistics (me
 
 @dataclass(frozen=True)
 class StretchParams:
-    """Screen transfer function of one channel: clip below `shadows`, MTF with `midtones`, top 1."""
+    """Screen transfer function of one channel: clip below `shadows`, MTF with `midtones`, top 1.
+
+    Data outside [0, 1] (a stack in ADU, negative pedestal-free values) are first mapped onto
+    [0, 1] with `offset` and `span`; for ordinary data in [0, 1] these are 0 and 1."""
 
     shadows: float
     midtones: float
     highlights: float = 1.0
+    offset: float = 0.0  # data are first mapped to (x - offset) / span: identity for data in [0, 1]
+    span: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,24 +149,32 @@ def stf_params(
     if not 0.0 < target_background < 1.0:
         raise StackwatchError(f"stretch target background must be in (0, 1), got {target_background}")
     chans = _channels(image)
-    stats = [_median_madn(_sample(c)) for c in chans]
+    samples = [_sample(c) for c in chans]
+    ranges = [(min(0.0, float(v.min())), max(1.0, float(v.max()))) if v.size else (0.0, 1.0) for v in samples]
+    if linked:
+        common = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+        ranges = [common for _ in ranges]
+    stats = []
+    for v, (lo, hi) in zip(samples, ranges):
+        med, madn = _median_madn(v)
+        stats.append(((med - lo) / (hi - lo), madn / (hi - lo)))
 
-    def one(med: float, madn: float) -> StretchParams:
-        c0 = min(max(med + shadows_clip * madn, 0.0), 1.0)
-        if madn == 0.0:  # constant image (or nothing finite): show it mid-grey rather than dividing by 0
-            c0 = min(max(med - 1e-6, 0.0), 1.0)
+    def balance(med: float, c0: float) -> float:
         d = (med - c0) / (1.0 - c0) if c0 < 1.0 else 0.0
-        m = float(mtf(target_background, d)) if d > 0.0 else 0.5
-        return StretchParams(shadows=float(c0), midtones=m)
+        return float(mtf(target_background, d)) if d > 0.0 else 0.5
 
+    out = []
+    for (med, madn), (lo, hi) in zip(stats, ranges):
+        c0 = min(max(med + shadows_clip * madn, 0.0), 1.0)
+        if madn == 0.0:  # constant image (or nothing finite): show it on the target rather than dividing by 0
+            c0 = min(max(med - 1e-6, 0.0), 1.0)
+        out.append(StretchParams(shadows=float(c0), midtones=balance(med, c0), offset=lo, span=hi - lo))
     if linked and len(stats) > 1:
         med = float(np.mean([s[0] for s in stats]))
-        c0 = float(np.mean([min(max(s[0] + shadows_clip * s[1], 0.0), 1.0) for s in stats]))
-        d = (med - c0) / (1.0 - c0) if c0 < 1.0 else 0.0
-        m = float(mtf(target_background, d)) if d > 0.0 else 0.5
-        p = StretchParams(shadows=c0, midtones=m)
+        c0 = float(np.mean([p.shadows for p in out]))
+        p = StretchParams(shadows=c0, midtones=balance(med, c0), offset=ranges[0][0], span=ranges[0][1] - ranges[0][0])
         return tuple(p for _ in stats)
-    return tuple(one(med, madn) for med, madn in stats)
+    return tuple(out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -212,7 +225,8 @@ def downsample(image: np.ndarray, *, max_px: int = 2048) -> tuple[np.ndarray, in
 
 @njit(cache=True, nogil=True, parallel=True)
 def _stretch_kernel(
-    src: np.ndarray, c0: np.ndarray, m: np.ndarray, out: np.ndarray, hist: np.ndarray
+    src: np.ndarray, c0: np.ndarray, m: np.ndarray, off: np.ndarray, span: np.ndarray, out: np.ndarray,
+    hist: np.ndarray
 ) -> None:
     c_n, h, w = src.shape
     nthreads_hist = hist.shape[0]
@@ -224,13 +238,17 @@ def _stretch_kernel(
             for c in range(c_n):
                 s = c0[c]
                 mm = m[c]
+                o = off[c]
+                inv_span = 1.0 / span[c]
                 scale = 1.0 / (1.0 - s) if s < 1.0 else 0.0
                 for x in range(w):
                     v = src[c, y, x]
                     if np.isnan(v):
                         out[y, x, c] = 0
                         continue
-                    xn = (v - s) * scale
+                    xn = ((v - o) * inv_span - s) * scale
+                    if s >= 1.0:
+                        xn = 1.0 if (v - o) * inv_span >= 1.0 else 0.0
                     if xn <= 0.0:
                         r = 0.0
                     elif xn >= 1.0:
@@ -257,7 +275,9 @@ def apply_stretch(small: np.ndarray, params: tuple[StretchParams, ...]) -> tuple
     hist = np.zeros((nt, c_n, 256), dtype=np.int64)
     c0 = np.array([p.shadows for p in params], dtype=np.float64)
     m = np.array([p.midtones for p in params], dtype=np.float64)
-    _stretch_kernel(src, c0, m, out, hist)
+    off = np.array([p.offset for p in params], dtype=np.float64)
+    span = np.array([p.span if p.span > 0 else 1.0 for p in params], dtype=np.float64)
+    _stretch_kernel(src, c0, m, off, span, out, hist)
     return out, hist.sum(axis=0)
 
 

@@ -180,3 +180,14 @@ def test_26mp_preview_renders_within_size() -> None:
     assert (prev.width, prev.height) == (1562, 1044) and prev.factor == 4
     c0, _ = _naive_stf(img[::4, ::4])
     assert abs(prev.params[0].shadows - c0) < 0.05 * 0.002
+
+
+def test_data_outside_unit_range_is_mapped_first() -> None:
+    rng = np.random.default_rng(9)
+    adu = (3000 + 100 * rng.standard_normal((300, 300))).astype(np.float32)  # a stack left in ADU
+    assert abs(np.median(decode_png(pv.render_preview(adu).png)) - 64) <= 1
+    unit = adu / np.float32(65535)
+    (p,) = pv.stf_params(unit)
+    assert (p.offset, p.span) == (0.0, 1.0)  # ordinary data: identity mapping, the PixInsight definition
+    neg = (0.001 * rng.standard_normal((300, 300))).astype(np.float32)  # sky-subtracted, around 0
+    assert abs(np.median(decode_png(pv.render_preview(neg).png)) - 64) <= 2

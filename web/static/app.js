@@ -487,10 +487,11 @@
     if (!m || typeof m !== "object") return "–";
     return Object.entries(m).map(([k, v]) => `${k}: ${String(v).split(" (")[0]}`).join(", ") || "–";
   }
+  function isLight(f) { return f.kind === undefined || f.kind === null || f.kind === "light"; }
   function visibleFrames() {
-    let list = [...state.frames.values()];
     const flt = state.filter;
-    if (flt === "stack") list = list.filter((f) => state.selected && f.stack_id === state.selected.id);
+    let list = [...state.frames.values()].filter((f) => (flt === "calibration") !== isLight(f));
+    if (flt === "calibration") { /* calibration files only */ } else if (flt === "stack") list = list.filter((f) => state.selected && f.stack_id === state.selected.id);
     else if (flt !== "all") list = list.filter((f) => f.status === flt);
     const { key, dir } = state.sort;
     const val = (f) => (key === "time" ? timeOf(f) : key === "masters" ? mastersText(f.masters) : f[key]);
@@ -519,8 +520,9 @@
     });
     $("#frame-table tbody").replaceChildren(...rows);
     state.fresh.clear();
-    const rejected = [...state.frames.values()].filter((f) => f.status === "rejected").length;
-    $("#frame-count").textContent = `(${list.length} shown, ${state.frames.size} total, ${rejected} rejected)`;
+    const lights = [...state.frames.values()].filter(isLight);
+    const rejected = lights.filter((f) => f.status === "rejected").length;
+    $("#frame-count").textContent = `(${list.length} shown, ${lights.length} lights, ${rejected} rejected)`;
     for (const th of document.querySelectorAll("#frame-table th")) {
       th.classList.toggle("sorted-asc", th.dataset.key === state.sort.key && state.sort.dir > 0);
       th.classList.toggle("sorted-desc", th.dataset.key === state.sort.key && state.sort.dir < 0);
@@ -589,7 +591,7 @@
 
   // ------------------------------------------------------------------ charts
   function chartData(metric) {
-    const list = [...state.frames.values()].filter((f) => timeOf(f) !== null).sort((a, b) => timeOf(a) - timeOf(b));
+    const list = [...state.frames.values()].filter((f) => isLight(f) && timeOf(f) !== null).sort((a, b) => timeOf(a) - timeOf(b));
     const xs = [], good = [], bad = [];
     for (const f of list) {
       const v = f[metric];
