@@ -300,6 +300,10 @@ class Service:
         self._warnings: deque[str] = deque(maxlen=50)
         self._activity = "starting"
         self._paused_reason = ""
+        self._pause_episode = False
+        self._pause_logged_resume = False
+        self._resume_free_bytes = 0.0
+        self._paused_at = 0.0
         self._watch_missing = False
         self._in_flight: str | None = None
         self._since_checkpoint = 0
@@ -747,6 +751,7 @@ class Service:
             self._in_flight = None
         elapsed = self._clock() - t0
         self._last_processed = self._clock()
+        self._pause_episode = False
         status = str(record.get("status"))
         if status not in DONE_STATUSES:
             record = {**record, "status": "failed", "reason": f"pipeline returned status {status!r}"}
@@ -1009,7 +1014,12 @@ class Service:
                 await self._initial_scan()
 
     def _check_disk(self) -> None:
-        """Pause when the state folder has less free space than configured; resume when it is back."""
+        """Pause when the state folder has less free space than configured; resume when it is back.
+
+        After a write failed with ENOSPC, resuming also needs clearly more room than there was at the
+        failure (twice as much plus 1 MB), so a too-small gap does not make the service flap; or, for
+        failures that free space does not explain (a quota), a retry every 6 check intervals.
+        """
         need = float(self.config.service.min_free_space_mb) * 1024 * 1024
         try:
             free = float(self._free_bytes(self.state_dir))
@@ -1018,21 +1028,40 @@ class Service:
         if free < need:
             self._pause(f"state folder {self.state_dir} has {free / 2**20:.0f} MB free, "
                         f"less than service.min_free_space_mb = {self.config.service.min_free_space_mb:g}")
-        elif self._paused_reason:
-            _log.info("free space is back on %s: processing resumes", self.state_dir)
+        elif self._paused_reason and (
+            free >= self._resume_free_bytes
+            or self._clock() - self._paused_at >= 6 * float(self.config.service.disk_check_interval_s)
+        ):
+            if free < self._resume_free_bytes:
+                _log.debug("retrying after a failed write on %s (%.0f MB free)", self.state_dir, free / 2**20)
+            elif not self._pause_logged_resume:
+                _log.info("free space is back on %s (%.0f MB): processing resumes", self.state_dir, free / 2**20)
+                self._pause_logged_resume = True
             self._paused_reason = ""
+            self._resume_free_bytes = 0.0
             self._activity = "idle"
             self.events.emit("status", self.status())
             self.notifier.status(self._status_line())
 
-    def _pause(self, reason: str) -> None:
-        if self._paused_reason != reason:
-            first = not self._paused_reason
-            self._paused_reason = reason
-            self._activity = f"paused: {reason}; resumes when space is freed"
-            if first:
-                self._warn(f"processing paused: {reason}; frames keep queueing and resume when space is freed")
-            self.notifier.status(self._activity)
+    def _pause(self, reason: str, *, failed_write: bool = True) -> None:
+        """Stop taking frames until ``_check_disk`` sees enough room. One warning per episode: the
+        episode ends when a frame is processed again."""
+        if failed_write and "MB free, less than" not in reason:
+            try:
+                free = float(self._free_bytes(self.state_dir))
+            except OSError:
+                free = 0.0
+            self._resume_free_bytes = max(self._resume_free_bytes, 2 * free + 2**20)
+        if self._paused_reason == reason:
+            return
+        self._paused_reason = reason
+        self._paused_at = self._clock()
+        self._activity = f"paused: {reason}; resumes when space is freed"
+        if not self._pause_episode:
+            self._pause_episode = True
+            self._pause_logged_resume = False
+            self._warn(f"processing paused: {reason}; frames keep queueing and resume when space is freed")
+        self.notifier.status(self._activity)
 
     def _warn(self, message: str) -> None:
         _log.warning(message)

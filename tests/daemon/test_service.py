@@ -43,8 +43,9 @@ class FakePipeline:
 
     def __init__(self, config: Config, state_dir: Path, *, delay_s: float = 0.0,
                  fail_once: dict[str, BaseException] | None = None, recal_delay_s: float = 0.0,
-                 watch: Path | None = None) -> None:
+                 watch: Path | None = None, store_bytes: int = 0) -> None:
         self.path = state_dir / "fake_pipeline.json"
+        self.store_bytes = store_bytes  # like the frame store: bytes written under state_dir per frame
         self.recal_delay_s = recal_delay_s
         self.watch = watch or state_dir.parent / "watch"
         self.delay_s = delay_s
@@ -91,6 +92,19 @@ class FakePipeline:
                 return {**rec, "status": "rejected", "reason": "few_stars: stars < 15"}
             st = self.state["stacks"].setdefault(sid, {"id": sid, "target": info.object, "filter": info.filter,
                                                        "frames": {}, "version": 0})
+            if self.store_bytes:
+                store = self.path.parent / "frames"
+                store.mkdir(exist_ok=True)
+                tmp = store / (path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(b"\0" * self.store_bytes)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                os.replace(tmp, store / (path.name + ".npy"))
             if path.name in st["frames"]:
                 self.state["double"] += 1  # would be a double stacking without idempotence
             st["frames"][path.name] = float(data.mean())
@@ -353,6 +367,54 @@ async def test_disk_full_pauses_then_resumes(tmp_path: Path) -> None:
         await wait_for(lambda: statuses(service).get("l1.fits") == "stacked", what="retry after ENOSPC")
         assert any("full" in w for w in service.status()["warnings"])
         assert h.pipelines[0].calls.count("l1.fits") == 2
+    finally:
+        service.request_stop()
+        await runner
+        await service.shutdown()
+
+
+@pytest.fixture
+def small_state_disk(tmp_path: Path) -> Any:
+    """A 4 MB tmpfs as the state folder (needs root and mount rights; skips otherwise)."""
+    mnt = tmp_path / "state"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+async def test_real_full_disk_pauses_then_resumes(tmp_path: Path, small_state_disk: Path) -> None:
+    """The state folder really fills up (ENOSPC from the file system, SQLite 'disk is full')."""
+    h = Harness(tmp_path, store_bytes=400_000)
+    cfg = fast_config()
+    cfg.service.min_free_space_mb = 0.01  # let the writes themselves hit ENOSPC
+    service = Service(cfg, watch_dir=h.watch, state_dir=small_state_disk,
+                      pipeline_factory=lambda c, s: FakePipeline(c, s, store_bytes=400_000))
+    await service.startup()
+    runner = asyncio.create_task(service.run())
+    ballast = small_state_disk / "ballast"
+    try:
+        free = shutil.disk_usage(small_state_disk).free
+        ballast.write_bytes(b"\0" * max(0, free - 1_000_000))  # about two frames of room left
+        for i in range(6):
+            write_frame(h.watch / f"l{i}.fits", value=1000 + i)
+        await wait_for(lambda: service.status()["paused"], what="pause on a full disk")
+        st = service.status()
+        assert "full" in st["activity"] and st["frames"]["stacked"] < 6
+        assert st["frames"]["failed"] == 0  # nothing is given up because of the disk
+        stacked_while_full = st["frames"]["stacked"]
+        await asyncio.sleep(0.5)
+        assert service.status()["frames"]["stacked"] == stacked_while_full
+        ballast.unlink()  # the user frees space
+        await wait_for(lambda: service.status()["frames"]["stacked"] == 6, timeout_s=30, what="resume")
+        assert not service.status()["paused"]
+        assert set(statuses(service).values()) == {"stacked"}
     finally:
         service.request_stop()
         await runner
