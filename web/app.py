@@ -32,6 +32,7 @@ import hmac
 import io
 import ipaddress
 import json
+import logging
 import math
 import re
 import time
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+_log = logging.getLogger("stackwatch.web")
 
 # Ids only ever select an entry of the service's memory; the pattern bounds their size and keeps out
 # separators and control characters (anything else, e.g. a target name with spaces, is allowed).
@@ -745,8 +747,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 if products is None or products.get("image") is None:
                     continue
                 for layer, size, linked, strength in variants:
-                    with contextlib.suppress(KeyError, StackwatchError):
+                    try:
                         await cache.get(stack_id, products, layer, size, linked, strength)
+                    except (KeyError, StackwatchError):
+                        pass  # that layer does not exist (yet) for this stack
+                    except Exception:  # a bug, but the pre-renderer must outlive it: log and go on
+                        _log.exception("pre-rendering the preview of stack %s failed", stack_id)
 
     service.add_listener(on_event)
     task = asyncio.create_task(prerender())

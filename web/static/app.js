@@ -354,7 +354,14 @@
       $("#viewer-empty").hidden = true;
       loadHistogram(`${base}/histogram?${previewQuery()}`);
     };
-    pre.onerror = () => { if (seq === previewSeq) $("#viewer-empty").hidden = false; };
+    pre.onerror = () => {
+      if (seq !== previewSeq) return;
+      const empty = $("#viewer-empty");
+      empty.textContent = state.layer !== "image" ? "This stack has no such map (yet)." : "Waiting for the first stacked frame…";
+      empty.hidden = false;
+      img.removeAttribute("src");
+      delete img.dataset.src;
+    };
     pre.src = url;
   }
   async function loadHistogram(url) {
@@ -647,14 +654,27 @@
     if (m.offset !== undefined && m.offset !== null) parts.push(`offset ${m.offset}`);
     if (m.temperature_c !== undefined && m.temperature_c !== null) parts.push(`${num(m.temperature_c, 1)} °C`);
     if (m.binning) parts.push(`bin ${Array.isArray(m.binning) ? m.binning.join("×") : m.binning}`);
+    if (!parts.length) {  // an unfamiliar record: show its other plain fields
+      for (const [k, v] of Object.entries(m)) {
+        if (["id", "kind", "name", "path", "camera", "ncombine", "age_days", "members"].includes(k)) continue;
+        if (typeof v === "number" || (typeof v === "string" && v.length < 40)) parts.push(`${k} ${typeof v === "number" ? num(v, "sig") : v}`);
+        if (parts.length >= 6) break;
+      }
+    }
     return parts.join(" · ") || "–";
+  }
+  function masterCount(m) {
+    if (typeof m.ncombine === "number") return m.ncombine;
+    if (typeof m.n === "number") return m.n;
+    if (Array.isArray(m.members)) return m.members.length;
+    return typeof m.members === "number" ? m.members : null;
   }
   function renderMasters() {
     const rows = state.masters.map((m) => el("tr", null,
       el("td", { text: m.kind || "–" }), el("td", { text: m.camera || "–" }), el("td", { text: masterKey(m) }),
-      el("td", { class: "num", text: num(m.ncombine, "int") }),
+      el("td", { class: "num", text: num(masterCount(m), "int") }),
       el("td", { class: "num", text: m.age_days === undefined || m.age_days === null ? "–" : `${num(m.age_days, 1)} d` }),
-      el("td", { text: m.name || m.path || "–" })));
+      el("td", { text: m.name || (m.path ? String(m.path).split("/").pop() : null) || m.id || "–" })));
     $("#masters tbody").replaceChildren(...rows);
   }
 
