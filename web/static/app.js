@@ -517,10 +517,10 @@
     const rows = list.map((f) => {
       const status = f.excluded ? "excluded" : (f.status || "pending");
       const tr = el("tr", { class: `${f.status || ""}${f.excluded ? " excluded" : ""}${state.fresh.has(f.id) ? " fresh" : ""}`, "data-id": String(f.id) });
-      for (const [key, fmt, cls] of COLS) tr.append(el("td", { class: cls, text: fmt(f), "data-k": key }));
+      const cell = ([key, fmt, cls]) => el("td", { class: cls, text: fmt(f), "data-k": key });
       const st = el("td", { class: `status ${f.status || ""}` }, el("span", { text: status }));
       if (f.reason) st.append(el("div", { class: "reason", text: f.reason }));
-      tr.append(st);
+      tr.append(...COLS.slice(0, 2).map(cell), st, ...COLS.slice(2).map(cell));
       tr.append(el("td", { class: "masters", text: mastersText(f.masters), title: f.masters ? Object.entries(f.masters).map(([k, v]) => `${k}: ${v}`).join("\n") : "" }));
       tr.onclick = () => showFrame(f.id);
       return tr;
