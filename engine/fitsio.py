@@ -501,8 +501,21 @@ def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]
 def read_header(path: str | os.PathLike[str]) -> fits.Header:
     """Header of the image HDU (primary, or first image extension), without reading pixel data.
 
-    The header is returned as stored in the file (not rewritten); use :func:`bayer_pattern` and
-    :func:`image_shape` on it for the effective values. Raises FrameError when there is no image HDU.
+    Parameters
+    ----------
+    path : str or PathLike
+        A FITS file (plain, .gz or .fz).
+
+    Returns
+    -------
+    astropy.io.fits.Header
+        As stored in the file (not rewritten); :func:`bayer_pattern` and :func:`image_shape` on it give
+        the values :func:`read_image` would report.
+
+    Raises
+    ------
+    FrameError
+        Missing, unreadable, or no image HDU.
     """
     spath = os.fspath(path)
     hdul = _open(spath)
@@ -587,8 +600,25 @@ def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
 
     Uses a memory map (only those rows are read) for uncompressed files and decompresses only the
     tiles holding those rows for .fz files; .gz files are decompressed whole on every call (a band
-    integrator should not read .gz frames band by band). Returns float32 (y1 - y0, W) or (3, y1 - y0, W). The data-dependent scale
-    decision (float and signed files) is made once per file version and cached.
+    integrator should not read .gz frames band by band). The data-dependent scale decision (float and
+    signed files) is made once per file version and cached.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A FITS file (plain, .gz or .fz).
+    y0, y1 : int
+        First row and one past the last row, top-down, ``0 <= y0 <= y1 <= H``.
+
+    Returns
+    -------
+    np.ndarray
+        float32 (y1 - y0, W) or (3, y1 - y0, W), native-endian, C-contiguous.
+
+    Raises
+    ------
+    FrameError
+        Unreadable or truncated file, or rows outside the image.
     """
     spath = os.fspath(path)
     hdul = _open(spath)
