@@ -1,0 +1,215 @@
+"""Star detection and frame metrics against rendered truth and the night simulator (§6)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from stackwatch.engine.errors import StackwatchError
+from stackwatch.engine.simulate_sky import render_stars
+from stackwatch.engine.stars import (
+    FLAG_EDGE,
+    FLAG_SATURATED,
+    fit_psf,
+    luminance,
+    measure,
+    pixel_scale_arcsec,
+)
+
+H, W = 400, 500
+
+
+def _field(*, fwhm: float = 3.0, ecc: float = 0.0, angle: float = 30.0, beta: float = 4.0, n: int = 300,
+           transparency: float = 1.0, seed: int = 1, sky: float = 800.0, read: float = 5.0,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(5, W - 5, n)
+    ys = rng.uniform(5, H - 5, n)
+    fl = 10 ** (rng.uniform(0, 1, n) ** 0.6 * 2.5 + 2.5)
+    img = np.full((H, W), sky, dtype=np.float32)
+    render_stars(img, xs, ys, fl * transparency, fwhm_px=fwhm, eccentricity=ecc, angle_deg=angle, beta=beta)
+    img = rng.poisson(img).astype(np.float32) + rng.normal(0, read, (H, W)).astype(np.float32)
+    return (img / 65535.0).astype(np.float32), xs, ys, fl
+
+
+@pytest.mark.parametrize(("fwhm", "beta"), [(2.2, 4.0), (3.0, 2.5), (3.0, 4.0), (4.5, 4.0), (6.0, 3.0)])
+def test_fwhm_within_5_percent_of_truth(fwhm: float, beta: float) -> None:
+    img, *_ = _field(fwhm=fwhm, beta=beta, ecc=0.1)
+    m = measure(img)
+    assert m.metrics.psf_fits >= 20
+    assert abs(m.metrics.fwhm_px / fwhm - 1.0) < 0.05, m.metrics
+    assert m.metrics.eccentricity <= 0.3
+
+
+def test_gaussian_model_option() -> None:
+    img, *_ = _field(fwhm=3.5, beta=8.0)
+    m = measure(img, psf_model="gaussian")
+    assert abs(m.metrics.fwhm_px / 3.5 - 1.0) < 0.08  # a Gaussian fit to beta 8 Moffat stars
+    with pytest.raises(StackwatchError, match="PSF model"):
+        measure(img, psf_model="airy")
+
+
+def test_eccentricity_trailed_and_round() -> None:
+    round_m = measure(_field(ecc=0.0, seed=3)[0])
+    trail_m = measure(_field(ecc=0.85, angle=70.0, seed=3)[0])
+    assert round_m.metrics.eccentricity <= 0.3
+    assert trail_m.metrics.eccentricity > 0.6
+    assert abs(trail_m.metrics.eccentricity - 0.85) < 0.05
+
+
+def test_star_count_drops_with_transparency() -> None:
+    counts = [measure(_field(transparency=t, seed=5)[0]).metrics.stars for t in (1.0, 0.6, 0.3, 0.1)]
+    assert counts[0] > counts[1] > counts[2] > counts[3]
+    assert counts[3] < 0.5 * counts[0]
+
+
+def test_positions_match_truth() -> None:
+    img, xs, ys, _fl = _field(fwhm=3.0, seed=7)
+    m = measure(img)
+    t = m.stars
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.column_stack([xs, ys]))
+    d, j = tree.query(np.column_stack([t.x, t.y]))
+    # unresolved true pairs (closer than ~2.5 FWHM) are one detection: compare isolated stars
+    nn = tree.query(np.column_stack([xs[j], ys[j]]), k=2)[0][:, 1]
+    bright = (t.snr > 50) & (t.flags == 0) & (nn > 8.0)
+    assert bright.sum() > 30
+    assert np.all(d[bright] < 0.5)
+    rms = float(np.sqrt(np.mean(d[bright] ** 2)))
+    assert rms < 0.05, rms
+    # sorted by flux, brightest first
+    assert np.all(np.diff(t.flux) <= 0)
+
+
+def test_saturated_and_edge_flags() -> None:
+    img, *_ = _field(seed=9, n=100)
+    img = img.copy()
+    # a saturated star in the middle, a star at the border
+    render = np.zeros_like(img)
+    render_stars(render, np.array([250.0, 3.0]), np.array([200.0, 150.0]), np.array([5e6, 5e4]), fwhm_px=3.0)
+    img += render / 65535.0
+    sat_level = 0.5
+    sat = img >= sat_level
+    img[sat] = sat_level
+    m = measure(img, saturated=sat, saturation=sat_level)
+    t = m.stars
+    k = int(np.argmin(np.hypot(t.x - 250.0, t.y - 200.0)))
+    assert t.flags[k] & FLAG_SATURATED
+    assert np.isnan(t.fwhm[k])  # never fitted
+    e = np.hypot(t.x - 3.0, t.y - 150.0)
+    if e.min() < 3:
+        assert t.flags[int(np.argmin(e))] & FLAG_EDGE
+    assert m.metrics.saturated_stars >= 1
+
+
+@pytest.mark.parametrize("case", ["empty", "all_nan", "one_star", "two_stars", "tiny", "constant", "nan_half"])
+def test_never_crashes(case: str) -> None:
+    rng = np.random.default_rng(0)
+    img = (800.0 + rng.normal(0, 5.0, (H, W))).astype(np.float32) / 65535.0
+    if case == "all_nan":
+        img[:] = np.nan
+    elif case in ("one_star", "two_stars"):
+        r = np.zeros((H, W), dtype=np.float32)
+        n = 1 if case == "one_star" else 2
+        render_stars(r, np.array([200.0, 300.0][:n]), np.array([180.0, 220.0][:n]), np.array([1e5, 2e5][:n]), fwhm_px=3.0)
+        img = img + r / 65535.0
+    elif case == "tiny":
+        img = img[:5, :5]
+    elif case == "constant":
+        img = np.full((H, W), 0.1, dtype=np.float32)
+    elif case == "nan_half":
+        img, *_ = _field(seed=2)
+        img = img.copy()
+        img[:, : W // 2] = np.nan
+    m = measure(img)
+    if case in ("empty", "all_nan", "tiny", "constant"):
+        assert m.metrics.stars == 0 and len(m.stars) == 0
+        assert m.metrics.reason
+    if case == "one_star":
+        assert m.metrics.stars == 1 and len(m.stars) == 1
+        assert math.isnan(m.metrics.fwhm_px) and "PSF fits" in m.metrics.reason
+    if case == "nan_half":
+        assert m.metrics.stars > 50
+        assert np.all(m.stars.x > W // 2 - 1)
+        # stars next to the NaN region are edge stars
+        near = m.stars.x < W // 2 + 5
+        assert np.all(m.stars.flags[near] & FLAG_EDGE)
+
+
+def test_colour_frame_measured_on_luminance() -> None:
+    img, *_ = _field(seed=4)
+    rgb = np.stack([img * 0.8, img, img * 1.2])
+    m3 = measure(rgb)
+    m1 = measure(img)
+    assert m3.metrics.stars == pytest.approx(m1.metrics.stars, rel=0.05)
+    assert m3.metrics.fwhm_px == pytest.approx(m1.metrics.fwhm_px, rel=0.02)
+    assert luminance(rgb).shape == (H, W)
+    with pytest.raises(StackwatchError):
+        luminance(np.zeros((2, 5, 5)))
+
+
+def test_background_and_noise() -> None:
+    img, *_ = _field(seed=6, sky=800.0, read=5.0)
+    m = measure(img)
+    assert m.metrics.background == pytest.approx(800.0 / 65535.0, rel=0.01)
+    sigma = math.sqrt(800.0 + 25.0) / 65535.0
+    assert m.metrics.noise == pytest.approx(sigma, rel=0.05)
+    bmap = m.background_map()
+    assert bmap.shape == (H, W) and np.allclose(np.median(bmap), 800.0 / 65535.0, rtol=0.01)
+    assert m.background_rms_map().shape == (H, W)
+
+
+def test_pixel_scale_and_arcsec() -> None:
+    assert pixel_scale_arcsec(3.76, 530.0) == pytest.approx(1.4633, rel=1e-3)
+    assert pixel_scale_arcsec(3.76, 530.0, 2) == pytest.approx(2.9266, rel=1e-3)
+    assert math.isnan(pixel_scale_arcsec(None, 530.0))
+    img, *_ = _field(seed=8)
+    m = measure(img, pixel_scale_arcsec=1.5)
+    assert m.metrics.fwhm_arcsec == pytest.approx(1.5 * m.metrics.fwhm_px)
+
+
+def test_fit_psf_recovers_elliptical_moffat() -> None:
+    cut = np.zeros((31, 31), dtype=np.float32)
+    render_stars(cut, np.array([15.3]), np.array([14.6]), np.array([1e5]), fwhm_px=4.0, eccentricity=0.6,
+                 angle_deg=20.0, beta=3.0)
+    f = fit_psf(cut.astype(np.float64), x0=15.0, y0=15.0, fwhm_guess_px=3.0)
+    assert f is not None
+    assert f.fwhm == pytest.approx(4.0, rel=0.02)
+    assert f.ecc == pytest.approx(0.6, abs=0.03)
+    assert f.beta == pytest.approx(3.0, rel=0.1)
+    assert (f.x, f.y) == pytest.approx((15.3, 14.6), abs=0.01)
+
+
+def _calibrated_light(truth, index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from stackwatch.engine.simulate import light_components, render_light
+
+    raw = render_light(truth, index).astype(np.float32)
+    comp = light_components(truth, index)
+    cal = (raw - comp.bias - comp.dark / truth.spec.gain_e_per_adu) / comp.response
+    return (cal / 65535.0).astype(np.float32)
+
+
+def test_simulated_night_seeing_trailing_and_cloud() -> None:
+    sim = pytest.importorskip("stackwatch.engine.simulate")
+    spec = sim.preset("small", width=640, height=480, n_lights=5, elongated=((2, 0.8, 40.0),),
+                      clouds=((4, 0.35),), seed=3)
+    truth = sim.make_truth(spec)
+    lights = truth.lights()
+    scale = pixel_scale_arcsec(spec.pixel_size_um, spec.focal_length_mm)
+    ms = [measure(_calibrated_light(truth, i), pixel_scale_arcsec=scale) for i in range(len(lights))]
+    for i, (m, f) in enumerate(zip(ms, lights, strict=True)):
+        if i == 2:
+            continue
+        assert abs(m.metrics.fwhm_px / f.fwhm_px - 1.0) < 0.05, (i, m.metrics.fwhm_px, f.fwhm_px)
+        assert m.metrics.eccentricity <= 0.3, (i, m.metrics.eccentricity)
+    assert ms[2].metrics.eccentricity > 0.6
+    clear = np.median([ms[i].metrics.stars for i in (0, 1, 3)])
+    assert ms[4].metrics.stars < 0.8 * clear  # transparency 0.35: fewer stars above 5 sigma
+
+
+def test_bad_mask_shape() -> None:
+    img, *_ = _field(seed=1)
+    with pytest.raises(StackwatchError, match="saturated mask"):
+        measure(img, saturated=np.zeros((3, 3), dtype=bool))
