@@ -165,10 +165,22 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     service.add_listener(on_event)
     await service.startup()
     runner = asyncio.create_task(service.run())
+    lags: list[float] = []
+
+    async def loop_lag() -> None:
+        """How late a 10 ms sleep wakes up, and how long status() takes: the web view's view of the loop."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.01)
+            service.status()
+            lags.append(time.monotonic() - t0 - 0.01)
+
+    lagger = asyncio.create_task(loop_lag())
     rss_start = _rss_mb()[0]
     try:
         for i in range(args.frames):
-            data = _frame(base, i, rng, args.colour)  # rendered before the clock starts
+            # rendered (off the loop) before the clock starts
+            data = await asyncio.to_thread(_frame, base, i, rng, args.colour)
             path = watch / f"bench_{i:04d}.fits"
             processed.clear()
 
@@ -184,6 +196,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             one = done[path.name] - closed[path.name]
             print(f"frame {i:4d}: {results[path.name]:8s} latency {one:6.3f} s   RSS {rss[-1]:7.0f} MB", flush=True)
     finally:
+        lagger.cancel()
         service.request_stop()
         await runner
         await service.shutdown()
@@ -219,6 +232,9 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "max_steady": round(max(steady), 3) if steady else None,
         },
         "bare_pipeline_call_s": round(bare, 3),
+        "loop_lag_ms": {"median": round(1e3 * statistics.median(lags), 2) if lags else None,
+                        "p99": round(1e3 * float(np.percentile(lags, 99)), 2) if lags else None,
+                        "max": round(1e3 * max(lags), 2) if lags else None},
         "service_overhead_ratio": round(statistics.median(steady) / bare, 3) if steady and bare > 0 else None,
         "rss_mb": {
             "start": round(rss_start, 1),
