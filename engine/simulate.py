@@ -299,6 +299,7 @@ class FrameTruth:
     transparency: float | None = None  # extinction * cloud, relative to zenith in clear sky
     scale: float | None = None  # T_ref / T_i, ref = the first light of the same filter (light 1 for one filter)
     sky_e: float | None = None  # sky level at the frame centre, electrons: mono through its filter; colour: R+G+B
+    noise_e: float | None = None  # raw background noise at the frame centre (sky x flat + dark + read), e-
     sky_poly: tuple[float, ...] | None = None  # (c00, c10, c01, c20, c11, c02) x level, in u, v
     trails: tuple[dict[str, Any], ...] = ()
     flat_star_seed: int | None = None  # sky flats with stars: seed of the star field of this flat
@@ -643,6 +644,13 @@ def make_truth(spec: SimulationSpec) -> Truth:
     rflat[cold] *= rng_m.uniform(0.05, 0.5, size=cold.size).astype(f32)
     resp /= f32(resp.mean(dtype=np.float64))
     panel = (0.75, 1.0, 0.55) if spec.osc else (1.0, 1.0, 1.0)
+
+    # expected raw background noise at the frame centre
+    rc = float(np.median(resp[h // 2 - h // 20:h // 2 + h // 20 + 1, w // 2 - w // 20:w // 2 + w // 20 + 1]))
+    for k, fr in enumerate(frames):
+        if fr.kind == "light" and fr.sky_e is not None:
+            var = fr.sky_e * rc + spec.dark_current_e_per_s * fr.exposure_s + spec.read_noise_e**2
+            frames[k] = dataclasses.replace(fr, noise_e=math.sqrt(var))
 
     def coords(idx: np.ndarray) -> tuple[tuple[int, int], ...]:
         return tuple((int(i % w), int(i // w)) for i in np.sort(idx))

@@ -378,3 +378,15 @@ def test_sky_truth_through_filters() -> None:
         assert f.sky_e is not None
         assert sky_adu == pytest.approx(f.sky_e / spec.gain_e_per_adu, rel=0.03), f.filter
     assert truth.lights()[2].sky_e < 0.3 * truth.lights()[0].sky_e  # light pollution is faint in blue
+
+
+def test_background_noise_truth() -> None:
+    spec = _spec(n_lights=1, target="none", stars_per_mpix=50.0, cosmics=False, n_saturated_stars=0)
+    truth = S.make_truth(spec)
+    f = truth.lights()[0]
+    raw = S.render_light(truth, 0).astype(np.float64)
+    h, w = spec.shape
+    patch = (raw - truth.bias_adu)[h // 2 - 40:h // 2 + 40, w // 2 - 40:w // 2 + 40] * spec.gain_e_per_adu
+    patch = patch - np.median(patch)
+    sig = 1.4826 * np.median(np.abs(patch))
+    assert f.noise_e is not None and sig == pytest.approx(f.noise_e, rel=0.06)
