@@ -151,3 +151,28 @@ def test_phone_viewport_has_no_horizontal_scroll(browser: Any, server: LiveServe
     page.screenshot(path=str(artifacts_dir / "web_phone_top.png"))
     assert not errors, errors
     ctx.close()
+
+
+def test_colour_composite_in_the_browser(browser: Any, artifacts_dir: Path) -> None:
+    svc = FakeService(seed=12, shape=(200, 300), target="M42", filter="R", reject_every=0)
+    srv = LiveServer(svc, token="tok")
+    srv.start()
+    try:
+        g = svc.add_stack("M42", "G")
+        b = svc.add_stack("M42", "B")
+        for sid in (svc.default_stack, g, b):
+            srv.call(lambda sid=sid: svc.add_frame(stack_id=sid))
+        page = browser.new_page(viewport={"width": 1024, "height": 800})
+        errors = _collect_errors(page)
+        page.goto(srv.url + "/")
+        page.click("#stack-list button.composite")
+        page.wait_for_function("() => document.querySelector('#preview').src.includes('/api/composites/')"
+                               " && document.querySelector('#preview').naturalWidth === 300", timeout=10_000)
+        page.wait_for_function("() => window.stackwatch.state.previewInfo"
+                               " && window.stackwatch.state.previewInfo.histogram.length === 3", timeout=10_000)
+        assert "RGB" in page.inner_text("#stack-list button.composite")
+        page.screenshot(path=str(artifacts_dir / "web_composite.png"))
+        assert not errors, errors
+        page.close()
+    finally:
+        srv.close()
