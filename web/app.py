@@ -36,6 +36,7 @@ import logging
 import math
 import re
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ __all__ = [
     "composites",
     "create_app",
     "is_loopback",
+    "product_version",
 ]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -138,6 +140,20 @@ def check_bind(host: str, token: str) -> None:
 _RenderKey = tuple[str, int, str, int, bool, float]
 
 
+def product_version(products: Mapping[str, Any]) -> int:
+    """The stack version the service reports; without one, a fingerprint of the image (CRC of a
+    strided sample, shape and dtype) so that a changed stack is never served from a stale preview."""
+    v = products.get("version")
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return int(v)
+    image = products.get("image")
+    if image is None:
+        return 0
+    a = np.asarray(image)
+    sample = np.ascontiguousarray(a[..., :: max(1, a.shape[-2] // 64), :: max(1, a.shape[-1] // 64)])
+    return zlib.crc32(sample.tobytes(), zlib.crc32(repr((a.shape, a.dtype.str)).encode())) + (1 << 40)
+
+
 class PreviewCache:
     """Rendered previews by (stack id, version, layer, size, linked, strength); renders in one thread.
 
@@ -157,7 +173,7 @@ class PreviewCache:
 
     async def get(self, stack_id: str, products: Mapping[str, Any], layer: str, size: int, linked: bool,
                   strength: float) -> pv.Preview:
-        version = int(products.get("version", 0))
+        version = product_version(products)
         key: _RenderKey = (stack_id, version, layer, size, linked, strength)
         variants = self._recent.setdefault(stack_id, OrderedDict())
         variants[(layer, size, linked, strength)] = None
@@ -482,7 +498,7 @@ def _composite_products(request: web.Request, cid: str) -> tuple[dict[str, Any],
             raise web.HTTPNotFound(text=json_dumps({"error": f"stack {sid} has no image yet"}),
                                    content_type="application/json")
         planes.append(np.asarray(p["image"]))
-        versions.append(int(p.get("version", 0)))
+        versions.append(product_version(p))
     try:
         image = pv.composite(*planes)
     except StackwatchError as exc:
@@ -503,7 +519,7 @@ async def _render(request: web.Request, key_id: str, products: Mapping[str, Any]
         return _error(404, f"stack {key_id} has no {layer} map")
     if request.path.endswith("/histogram"):
         return _json({
-            "version": products.get("version", 0),
+            "version": product_version(products),
             "width": prev.width, "height": prev.height, "factor": prev.factor,
             "source_width": prev.source_shape[1], "source_height": prev.source_shape[0],
             "params": [{"shadows": p.shadows, "midtones": p.midtones, "highlights": p.highlights} for p in prev.params],
@@ -513,7 +529,7 @@ async def _render(request: web.Request, key_id: str, products: Mapping[str, Any]
         body=prev.png,
         content_type="image/png",
         headers={
-            "X-Stack-Version": str(products.get("version", 0)),
+            "X-Stack-Version": str(product_version(products)),
             "X-Preview-Factor": str(prev.factor),
             "X-Source-Size": f"{prev.source_shape[1]}x{prev.source_shape[0]}",
         },

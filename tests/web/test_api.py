@@ -312,3 +312,15 @@ def test_create_app_validates() -> None:
     with pytest.raises(StackwatchError):
         create_app(FakeService(), token="", preview_max_px=10)
     assert isinstance(create_app(FakeService(), token="x"), web.Application)
+
+
+def test_product_version_without_a_version_follows_the_image() -> None:
+    from stackwatch.web.app import product_version
+
+    img = np.zeros((100, 120), dtype=np.float32)
+    assert product_version({"version": 7, "image": img}) == 7
+    v0 = product_version({"image": img})
+    assert v0 == product_version({"version": None, "image": img.copy()})
+    img2 = img.copy()
+    img2[::2, ::2] += 0.01  # the stack changed
+    assert product_version({"image": img2}) != v0

@@ -64,8 +64,9 @@ def test_live_night_in_the_browser(browser: Any, server: LiveServer, artifacts_d
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     errors = _collect_errors(page)
-    page.goto(server.url + "/")
+    page.goto(server.url + "/#token=tok")  # the link the service prints stores the token
     page.wait_for_function("() => document.body.dataset.online === '1'", timeout=10_000)
+    assert page.evaluate("location.hash") == ""  # and leaves the address bar
     page.evaluate("window.__noReload = 42")
     assert _rows(page) == 0
 
@@ -106,6 +107,9 @@ def test_live_night_in_the_browser(browser: Any, server: LiveServer, artifacts_d
     assert "few_stars" in page.inner_text("#frame-dialog")
     assert "dark_300s" in page.inner_text("#frame-dialog")
     page.screenshot(path=str(artifacts_dir / "web_frame_details.png"))
+    page.click("#fd-exclude")  # a POST with the token, from the page
+    page.wait_for_selector("#toast:has-text('excluded')", timeout=10_000)
+    assert ("exclude", (8, True)) in svc.actions or ("exclude", (4, True)) in svc.actions, svc.actions
     page.click("#fd-close")
 
     # Click in the preview: a 1:1 crop appears.

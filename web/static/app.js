@@ -454,6 +454,19 @@
     $("#zoom-in").onclick = () => { const v2 = $("#viewer"); zoomAt(1.5, v2.clientWidth / 2, v2.clientHeight / 2); };
     $("#zoom-out").onclick = () => { const v2 = $("#viewer"); zoomAt(1 / 1.5, v2.clientWidth / 2, v2.clientHeight / 2); };
     $("#zoom-fit").onclick = resetView;
+    v.addEventListener("keydown", (e) => {
+      const cx = v.clientWidth / 2, cy = v.clientHeight / 2;
+      if (e.key === "+" || e.key === "=") zoomAt(1.5, cx, cy);
+      else if (e.key === "-") zoomAt(1 / 1.5, cx, cy);
+      else if (e.key === "0") resetView();
+      else if (e.key.startsWith("Arrow") && view.s > 1) {
+        const step = 40;
+        view.tx += e.key === "ArrowLeft" ? step : e.key === "ArrowRight" ? -step : 0;
+        view.ty += e.key === "ArrowUp" ? step : e.key === "ArrowDown" ? -step : 0;
+        applyView();
+      } else return;
+      e.preventDefault();
+    });
   }
   async function showCrop(clientX, clientY) {
     const sel = state.selected;
@@ -689,6 +702,13 @@
       $("#strength-out").textContent = state.strength.toFixed(2);
       apply();
     };
+    // A link such as http://host:8080/#token=... (printed by the service) stores the token once.
+    const m = /^#token=([^&]+)/.exec(location.hash);
+    if (m) {
+      localStorage.setItem("stackwatch-token", decodeURIComponent(m[1]));
+      history.replaceState(null, "", location.pathname + location.search);
+      toast("token saved in this browser");
+    }
     $("#token").value = localStorage.getItem("stackwatch-token") || "";
     $("#token-form").onsubmit = (e) => {
       e.preventDefault();
