@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "stackwatch.daemon.cmd_inspect",
     "stackwatch.daemon.cmd_config",
     "stackwatch.daemon.cmd_masters",
+    "stackwatch.daemon.cmd_stack",
     "stackwatch.daemon.cmd_simulate",
     "stackwatch.daemon.cmd_run",
     "stackwatch.daemon.cmd_demo",

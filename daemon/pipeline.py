@@ -1,0 +1,928 @@
+"""The per-frame driver shared by `stackwatch stack` and `stackwatch run`.
+
+One light goes calibrate → cosmetic → noise → debayer → measure → register → gates → resample →
+normalise → frame store → live integration. Both commands drive the same `Pipeline`, so the batch
+product and the service's final product are the same arrays:
+
+- a stack (one per target and filter) keeps its *members*, every light assigned to it, in DATE-OBS
+  order; `rebuild` processes them in that order from the raw files with the current masters;
+- the service processes each new light incrementally, which gives what `rebuild` would give as long
+  as the light comes last in DATE-OBS order, the masters did not change and the reference is
+  settled; otherwise the stack is rebuilt (a light out of order, a better master, a new reference);
+- the reference is the best-ranked (§8.5) of the first `normalization.reference_candidates` members
+  that pass the absolute sanity checks, or the one the user fixed; until enough candidates exist the
+  choice is provisional and a change rebuilds the stack;
+- `finalize` runs the exact pass (the batch integrator over the frame store) and writes the products.
+
+State lives under ``state_dir``: ``library/`` (masters), ``frames/<stack>/`` (normalised registered
+frames as .npy, the frame store), ``stacks/<stack>/`` (stack.json, live checkpoint, products). Every
+file is written atomically; a restart resumes from them. The pipeline is thread-safe: one lock
+serialises all work (the service runs it in worker threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stackwatch.daemon.config import Config
+from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
+from stackwatch.engine import cfa, cosmetic, fitsio, gates, normalize, register, resample, stars, stats
+from stackwatch.engine.calibrate import calibrate_light
+from stackwatch.engine.classify import FrameInfo, classify
+from stackwatch.engine.errors import FrameError, StackwatchError
+from stackwatch.engine.integrate import NpySource
+from stackwatch.engine.library import MasterSet, MatchRules
+from stackwatch.engine.live import LiveStack
+
+__all__ = ["Pipeline", "stack_id_for"]
+
+_log = logging.getLogger("stackwatch.pipeline")
+
+_STACK_FORMAT = 1
+# Absolute sanity for reference candidates: a frame a person would never pick.
+_MIN_REFERENCE_STARS = 15
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def stack_id_for(target: str, filter_name: str) -> str:
+    """The id of the stack of a target and filter, e.g. ``ngc-7331-l``; safe as a folder name."""
+    return f"{_slug(target) or 'unknown'}-{_slug(filter_name) or 'nofilter'}"
+
+
+def _frame_key(path: str) -> str:
+    """Stable id of a light in the frame store (its absolute path hashed)."""
+    return hashlib.sha1(os.path.abspath(path).encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _sort_key(member: dict[str, Any]) -> tuple[str, str]:
+    return (member.get("date_obs") or "", member["path"])
+
+
+@dataclass
+class _Prepared:
+    """A light after calibration and measurement, before registration."""
+
+    data: np.ndarray  # (H, W) or (3, H, W), calibrated (and debayered)
+    saturated: np.ndarray  # (H, W) bool
+    noise: tuple[float, ...]  # per channel, pre-resampling
+    measurement: stars.Measurement
+    masters: MasterSet
+    notes: tuple[str, ...]
+    timings: dict[str, float]
+
+
+@dataclass
+class _Reference:
+    """What every frame of a stack is registered and normalised against."""
+
+    path: str
+    frame_id: str
+    shape: tuple[int, ...]
+    xy: np.ndarray  # star positions, brightest first
+    fwhm_px: float
+    noise: tuple[float, ...]
+    background: float
+    metrics: dict[str, float]
+    catalog: register.ReferenceCatalog
+    image: np.ndarray  # calibrated reference on its own grid (memmap of its store file)
+    saturated: np.ndarray
+
+
+@dataclass
+class _Stack:
+    id: str
+    target: str
+    filter: str
+    members: list[dict[str, Any]] = field(default_factory=list)  # every light of the stack, any status
+    fixed_reference: str | None = None  # path chosen by the user
+    reference: _Reference | None = None
+    live: LiveStack | None = None
+    last_matrix: np.ndarray | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics of accepted frames, in order
+    version: int = 0
+    processed_upto: int = 0  # members[:processed_upto] went through the current reference
+    final: dict[str, Any] | None = None  # the last exact pass (products)
+    dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
+
+
+class Pipeline:
+    """The per-frame driver (see the module docstring).
+
+    Parameters
+    ----------
+    config : the configuration.
+    state_dir : the state folder (created).
+    """
+
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.frames_dir = self.state_dir / "frames"
+        self.stacks_dir = self.state_dir / "stacks"
+        for d in (self.state_dir, self.frames_dir, self.stacks_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        lib = config.library
+        self.library = CalibrationLibrary(
+            self.state_dir / "library",
+            rules=MatchRules(
+                temperature_tolerance_c=lib.temperature_tolerance_c,
+                exposure_tolerance_frac=lib.exposure_tolerance_frac,
+                allow_scaled_darks=lib.allow_scaled_darks,
+                optimize_darks=lib.optimize_darks,
+                flat_max_age_days=lib.flat_max_age_days,
+            ),
+        )
+        self._gates = gates.parse_rules(config.gates.rules) if config.gates.enabled else ()
+        self._lock = threading.RLock()
+        self._stacks: dict[str, _Stack] = {}
+        for path in sorted(self.stacks_dir.glob("*/stack.json")):
+            try:
+                self._load_stack(path)
+            except (OSError, ValueError, KeyError, StackwatchError) as exc:
+                _log.warning("stack state %s unreadable (%s): the stack is rebuilt from its raw files", path, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self.library.close()
+
+    # ------------------------------------------------------------------ calibration frames
+
+    def add_calibration(self, path: Path, info: FrameInfo | None = None) -> list[dict[str, Any]]:
+        """Add a calibration frame to the library; masters due for re-integration are rebuilt (the
+        library debounces bursts). Returns the masters rebuilt, JSON-ready."""
+        with self._lock:
+            self.library.add_frames([path], rebuild=False)
+            due = self.library.due(
+                debounce_s=self.config.library.master_debounce_s,
+                debounce_members=self.config.library.master_debounce_members,
+            )
+            return [record_dict(r) for r in self.library.rebuild(due)] if due else []
+
+    def flush_masters(self) -> list[dict[str, Any]]:
+        """Re-integrate every master with members waiting (before lights use them)."""
+        with self._lock:
+            if not self.library.pending():
+                return []
+            return [record_dict(r) for r in self.library.rebuild()]
+
+    def masters(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [record_dict(r) for r in self.library.masters()]
+
+    # ------------------------------------------------------------------ lights
+
+    def add_member(self, path: Path, info: FrameInfo) -> str:
+        """Assign a light to its stack without processing it (batch: everything is known first)."""
+        with self._lock:
+            stack = self._stack_for(info)
+            self._member(stack, path, info)
+            stack.dirty = True
+            return stack.id
+
+    def process_light(self, path: Path, info: FrameInfo) -> dict[str, Any]:
+        """Process one new light into its stack; returns its JSON-ready record."""
+        with self._lock:
+            self.flush_masters()
+            stack = self._stack_for(info)
+            member, is_new = self._member(stack, path, info)
+            if not is_new and member.get("status") in ("stacked", "rejected", "failed") and not stack.dirty:
+                return dict(member["record"])  # idempotent: the frame in flight before a restart
+            position = stack.members.index(member)
+            in_order = position == len(stack.members) - 1 and stack.processed_upto == position
+            if stack.dirty or not in_order or self._masters_changed(stack):
+                self._rebuild(stack)
+            else:
+                self._process_next(stack)
+                if self._reference_choice(stack) != (stack.reference.path if stack.reference else None):
+                    self._rebuild(stack)
+            self._save_stack(stack)
+            return dict(member["record"])
+
+    def _member(self, stack: _Stack, path: Path, info: FrameInfo) -> tuple[dict[str, Any], bool]:
+        apath = os.path.abspath(str(path))
+        for m in stack.members:
+            if m["path"] == apath:
+                return m, False
+        member = {
+            "path": apath,
+            "frame_id": _frame_key(apath),
+            "date_obs": info.date_obs,
+            "exposure_s": info.exposure_s,
+            "status": "pending",
+            "record": {"path": apath, "kind": "light", "status": "pending", "stack_id": stack.id},
+        }
+        stack.members.append(member)
+        stack.members.sort(key=_sort_key)
+        return member, True
+
+    def _stack_for(self, info: FrameInfo) -> _Stack:
+        sid = stack_id_for(info.object, info.filter)
+        stack = self._stacks.get(sid)
+        if stack is None:
+            stack = _Stack(id=sid, target=info.object, filter=info.filter)
+            self._stacks[sid] = stack
+        return stack
+
+    # ------------------------------------------------------------------ one frame
+
+    def _prepare(self, path: str) -> _Prepared:
+        """Calibrate, correct, estimate noise, debayer and measure one light."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        image = fitsio.read_image(path, max_mpix=cfg.io.max_image_mpix)
+        info = classify(image.header, path)
+        t_read = time.perf_counter()
+        ms = self.library.match(info)
+        load = self.library.load
+        bayer = image.bayer or (cfg.io.bayer_pattern or None)
+        optimize = "none"
+        if ms.optimize_dark and ms.bias is not None:
+            optimize = "fast"
+        cal = calibrate_light(
+            image,
+            bias=load(ms.bias) if ms.bias else None,
+            dark=load(ms.dark) if ms.dark else None,
+            flat=load(ms.flat) if ms.flat else None,
+            bayer=bayer,
+            dark_scale=ms.dark_scale,
+            optimize_dark=optimize,
+            flat_scale_override=self.library.flat_scale(ms.flat) if ms.flat else None,
+        )
+        data = cal.data
+        notes = list(cal.notes)
+        if cfg.calibration.cosmetic:
+            defects = self.library.defects(ms.dark, bias=ms.bias, flat=ms.flat, hot_sigma=cfg.calibration.hot_sigma)
+            cc = cosmetic.correct(data, defects=defects, bayer=bayer, auto=True, sigma=cfg.calibration.auto_cosmetic_sigma)
+            data = cc.data
+            notes.append(f"cosmetic: {cc.replaced} replaced, {cc.nan} set to NaN")
+        t_cal = time.perf_counter()
+        saturated = cal.saturated
+        if bayer:
+            cn = stats.cfa_noise(data, bayer)
+            noise: tuple[float, ...] = (float(cn["R"]), float(cn["G"]), float(cn["B"]))
+            method = cfg.calibration.debayer
+            data = cfa.debayer(data, bayer, method=method)
+            if method == "superpixel":
+                h2, w2 = data.shape[-2:]
+                saturated = saturated[: 2 * h2, : 2 * w2].reshape(h2, 2, w2, 2).any(axis=(1, 3))
+        else:
+            noise = (float(stats.mrs_noise(data).sigma),)
+        t_deb = time.perf_counter()
+        scale = info.pixel_scale_arcsec
+        if scale is not None and cfg.calibration.debayer == "superpixel" and bayer:
+            scale *= 2
+        meas = stars.measure(
+            data,
+            saturated=saturated,
+            pixel_scale_arcsec=scale,
+            detect_sigma=cfg.stars.detect_sigma,
+            max_stars=cfg.stars.max_stars,
+            psf_fit_stars=cfg.stars.psf_fit_stars,
+            psf_model=cfg.stars.psf_model,
+            noise=float(np.mean(noise)),
+        )
+        t_meas = time.perf_counter()
+        timings = {
+            "read_s": t_read - t0,
+            "calibrate_s": t_cal - t_read,
+            "noise_debayer_s": t_deb - t_cal,
+            "measure_s": t_meas - t_deb,
+        }
+        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings)
+
+    def _explain_masters(self, ms: MasterSet) -> dict[str, Any]:
+        out: dict[str, Any] = {"explanations": list(ms.explanations), "missing": list(ms.missing)}
+        for kind in ("bias", "dark", "flat"):
+            rec = getattr(ms, kind)
+            out[kind] = None if rec is None else Path(rec.path).stem
+        return out
+
+    def _masters_signature(self, ms: MasterSet) -> list[Any]:
+        return [
+            None if r is None else [r.path, r.ncombine, r.date_last, r.created]
+            for r in (ms.bias, ms.dark, ms.flat)
+        ]
+
+    def _set_reference(self, stack: _Stack, member: dict[str, Any], prep: _Prepared) -> None:
+        store = self.frames_dir / stack.id
+        store.mkdir(parents=True, exist_ok=True)
+        ref_path = store / f"{member['frame_id']}.npy"
+        _atomic_save_npy(ref_path, prep.data)
+        sat_path = store / f"{member['frame_id']}.sat.npy"
+        _atomic_write_npy_bool(sat_path, prep.saturated)
+        meas = prep.measurement
+        xy = np.column_stack([meas.stars.x, meas.stars.y]) if len(meas.stars) else np.zeros((0, 2))
+        fwhm = _finite(meas.metrics.fwhm_px) or 3.0
+        shape2 = tuple(int(v) for v in prep.data.shape[-2:])
+        stack.reference = _Reference(
+            path=member["path"],
+            frame_id=member["frame_id"],
+            shape=tuple(prep.data.shape),
+            xy=xy,
+            fwhm_px=fwhm,
+            noise=prep.noise,
+            background=float(meas.metrics.background),
+            metrics=gates.frame_metrics(meas, scale=1.0, weight=1.0),
+            catalog=register.ReferenceCatalog.from_stars(meas.stars, fwhm_px=fwhm, shape=(shape2[0], shape2[1])),
+            image=np.load(ref_path, mmap_mode="r"),
+            saturated=np.load(sat_path),
+        )
+        stack.live = LiveStack(
+            tuple(prep.data.shape),
+            kappa_low=self.config.live.kappa_low,
+            kappa_high=self.config.live.kappa_high,
+            n_min=self.config.live.n_min,
+            background=float(meas.metrics.background) if math.isfinite(meas.metrics.background) else 0.0,
+        )
+        stack.last_matrix = None
+        stack.history = []
+
+    def _process_next(self, stack: _Stack, prep: _Prepared | None = None) -> None:
+        """Process members[processed_upto] against the stack's reference (setting it if none)."""
+        member = stack.members[stack.processed_upto]
+        stack.processed_upto += 1
+        t0 = time.perf_counter()
+        try:
+            if prep is None:
+                prep = self._prepare(member["path"])
+        except StackwatchError as exc:
+            self._fail(stack, member, str(exc))
+            return
+        except (MemoryError, OSError, ValueError) as exc:  # a file that reads but cannot be processed
+            self._fail(stack, member, f"{type(exc).__name__}: {exc}")
+            return
+        member["masters_sig"] = self._masters_signature(prep.masters)
+        masters = self._explain_masters(prep.masters)
+        meas = prep.measurement
+        if stack.reference is None:
+            if _usable_reference(meas):
+                self._set_reference(stack, member, prep)
+            else:
+                self._finish(stack, member, meas, None, None, "rejected", "rejected: no reference yet and this "
+                             f"frame cannot be one ({meas.metrics.stars} stars, FWHM {meas.metrics.fwhm_px:.2f} px)",
+                             masters, prep, t0)
+                return
+        ref = stack.reference
+        assert ref is not None
+        cfg = self.config
+        if member["path"] == ref.path:
+            reg = register.Registration(True, np.eye(3), 0.0, len(meas.stars), 1.0, "reference", "similarity")
+        else:
+            reg = register.register(
+                ref.catalog, meas.stars, previous=stack.last_matrix, model=cfg.registration.model,
+                allow_mirror=cfg.registration.allow_mirror,
+            )
+        t_reg = time.perf_counter()
+        if not reg.ok:
+            self._finish(stack, member, meas, reg, None, "rejected", f"rejected: {reg.reason}", masters, prep, t0)
+            return
+        metrics = gates.frame_metrics(meas, reg)
+        verdict = gates.evaluate(self._gates, metrics, stack.history, reference=ref.metrics)
+        if not verdict.accepted and member["path"] != ref.path:
+            self._finish(stack, member, meas, reg, None, "rejected", f"rejected: {verdict.reason}", masters, prep, t0)
+            return
+        is_ref = member["path"] == ref.path
+        if is_ref:
+            warped_data, footprint_sat, rho = prep.data, prep.saturated, 1.0
+        else:
+            warped = resample.warp(prep.data, reg.matrix, ref.shape, method=cfg.registration.interpolation,
+                                   clamp=cfg.registration.lanczos_clamp)
+            warped_data, rho = warped.data, warped.variance_factor
+            footprint_sat = resample.warp_mask(prep.saturated, reg.matrix, ref.shape)
+        t_warp = time.perf_counter()
+        xy = np.column_stack([meas.stars.x, meas.stars.y]) if len(meas.stars) else np.zeros((0, 2))
+        xy_ref = register.apply_transform(reg.matrix, xy) if len(xy) else xy
+        if is_ref:
+            # the reference is its own normalisation: y = x exactly, weight 1
+            self._stack_frame(stack, member, prep.data, 1.0, [1.0] * len(prep.noise), prep.noise, 1.0)
+            stack.history.append(gates.frame_metrics(meas, reg, scale=1.0, weight=1.0))
+            stack.last_matrix = None
+            prep.timings["total_s"] = time.perf_counter() - t0
+            self._finish(stack, member, meas, reg, None, "stacked", "reference frame", masters, prep, t0)
+            member["record"]["scale"] = 1.0
+            member["record"]["weight"] = 1.0
+            return
+        norm = normalize.normalize(
+            warped_data, ref.image, frame_stars=xy_ref, ref_stars=ref.xy, frame_noise=prep.noise,
+            ref_noise=ref.noise, frame_mask=footprint_sat, ref_mask=ref.saturated, fwhm_px=ref.fwhm_px,
+            frame_fwhm_px=_finite(meas.metrics.fwhm_px), method=cfg.normalization.method,
+            bin_px=cfg.normalization.gradient_bin_px, min_pairs=cfg.normalization.min_star_pairs,
+            reference_id=ref.frame_id,
+        )
+        metrics = gates.frame_metrics(meas, reg, scale=norm.scale, weight=norm.weight)
+        verdict = gates.evaluate(self._gates, metrics, stack.history, reference=ref.metrics)
+        if not verdict.accepted and member["path"] != ref.path:
+            self._finish(stack, member, meas, reg, norm, "rejected", f"rejected: {verdict.reason}", masters, prep, t0)
+            return
+        y = normalize.apply(warped_data, norm)
+        t_norm = time.perf_counter()
+        self._stack_frame(stack, member, y, norm.weight, [c.scale for c in norm.channels], prep.noise, rho)
+        t_live = time.perf_counter()
+        stack.history.append(metrics)
+        stack.last_matrix = reg.matrix
+        prep.timings.update({"register_s": t_reg - t0 - sum(prep.timings.values()), "resample_s": t_warp - t_reg,
+                             "normalize_s": t_norm - t_warp, "store_integrate_s": t_live - t_norm})
+        member["norm"] = norm.to_dict()
+        self._finish(stack, member, meas, reg, norm, "stacked", "; ".join(n for n in (norm.reason,) if n),
+                     masters, prep, t0)
+
+    def _stack_frame(self, stack: _Stack, member: dict[str, Any], y: np.ndarray, weight: float,
+                     scale: list[float], noise: Sequence[float], rho: float) -> None:
+        """Store a normalised frame and add it to the live integration."""
+        store = self.frames_dir / stack.id
+        store.mkdir(parents=True, exist_ok=True)
+        path = store / f"{member['frame_id']}.npy"
+        if not (stack.reference is not None and member["frame_id"] == stack.reference.frame_id and path.exists()):
+            _atomic_save_npy(path, y)
+        assert stack.live is not None
+        stack.live.update(member["frame_id"], y, weight=weight, scale=scale, noise=list(noise), rho=rho)
+        member["live"] = {"weight": weight, "scale": list(scale), "noise": list(noise), "rho": rho}
+        stack.version += 1
+        stack.final = None
+
+    def _finish(self, stack: _Stack, member: dict[str, Any], meas: stars.Measurement | None,
+                reg: register.Registration | None, norm: normalize.Normalization | None, status: str,
+                reason: str, masters: dict[str, Any], prep: _Prepared | None, t0: float) -> None:
+        rec = gates.frame_record(member["path"], meas, reg, None, status=status,
+                                 scale=None if norm is None else norm.scale,
+                                 weight=None if norm is None else norm.weight)
+        rec["reason"] = reason
+        rec["stack_id"] = stack.id
+        rec["target"] = stack.target
+        rec["filter"] = stack.filter
+        rec["date_obs"] = member.get("date_obs")
+        rec["masters"] = masters
+        rec["reference"] = member["path"] == (stack.reference.path if stack.reference else None)
+        if norm is not None:
+            rec["normalization"] = norm.method
+        if prep is not None:
+            rec["notes"] = list(prep.notes)
+            rec["timings"] = {k: round(v, 4) for k, v in {**prep.timings, "total_s": time.perf_counter() - t0}.items()}
+        member["status"] = status
+        member["record"] = rec
+        _log.info("%s: %s%s", Path(member["path"]).name, status, f" ({reason})" if reason else "")
+
+    def _fail(self, stack: _Stack, member: dict[str, Any], reason: str) -> None:
+        member["status"] = "failed"
+        member["record"] = {"path": member["path"], "kind": "light", "status": "failed", "reason": reason,
+                            "stack_id": stack.id, "target": stack.target, "filter": stack.filter,
+                            "date_obs": member.get("date_obs")}
+        _log.warning("%s: failed (%s)", Path(member["path"]).name, reason)
+
+    # ------------------------------------------------------------------ reference and rebuilds
+
+    def _candidate_metrics(self, stack: _Stack) -> list[tuple[str, dict[str, float]]]:
+        """Measured members usable as reference, in order, up to the candidate count."""
+        out: list[tuple[str, dict[str, float]]] = []
+        for m in stack.members:
+            rec = m.get("record") or {}
+            if m.get("status") == "failed" or "stars" not in rec:
+                continue
+            stars_n = rec.get("stars") or 0
+            if stars_n < _MIN_REFERENCE_STARS or _finite(rec.get("fwhm_px")) is None:
+                continue
+            out.append((m["path"], {k: _finite(rec.get(k)) or float("nan")
+                                    for k in ("fwhm_px", "stars", "background", "eccentricity")}))
+            if len(out) >= self.config.normalization.reference_candidates:
+                break
+        return out
+
+    def _reference_choice(self, stack: _Stack) -> str | None:
+        """The reference the rules pick from what has been measured so far (None: nothing usable)."""
+        if stack.fixed_reference:
+            return stack.fixed_reference
+        cands = self._candidate_metrics(stack)
+        if not cands:
+            return None
+        best = normalize.rank_reference_candidates([m for _, m in cands])
+        return cands[best][0]
+
+    def _rebuild(self, stack: _Stack, progress: Callable[[int, int], None] | None = None) -> None:
+        """Process every member again, in DATE-OBS order, from the raw files.
+
+        Two passes when the reference is not fixed: measure the candidates first (calibration and
+        measurement only), pick the reference by rank, then process everything against it."""
+        stack.reference = None
+        stack.live = None
+        stack.processed_upto = 0
+        stack.final = None
+        stack.dirty = False
+        store = self.frames_dir / stack.id
+        if store.exists():
+            shutil.rmtree(store)
+        for m in stack.members:
+            m["status"] = "pending"
+            m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
+            for key in ("norm", "live", "masters_sig"):
+                m.pop(key, None)
+        if not stack.fixed_reference:
+            # measure candidates until enough usable ones exist (their records feed _reference_choice);
+            # only metrics are kept: holding 8 calibrated 26 MP colour frames would cost 2.5 GB
+            usable = 0
+            for m in stack.members:
+                if usable >= self.config.normalization.reference_candidates:
+                    break
+                try:
+                    prep = self._prepare(m["path"])
+                except (StackwatchError, OSError, ValueError) as exc:
+                    m["record"] = {"path": m["path"], "status": "failed", "reason": str(exc)}
+                    continue
+                m["record"] = {"path": m["path"], **gates.frame_metrics(prep.measurement)}
+                if _usable_reference(prep.measurement):
+                    usable += 1
+                del prep
+            choice = self._reference_choice(stack)
+            if choice is not None:
+                # the reference is set first so that every frame registers against it
+                ref_member = next(m for m in stack.members if m["path"] == choice)
+                self._set_reference(stack, ref_member, self._prepare(choice))
+            for m in stack.members:
+                m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
+        else:
+            ref_member = next((m for m in stack.members if m["path"] == stack.fixed_reference), None)
+            if ref_member is None:
+                raise StackwatchError(f"reference {stack.fixed_reference} is not a light of stack {stack.id}")
+            self._set_reference(stack, ref_member, self._prepare(ref_member["path"]))
+        total = len(stack.members)
+        for i in range(total):
+            self._process_next(stack)
+            if progress is not None:
+                progress(i + 1, total)
+        stack.version += 1
+
+    def _masters_changed(self, stack: _Stack) -> bool:
+        """True when a processed member would now get different masters."""
+        for m in stack.members[: stack.processed_upto]:
+            if m.get("status") == "failed" or "masters_sig" not in m:
+                continue
+            try:
+                info = classify(fitsio.read_header(m["path"]), m["path"])
+            except StackwatchError:
+                continue
+            if self._masters_signature(self.library.match(info)) != m["masters_sig"]:
+                return True
+        return False
+
+    def frames_needing_recalibration(self) -> list[str]:
+        """Paths of processed lights whose best masters changed since they were calibrated."""
+        with self._lock:
+            self.flush_masters()
+            out: list[str] = []
+            for stack in self._stacks.values():
+                if self._masters_changed(stack):
+                    stack.dirty = True
+                    out += [m["path"] for m in stack.members]
+            return out
+
+    def recalibrate(self, paths: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rebuild the stacks holding ``paths`` (all dirty stacks when None); returns every member's
+        new record."""
+        with self._lock:
+            wanted = {os.path.abspath(p) for p in paths} if paths is not None else None
+            out: list[dict[str, Any]] = []
+            for stack in self._stacks.values():
+                if wanted is not None and not any(m["path"] in wanted for m in stack.members):
+                    continue
+                if wanted is None and not stack.dirty:
+                    continue
+                self._rebuild(stack)
+                self._save_stack(stack)
+                out += [dict(m["record"]) for m in stack.members]
+            return out
+
+    def rebuild(self, stack_id: str, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+        """Process every light of a stack from its raw file (batch, or after a change)."""
+        with self._lock:
+            self.flush_masters()
+            stack = self._get(stack_id)
+            self._rebuild(stack, progress)
+            self._save_stack(stack)
+            return [dict(m["record"]) for m in stack.members]
+
+    def set_reference(self, stack_id: str, path: str | None) -> None:
+        """Fix the reference of a stack to a light (None: back to automatic) and rebuild."""
+        with self._lock:
+            stack = self._get(stack_id)
+            if path is not None:
+                apath = os.path.abspath(path)
+                if not any(m["path"] == apath for m in stack.members):
+                    raise StackwatchError(f"{path} is not a light of stack {stack_id}")
+                stack.fixed_reference = apath
+            else:
+                stack.fixed_reference = None
+            stack.dirty = True
+
+    # ------------------------------------------------------------------ products
+
+    def _get(self, stack_id: str) -> _Stack:
+        try:
+            return self._stacks[stack_id]
+        except KeyError:
+            raise KeyError(stack_id) from None
+
+    def stacks(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._stack_summary(s) for s in sorted(self._stacks.values(), key=lambda s: s.id)]
+
+    def _stack_summary(self, s: _Stack) -> dict[str, Any]:
+        stacked = [m for m in s.members if m.get("status") == "stacked"]
+        exposure = 0.0
+        for m in stacked:
+            exposure += float(m.get("exposure_s") or 0.0)
+        return {
+            "id": s.id,
+            "target": s.target,
+            "filter": s.filter,
+            "ncombine": len(stacked),
+            "frames": len(s.members),
+            "rejected": sum(1 for m in s.members if m.get("status") == "rejected"),
+            "failed": sum(1 for m in s.members if m.get("status") == "failed"),
+            "reference": s.reference.path if s.reference else None,
+            "version": s.version,
+            "final": s.final is not None,
+            "stale": s.dirty,
+        }
+
+    def members(self, stack_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(m["record"]) for m in self._get(stack_id).members]
+
+    def stack_products(self, stack_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            stack = self._stacks.get(stack_id)
+            if stack is None or stack.live is None or stack.live.n_frames == 0:
+                return None
+            live = stack.live
+            r_lo, r_hi = live.rejection_counts()
+            return {
+                "version": stack.version,
+                "image": live.image().copy(),
+                "rej_low": np.asarray(r_lo).copy(),
+                "rej_high": np.asarray(r_hi).copy(),
+                "coverage": np.asarray(live.coverage()).copy(),
+                "header": self._header_cards(stack),
+            }
+
+    def _header_cards(self, stack: _Stack) -> dict[str, Any]:
+        stacked = [m for m in stack.members if m.get("status") == "stacked"]
+        return {
+            "OBJECT": stack.target,
+            "FILTER": stack.filter,
+            "IMAGETYP": "MASTER LIGHT",
+            "NCOMBINE": len(stacked),
+            "REFFRAME": Path(stack.reference.path).name if stack.reference else "",
+            "NORMALIZ": self.config.normalization.method.upper(),
+            "WEIGHTS": "NWEIGHT",
+            "ROWORDER": "TOP-DOWN",
+        }
+
+    def finalize(self, stack_id: str, out_path: Path | None = None) -> dict[str, Any]:
+        """Exact pass over the frame store (equal to the batch integration of the same frames);
+        writes the products under the stack's folder (and to ``out_path`` when given)."""
+        with self._lock:
+            self.flush_masters()
+            stack = self._get(stack_id)
+            if stack.dirty or self._masters_changed(stack):
+                self._rebuild(stack)
+            if stack.live is None or stack.live.n_frames == 0:
+                raise StackwatchError(f"stack {stack_id}: no frame could be stacked")
+            live = stack.live
+            ids = list(live.frame_ids)
+            store = self.frames_dir / stack.id
+            sources = [NpySource(store / f"{fid}.npy") for fid in ids]
+            cfg = self.config.integration
+            rejection = cfg.rejection
+            params = None
+            if rejection != "auto":
+                params = {"kappa_low": cfg.sigma_low, "kappa_high": cfg.sigma_high} if rejection in (
+                    "sigma", "winsorized", "averaged_sigma", "mad") else None
+            result = live.exact_pass(sources, frame_ids=ids, rejection=rejection, params=params,
+                                     large_scale=cfg.large_scale_rejection,
+                                     band_budget_bytes=int(cfg.band_memory_mb) << 20)
+            stack.version += 1
+            r_lo, r_hi = live.rejection_counts()
+            image = live.image()
+            coverage = np.asarray(live.coverage())
+            weight = np.asarray(live.weight_sum())
+            header = self._fits_header(stack, result.rejection, result.params)
+            folder = self.stacks_dir / stack.id
+            folder.mkdir(parents=True, exist_ok=True)
+            extras = {"REJ_LOW": np.asarray(r_lo, np.float32), "REJ_HIGH": np.asarray(r_hi, np.float32),
+                      "COVERAGE": coverage.astype(np.float32), "WEIGHT": weight.astype(np.float32)}
+            history = [f"stackwatch: {m['status']} {m['path']}" + (f" ({m['record'].get('reason')})"
+                       if m["record"].get("reason") else "") for m in stack.members]
+            targets = [folder / "stack.fits"] + ([Path(out_path)] if out_path is not None else [])
+            for target in targets:
+                fitsio.write_image(target, image, header=header, history=history, extra_hdus=extras)
+            stack.final = {"path": str(targets[-1]), "rejection": result.rejection, "params": result.params,
+                           "n_frames": result.n_frames}
+            self._save_stack(stack)
+            return {**self._stack_summary(stack), "path": str(targets[-1]), "rejection": result.rejection,
+                    "exposure_s": self._total_exposure(stack)}
+
+    def _total_exposure(self, stack: _Stack) -> float:
+        total = 0.0
+        for m in stack.members:
+            if m.get("status") == "stacked":
+                total += float(m.get("exposure_s") or 0.0)
+        return total
+
+    def _fits_header(self, stack: _Stack, rejection: str, params: dict[str, float]) -> Any:
+        from astropy.io import fits
+
+        header = fits.Header()
+        for k, v in self._header_cards(stack).items():
+            header[k] = v
+        exps = {m.get("exposure_s") for m in stack.members if m.get("status") == "stacked"}
+        if len(exps) == 1 and None not in exps:
+            header["EXPTIME"] = (float(next(iter(exps))), "exposure of each frame [s]")
+        header["LIVETIME"] = (self._total_exposure(stack), "total exposure [s]")
+        header["STACKCNT"] = header["NCOMBINE"]
+        header["REJALG"] = rejection
+        header["REJPAR"] = " ".join(f"{k}={v:g}" for k, v in sorted(params.items()))[:68]
+        header["SWCREATE"] = "stackwatch"
+        return header
+
+    def checkpoint(self) -> None:
+        """Write every stack's state and live accumulators (atomically)."""
+        with self._lock:
+            for stack in self._stacks.values():
+                self._save_stack(stack, live=True)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save_stack(self, stack: _Stack, *, live: bool = False) -> None:
+        folder = self.stacks_dir / stack.id
+        folder.mkdir(parents=True, exist_ok=True)
+        if live and stack.live is not None:
+            stack.live.save(folder / "live")
+        ref = stack.reference
+        state = {
+            "format": _STACK_FORMAT,
+            "id": stack.id,
+            "target": stack.target,
+            "filter": stack.filter,
+            "fixed_reference": stack.fixed_reference,
+            "version": stack.version,
+            "processed_upto": stack.processed_upto,
+            "dirty": stack.dirty,
+            "final": stack.final,
+            "last_matrix": None if stack.last_matrix is None else np.asarray(stack.last_matrix).tolist(),
+            "history": stack.history,
+            "members": stack.members,
+            "reference": None if ref is None else {
+                "path": ref.path, "frame_id": ref.frame_id, "shape": list(ref.shape), "xy": ref.xy.tolist(),
+                "fwhm_px": ref.fwhm_px, "noise": list(ref.noise), "background": ref.background,
+                "metrics": ref.metrics,
+            },
+        }
+        _atomic_write_bytes(folder / "stack.json", json.dumps(state, default=_json_default).encode())
+
+    def _load_stack(self, path: Path) -> None:
+        state = json.loads(path.read_text())
+        if state.get("format") != _STACK_FORMAT:
+            raise ValueError(f"unknown format {state.get('format')!r}")
+        stack = _Stack(id=state["id"], target=state["target"], filter=state["filter"],
+                       members=state["members"], fixed_reference=state.get("fixed_reference"),
+                       version=int(state.get("version", 0)), processed_upto=int(state.get("processed_upto", 0)),
+                       final=state.get("final"), dirty=bool(state.get("dirty", False)),
+                       history=list(state.get("history") or []))
+        lm = state.get("last_matrix")
+        stack.last_matrix = None if lm is None else np.asarray(lm, np.float64)
+        self._stacks[stack.id] = stack
+        r = state.get("reference")
+        store = self.frames_dir / stack.id
+        if r is None:
+            stack.dirty = stack.dirty or bool(stack.members)
+            return
+        ref_file = store / f"{r['frame_id']}.npy"
+        sat_file = store / f"{r['frame_id']}.sat.npy"
+        if not ref_file.exists() or not sat_file.exists():
+            stack.dirty = True
+            return
+        xy = np.asarray(r["xy"], np.float64).reshape(-1, 2)
+        shape = tuple(int(v) for v in r["shape"])
+        stack.reference = _Reference(
+            path=r["path"], frame_id=r["frame_id"], shape=shape, xy=xy, fwhm_px=float(r["fwhm_px"]),
+            noise=tuple(float(v) for v in r["noise"]), background=float(r["background"]), metrics=r["metrics"],
+            catalog=register.ReferenceCatalog.from_xy(xy, fwhm_px=float(r["fwhm_px"]), shape=(shape[-2], shape[-1])),
+            image=np.load(ref_file, mmap_mode="r"), saturated=np.load(sat_file),
+        )
+        live_dir = path.parent / "live"
+        live_stack: LiveStack | None = None
+        if (live_dir / "manifest.json").exists():
+            try:
+                live_stack = LiveStack.load(live_dir)
+            except StackwatchError as exc:
+                _log.warning("%s: %s; re-applying frames from the store", stack.id, exc)
+        if live_stack is None:
+            live_stack = LiveStack(shape, kappa_low=self.config.live.kappa_low,
+                                   kappa_high=self.config.live.kappa_high, n_min=self.config.live.n_min,
+                                   background=float(r["background"]) if math.isfinite(float(r["background"])) else 0.0)
+        stack.live = live_stack
+        # frames stacked after the last live checkpoint are re-applied from the frame store
+        have = set(live_stack.frame_ids)
+        for m in stack.members[: stack.processed_upto]:
+            if m.get("status") != "stacked" or m["frame_id"] in have:
+                continue
+            f = store / f"{m['frame_id']}.npy"
+            lv = m.get("live")
+            if not f.exists() or lv is None:
+                stack.dirty = True
+                continue
+            live_stack.update(m["frame_id"], np.load(f), weight=float(lv["weight"]), scale=lv["scale"],
+                              noise=lv["noise"], rho=float(lv["rho"]))
+        # members processed but not in stack.json's order (a crash mid-frame) are redone
+        for m in stack.members[stack.processed_upto:]:
+            if m.get("status") in ("stacked", "rejected"):
+                stack.dirty = True
+
+
+def _usable_reference(meas: stars.Measurement) -> bool:
+    """Absolute sanity for a reference: enough stars and a measured PSF."""
+    return meas.metrics.stars >= _MIN_REFERENCE_STARS and _finite(meas.metrics.fwhm_px) is not None
+
+
+def _atomic_write_npy_bool(path: Path, mask: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(mask, dtype=bool))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def classify_paths(paths: Iterable[Path]) -> list[tuple[Path, FrameInfo | None, str]]:
+    """(path, info, error) for every FITS file under ``paths`` (folders recursed, sorted)."""
+    out: list[tuple[Path, FrameInfo | None, str]] = []
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and fitsio.is_fits_name(f.name)
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise StackwatchError(f"{p}: no such file or folder")
+    for f in files:
+        try:
+            out.append((f, classify(fitsio.read_header(f), str(f)), ""))
+        except FrameError as exc:
+            out.append((f, None, exc.reason))
+    return out
