@@ -312,6 +312,8 @@ class Service:
         self._new_since_final: dict[str, int] = {}
         self._finalizing: asyncio.Task[Any] | None = None
         self._recal_task: asyncio.Task[None] | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._calibration_added_at: float | None = None
         self._recal_again = False
         self.recalibration: dict[str, Any] = {"running": False, "frames": 0, "message": ""}
         self._bg_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -339,6 +341,10 @@ class Service:
         self._activity = "loading the pipeline"
         self.pipeline = await self._run_in_executor(self._make_pipeline)
         await self._refresh_stacks()
+        masters = getattr(self.pipeline, "masters", None)
+        if callable(masters):
+            for m in await self._run_in_executor(masters):
+                self.catalog.upsert_master(m)
         self._tasks = [
             asyncio.create_task(self._intake_loop(), name="intake"),
             asyncio.create_task(self._supervise_loop(), name="supervise"),
@@ -707,6 +713,7 @@ class Service:
             if not rows:
                 self._activity = "idle" if not self._watch_missing else self._activity
                 self._maybe_finalize()
+                self._maybe_flush_masters()
                 await self._wait_work(1.0)
                 await self._maybe_checkpoint(idle=True)
                 continue
@@ -767,14 +774,16 @@ class Service:
         arrived = self._arrived.pop(str(path), None)
         latency = None if arrived is None else self._clock() - arrived
         if status == "library":
+            self._calibration_added_at = self._clock()
             await self._after_calibration(record.get("masters_updated") or [])
-        elif status == "stacked":
+        elif status in ("stacked", "rejected"):
             self._since_checkpoint += 1
             sid = str(record.get("stack_id"))
             self._new_since_final[sid] = self._new_since_final.get(sid, 0) + 1
             self._stacks_cache = list(record.get("_stacks", self._stacks_cache))
             self.catalog.upsert_stacks(self._stacks_cache)
         record.pop("_stacks", None)
+        self._sync_members(record.pop("_members", None), skip=str(path))
         self._log_frame(path, kind, record, elapsed, latency)
         event = {
             "id": file_id, "path": str(path), "name": path.name, "kind": kind, "status": status,
@@ -794,13 +803,41 @@ class Service:
         if info is None:
             info = self._info_from_row(row)
         record = dict(self.pipeline.process_light(path, info))
-        if record.get("status") == "stacked":
+        members = getattr(self.pipeline, "members", None)
+        if callable(members) and record.get("stack_id"):
+            # a light can make the pipeline rebuild its stack (out of order, new reference, better
+            # master): the other members' verdicts may change with it
+            try:
+                record["_members"] = list(members(str(record["stack_id"])))
+            except KeyError:
+                pass
+        if record.get("status") in ("stacked", "rejected"):
             record["_stacks"] = self.pipeline.stacks()
             sid = str(record.get("stack_id"))
             if self._clock() - self._products_wanted.get(sid, -1e18) < _PRODUCTS_WANTED_S:
                 # someone is looking at this stack: fetch its products here, off the loop
                 self._products_cache[sid] = self.pipeline.stack_products(sid)
         return record
+
+    def _sync_members(self, members: list[dict[str, Any]] | None, *, skip: str = "") -> int:
+        """Bring the catalogue in line with the pipeline's records of a stack's lights (after a rebuild
+        their verdicts can change); returns how many rows changed."""
+        if not members or self.catalog is None:
+            return 0
+        changed = 0
+        for rec in members:
+            p = str(rec.get("path") or "")
+            status = rec.get("status")
+            if not p or p == skip or status not in ("stacked", "rejected", "failed"):
+                continue
+            row = self.catalog.get_by_path(p)
+            if row is None or row["status"] not in ("stacked", "rejected", "failed"):
+                continue
+            if (row["status"], row.get("reason") or "", row.get("weight")) != (
+                    status, rec.get("reason") or "", rec.get("weight")):
+                self.catalog.record_result(row["id"], rec)
+                changed += 1
+        return changed
 
     def _calibration_job(self, path: Path, info: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.pipeline is not None
@@ -812,6 +849,34 @@ class Service:
         """Worker thread: the FrameInfo of a file queued before a restart, read again from its header
         (cheap) so the pipeline gets the real object."""
         return self._identify(Path(row["path"]), self.config)
+
+    def _maybe_flush_masters(self) -> None:
+        """When idle and no calibration frame came for ``library.master_debounce_s``, re-integrate the
+        masters that still have members waiting (the flats of dawn, with no light after them)."""
+        if self._calibration_added_at is None or not callable(getattr(self.pipeline, "flush_masters", None)):
+            return
+        if self._clock() - self._calibration_added_at < float(self.config.library.master_debounce_s):
+            return
+        if self._flush_task is not None and not self._flush_task.done():
+            return
+        self._calibration_added_at = None
+        self._flush_task = asyncio.create_task(self._flush_masters(), name="flush-masters")
+        self._background.add(self._flush_task)
+        self._flush_task.add_done_callback(self._background.discard)
+
+    async def _flush_masters(self) -> None:
+        assert self.pipeline is not None
+        try:
+            masters = await self._run_in_background(self.pipeline.flush_masters)  # type: ignore[attr-defined]
+        except Exception as exc:
+            if _is_disk_full(exc):
+                self._pause(f"state folder {self.state_dir} is full (masters: {exc})")
+            else:
+                _log.exception("building the masters failed")
+                self._warn(f"building the masters failed: {exc}")
+            return
+        if masters:
+            await self._after_calibration(list(masters))
 
     async def _after_calibration(self, masters: list[dict[str, Any]]) -> None:
         assert self.catalog is not None and self.pipeline is not None
@@ -861,9 +926,9 @@ class Service:
                 return
             total += len(items)
             for rec in result or []:
-                if isinstance(rec, dict) and rec.get("path"):
+                if isinstance(rec, dict) and rec.get("path") and rec.get("status") in DONE_STATUSES:
                     row = self.catalog.get_by_path(str(rec["path"]))
-                    if row is not None and rec.get("status") in DONE_STATUSES:
+                    if row is not None and row["status"] in ("stacked", "rejected", "failed"):
                         self.catalog.record_result(row["id"], rec)
             await self._refresh_stacks()
             for st in self._stacks_cache:
@@ -1235,9 +1300,31 @@ class Service:
         fn = getattr(self.pipeline, "set_reference", None)
         if not callable(fn):
             raise ValueError("changing the reference is not supported by this pipeline yet")
-        result = await self._run_in_executor(fn, stack_id, Path(row["path"]))
+        result = await self._run_in_executor(fn, stack_id, str(row["path"]))
+        rebuild = getattr(self.pipeline, "rebuild", None)
+        if callable(rebuild):
+            task = asyncio.create_task(self._rebuild_stack(rebuild, stack_id), name=f"rebuild-{stack_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         await self._refresh_stacks()
-        return dict(result) if isinstance(result, dict) else {"id": stack_id, "reference": row["path"]}
+        return dict(result) if isinstance(result, dict) else {"id": stack_id, "reference": row["path"],
+                                                              "rebuilding": callable(rebuild)}
+
+    async def _rebuild_stack(self, rebuild: Callable[[str], Any], stack_id: str) -> None:
+        """A stack rebuilt from its raw files (a new reference): in the background, then its records."""
+        self.recalibration = {"running": True, "frames": 0, "message": f"rebuilding stack {stack_id}"}
+        try:
+            records = await self._run_in_background(rebuild, stack_id)
+        except Exception as exc:
+            self._warn(f"rebuilding stack {stack_id} failed: {exc}")
+            self.recalibration = {"running": False, "frames": 0, "message": f"rebuilding {stack_id} failed"}
+            return
+        self._sync_members(list(records or []))
+        await self._refresh_stacks()
+        self.recalibration = {"running": False, "frames": len(records or []),
+                              "message": f"stack {stack_id} rebuilt at {_now_iso()}"}
+        stack = next((s for s in self._stacks_cache if str(s.get("id")) == stack_id), {"id": stack_id})
+        self.events.emit("stack_updated", dict(stack))
 
     async def new_stack(self, target: str, filter: str) -> dict[str, Any]:
         if not str(target).strip():
