@@ -161,11 +161,13 @@ def test_residual_vignetting_and_dust_below_0_3_percent(night: dict) -> None:
 
 @pytest.mark.parametrize("method", ["fast", "golden"])
 def test_dark_optimisation_recovers_scale_within_3_percent(night: dict, method: str) -> None:
-    light = night["lights"][0]
-    opt = calibrate.optimize_dark_scale(light, night["dark"], night["bias"], nominal=0.4, method=method)
-    print(f"dark optimisation {method}: k = {opt.k:.4f} (true 0.4), {opt.n_warm} warm pixels")
-    assert opt.ok, opt.reason
-    assert abs(opt.k / 0.4 - 1) < 0.03
+    errors = []
+    for light in night["lights"]:
+        opt = calibrate.optimize_dark_scale(light, night["dark"], night["bias"], nominal=0.4, method=method)
+        assert opt.ok, opt.reason
+        errors.append(opt.k / 0.4 - 1)
+    print(f"dark optimisation {method}: k/0.4 - 1 = {[round(e, 4) for e in errors]} ({opt.n_warm} warm pixels)")
+    assert max(abs(e) for e in errors) < 0.03
 
 
 def test_fast_and_golden_agree_and_golden_minimises_noise(night: dict) -> None:
@@ -173,7 +175,7 @@ def test_fast_and_golden_agree_and_golden_minimises_noise(night: dict) -> None:
     fast = calibrate.optimize_dark_scale(light, night["dark"], night["bias"], nominal=0.4, method="fast")
     gold = calibrate.optimize_dark_scale(light, night["dark"], night["bias"], nominal=0.4, method="golden")
     print(f"fast k = {fast.k:.4f}, golden k = {gold.k:.4f}")
-    assert abs(fast.k / gold.k - 1) < 0.02
+    assert abs(fast.k / gold.k - 1) < 0.01
 
 
 def test_hot_pixels_removed_by_cosmetic_correction(night: dict) -> None:
