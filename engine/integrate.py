@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -322,9 +323,9 @@ def _large_scale_maps(
         if idx.size == 0:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        bitmap = np.zeros(height * width, dtype=bool)
-        bitmap[idx] = True
-        bitmap = bitmap.reshape(height, width)
+        flat = np.zeros(height * width, dtype=bool)
+        flat[idx] = True
+        bitmap = flat.reshape(height, width)
         labels, nlab = ndimage.label(bitmap, structure=structure)
         if nlab == 0:
             out.append(np.zeros(0, dtype=np.int64))
@@ -358,6 +359,7 @@ def integrate(
     large_scale_growth_px: int = 2,
     band_budget_bytes: int = 1 << 30,
     band_rows: int | None = None,
+    prefetch: bool = True,
 ) -> Integration:
     """Integrate frames with pixel rejection, band by band.
 
@@ -371,8 +373,13 @@ def integrate(
     large_scale : two-pass large-scale (high-side) rejection, §7.4. Default is False.
     large_scale_min_area_px, large_scale_min_length_px, large_scale_growth_px : structures of at least
         this area or extent are grown by this many pixels. Defaults 25, 15, 2.
-    band_budget_bytes : memory for one band of all frames. Default is 1 GiB.
+    band_budget_bytes : memory for the bands of all frames. Default is 1 GiB. With ``prefetch`` the
+        budget is split between two bands (one being read while the other is integrated).
     band_rows : force the band height (tests); default None = from the budget.
+    prefetch : read the next band in a thread while the current one is integrated. Default is True.
+
+    Exclusion masks: sources deliver NaN for excluded pixels (``MaskedSource`` wraps a source and a
+    bool mask); such samples count neither in coverage nor in rejection.
     """
     if len(sources) == 0:
         raise StackwatchError("integrate: no frames to integrate")
@@ -399,7 +406,8 @@ def integrate(
     resolved = spec.resolve(user_params)
     packed = spec.pack(user_params, n_max=n)
     wts = _weights_array(weights, n, channels)
-    h = band_rows if band_rows is not None else band_rows_for(n, width, height, channels=channels, budget_bytes=band_budget_bytes)
+    per_band = band_budget_bytes // 2 if prefetch else band_budget_bytes
+    h = band_rows if band_rows is not None else band_rows_for(n, width, height, channels=channels, budget_bytes=per_band)
     h = max(1, min(int(h), height))
 
     image = np.empty((channels, height, width), dtype=np.float32)
@@ -411,40 +419,52 @@ def integrate(
 
     def run_pass(pre_idx: list[np.ndarray] | None, record_high: bool) -> list[list[np.ndarray]]:
         highs: list[list[np.ndarray]] = [[] for _ in range(n)]
-        for y0 in range(0, height, h):
-            y1 = min(height, y0 + h)
-            band = _read_band(srcs, y0, y1, shape)
-            pre = _EMPTY_U8
-            if pre_idx is not None:
-                pre = np.zeros((n, y1 - y0, width), dtype=np.uint8)
-                a, b = y0 * width, y1 * width
-                for i, idx in enumerate(pre_idx):
-                    sel = idx[np.searchsorted(idx, a) : np.searchsorted(idx, b)] - a
-                    pre[i].reshape(-1)[sel] = HIGH
-            rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
-            union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
-            for c in range(channels):
-                _integrate_band(
-                    band[c],
-                    pre,
-                    wts[c],
-                    spec.code,
-                    packed,
-                    median,
-                    image[c, y0:y1],
-                    rej_lo[c, y0:y1],
-                    rej_hi[c, y0:y1],
-                    cov[c, y0:y1],
-                    wsum[c, y0:y1],
-                    rec,
-                )
-                if union is not None:
-                    union |= rec == HIGH
-            if union is not None:
-                for i in range(n):
-                    highs[i].append(np.flatnonzero(union[i]) + y0 * width)
-            del band
+        spans = [(y0, min(height, y0 + h)) for y0 in range(0, height, h)]
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            nxt = reader.submit(_read_band, srcs, spans[0][0], spans[0][1], shape) if prefetch else None
+            for k, (y0, y1) in enumerate(spans):
+                if nxt is not None:
+                    band = nxt.result()
+                    nxt = reader.submit(_read_band, srcs, *spans[k + 1], shape) if k + 1 < len(spans) else None
+                else:
+                    band = _read_band(srcs, y0, y1, shape)
+                integrate_band(band, y0, y1, pre_idx, record_high, highs)
+                del band
         return highs
+
+    def integrate_band(
+        band: np.ndarray, y0: int, y1: int, pre_idx: list[np.ndarray] | None, record_high: bool,
+        highs: list[list[np.ndarray]],
+    ) -> None:
+        pre = _EMPTY_U8
+        if pre_idx is not None:
+            pre = np.zeros((n, y1 - y0, width), dtype=np.uint8)
+            a, b = y0 * width, y1 * width
+            for i, idx in enumerate(pre_idx):
+                sel = idx[np.searchsorted(idx, a) : np.searchsorted(idx, b)] - a
+                pre[i].reshape(-1)[sel] = HIGH
+        rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
+        union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
+        for c in range(channels):
+            _integrate_band(
+                band[c],
+                pre,
+                wts[c],
+                spec.code,
+                packed,
+                median,
+                image[c, y0:y1],
+                rej_lo[c, y0:y1],
+                rej_hi[c, y0:y1],
+                cov[c, y0:y1],
+                wsum[c, y0:y1],
+                rec,
+            )
+            if union is not None:
+                union |= rec == HIGH
+        if union is not None:
+            for i in range(n):
+                highs[i].append(np.flatnonzero(union[i]) + y0 * width)
 
     ls_counts: tuple[int, ...] = ()
     if large_scale:

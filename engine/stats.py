@@ -163,13 +163,28 @@ def _mirror(i: int, n: int) -> int:
 def _b3_rows(src: np.ndarray, dst: np.ndarray, step: int) -> None:
     """Horizontal B3 pass with taps ``step`` apart, mirror borders."""
     h, w = src.shape
+    x_lo = min(2 * step, w)
+    x_hi = max(w - 2 * step, x_lo)
     for y in prange(h):
-        for x in range(w):
+        for x in range(x_lo):
             acc = 0.0
             for k in range(5):
-                xx = _mirror(x + (k - 2) * step, w)
                 c = 1.0 if (k == 0 or k == 4) else (4.0 if (k == 1 or k == 3) else 6.0)
-                acc += c * src[y, xx]
+                acc += c * src[y, _mirror(x + (k - 2) * step, w)]
+            dst[y, x] = acc / 16.0
+        for x in range(x_lo, x_hi):
+            acc = (
+                src[y, x - 2 * step]
+                + src[y, x + 2 * step]
+                + 4.0 * (src[y, x - step] + src[y, x + step])
+                + 6.0 * src[y, x]
+            )
+            dst[y, x] = acc / 16.0
+        for x in range(x_hi, w):
+            acc = 0.0
+            for k in range(5):
+                c = 1.0 if (k == 0 or k == 4) else (4.0 if (k == 1 or k == 3) else 6.0)
+                acc += c * src[y, _mirror(x + (k - 2) * step, w)]
             dst[y, x] = acc / 16.0
 
 
@@ -250,9 +265,9 @@ def _as_plane(image: np.ndarray, name: str = "image") -> np.ndarray:
     return a
 
 
-def _filled(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 copy with NaN replaced by the median of the finite values, and the finite map."""
-    data = np.array(image, dtype=np.float64, order="C")
+def _filled(image: np.ndarray, dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """C-contiguous copy with NaN replaced by the median of the finite values, and the finite map."""
+    data: np.ndarray = np.array(image, dtype=dtype, order="C")
     finite = np.isfinite(data)
     if not finite.all():
         fill = float(np.median(data[finite])) if finite.any() else 0.0
@@ -298,7 +313,7 @@ def starlet_layer1(image: np.ndarray) -> np.ndarray:
 
 
 def _ksigma(values: np.ndarray, valid: np.ndarray, *, k: float = 3.0, tol: float = 0.01, iters: int = 10) -> float:
-    ones = np.zeros(values.shape, dtype=np.float32)
+    ones = np.zeros(values.shape, dtype=np.float32)  # ratio 0 everywhere: no support
     n, s1, s2 = _masked_moments(values, valid, ones, 1.0, 0.0, np.inf)
     if n < 2:
         return math.nan
@@ -372,7 +387,7 @@ def mrs_noise(
     NoiseEstimate with sigma already divided by 0.974 (PCL's bias correction) for MRS.
     """
     a = _central(_as_plane(image), window_px)
-    data, finite = _filled(a)
+    data, finite = _filled(a, np.float32)
     lo, hi = valid_range
     valid = finite & (data > lo) & (data < hi)
     if mask is not None:
@@ -383,53 +398,59 @@ def mrs_noise(
     total = int(valid.sum())
     if total < 16:
         return NoiseEstimate(math.nan, "KSIGMA", 0.0, 0, 0)
-
     tmp = np.empty_like(data)
-    c_prev = data
-    ratio = np.zeros(data.shape, dtype=np.float64)
-    coarse: list[np.ndarray] = []
-    sigma_k = math.nan
-    for j in range(max(layers, 1)):
-        nxt = np.empty_like(data)
-        _smooth(c_prev, tmp, nxt, 1 << j)
-        if j == 0:
-            w1 = np.empty_like(data)
-            _sub(c_prev, nxt, w1)
-            sigma_k = _ksigma(w1, valid) / MRS_LAYER_NOISE[0]
-            del w1
-        coarse.append(nxt)
-        c_prev = nxt
-
-    resid = np.empty_like(data)
-    for nl in range(layers, 1, -1):
-        # support ratio over layers 1..nl and residual I - c_nl
-        ratio.fill(0.0)
-        prev = data
-        for j in range(nl):
-            _layer_update(prev, coarse[j], ratio, 1.0 / MRS_LAYER_NOISE[j])
-            prev = coarse[j]
-        _sub(data, coarse[nl - 1], resid)
-        sigma = sigma_k
-        converged = False
-        n = 0.0
-        it = 0
-        for it in range(1, max_iterations + 1):  # noqa: B007
-            if not (sigma > 0.0):
-                break
-            n, s1, s2 = _masked_moments(resid, valid, ratio, 3.0 * sigma, 0.0, np.inf)
-            if n < 2:
-                break
-            mean = s1 / n
-            new = math.sqrt(max((s2 - n * mean * mean) / (n - 1.0), 0.0))
-            change = abs(new - sigma) / sigma
-            sigma = new
-            if change < tolerance:
-                converged = True
-                break
-        frac = n / total
-        if converged and frac >= min_fraction:
-            return NoiseEstimate(sigma / _MRS_BIAS, "MRS", frac, nl, it)
+    c1 = np.empty_like(data)
+    _smooth(data, tmp, c1, 1)
+    _sub(data, c1, tmp)
+    sigma_k = _ksigma(tmp, valid) / MRS_LAYER_NOISE[0]
+    bufs = (c1, np.empty_like(data), np.empty_like(data))
+    for nl in range(max(layers, 2), 1, -1):
+        est = _mrs_try(data, valid, tmp, bufs, nl, sigma_k, max_iterations, tolerance)
+        if est is not None and est[1] / total >= min_fraction:
+            sigma, n, it = est
+            return NoiseEstimate(sigma / _MRS_BIAS, "MRS", n / total, nl, it)
     return NoiseEstimate(sigma_k, "KSIGMA", 1.0, 0, 0)
+
+
+def _mrs_try(
+    data: np.ndarray,
+    valid: np.ndarray,
+    tmp: np.ndarray,
+    bufs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    layers: int,
+    sigma0: float,
+    max_iterations: int,
+    tolerance: float,
+) -> tuple[float, float, int] | None:
+    """Support iteration with ``layers`` starlet layers: (sigma, noise-set size, iterations) or None.
+
+    tmp and bufs are scratch planes of data's shape (ratio, two smoothing planes).
+    """
+    ratio, c_prev_buf, c_next = bufs
+    ratio.fill(0.0)
+    c_prev = data
+    for j in range(layers):
+        _smooth(c_prev, tmp, c_next, 1 << j)
+        _layer_update(c_prev, c_next, ratio, 1.0 / MRS_LAYER_NOISE[j])
+        if j == 0:
+            c_prev = c_prev_buf
+        c_prev, c_next = c_next, c_prev
+    resid = tmp
+    _sub(data, c_prev, resid)  # I - c_J
+    sigma = sigma0
+    for it in range(1, max_iterations + 1):
+        if not (sigma > 0.0):
+            return None
+        n, s1, s2 = _masked_moments(resid, valid, ratio, 3.0 * sigma, 0.0, np.inf)
+        if n < 2:
+            return None
+        mean = s1 / n
+        new = math.sqrt(max((s2 - n * mean * mean) / (n - 1.0), 0.0))
+        change = abs(new - sigma) / sigma
+        sigma = new
+        if change < tolerance:
+            return sigma, n, it
+    return None
 
 
 _CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")

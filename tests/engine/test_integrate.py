@@ -72,7 +72,8 @@ def test_band_height_invariance(rejection: str, combination: str) -> None:
     fr[7][:, 4] = np.nan
     w = rng.uniform(0.5, 2.0, 26)
     results = [
-        I.integrate(fr, weights=w, rejection=rejection, combination=combination, band_rows=h) for h in (1, 5, 16, 37)
+        I.integrate(fr, weights=w, rejection=rejection, combination=combination, band_rows=h, prefetch=h % 2 == 0)
+        for h in (1, 5, 16, 37)
     ]
     for r in results[1:]:
         for field in ("image", "rej_low", "rej_high", "coverage", "weight_sum"):
@@ -84,8 +85,10 @@ def test_budget_sets_band_rows() -> None:
     assert I.band_rows_for(300, 6248, 4176, budget_bytes=1 << 30) == 109
     assert I.band_rows_for(3, 100, 50, budget_bytes=1 << 30) == 50
     rng = np.random.default_rng(3)
-    res = I.integrate(_frames(rng, 5, h=40, w=30), band_budget_bytes=5 * 30 * 5 * 20)
+    res = I.integrate(_frames(rng, 5, h=40, w=30), band_budget_bytes=5 * 30 * 5 * 20, prefetch=False)
     assert res.band_rows == 16
+    res = I.integrate(_frames(rng, 5, h=80, w=30), band_budget_bytes=2 * 5 * 30 * 5 * 20)
+    assert res.band_rows == 16  # the budget is split between two bands when prefetching
 
 
 def test_all_rejected_gives_median_and_no_data_gives_nan() -> None:
