@@ -112,6 +112,7 @@ class SimulationSpec:
     exposure_s: float = 120.0
     dark_exposure_s: float | None = None  # None: same as exposure_s
     flat_exposure_s: float = 1.5
+    flat_exposure_by_filter: tuple[tuple[str, float], ...] = ()  # e.g. (("Ha", 12.0),): others use flat_exposure_s
     # camera
     camera: str = "ZWO ASI2600MM Pro"  # "MC" replaces "MM" for colour when osc and the default is kept
     osc: bool = False
@@ -179,6 +180,7 @@ class SimulationSpec:
     extinction_mag: float = 0.2  # per airmass
     clouds: tuple[tuple[int, float], ...] = ()  # (light index, cloud transparency 0..1)
     cloud_sky_boost: float = 1.0  # sky *= 1 + boost * (1 - cloud transparency)
+    cloud_gradient: float = 0.0  # patchy cloud: transparency changes by this x (1 - cloud) from centre to edge
     bright_sky: tuple[tuple[int, float], ...] = ()  # (light index, sky factor): moonrise, dawn, car headlights
     # transients
     trails: tuple[int, ...] = ()  # lights with a satellite trail
@@ -296,7 +298,8 @@ class FrameTruth:
     airmass: float | None = None
     pier_side: str | None = None
     cloud: float | None = None  # cloud transparency (1 = clear)
-    transparency: float | None = None  # extinction * cloud, relative to zenith in clear sky
+    transparency: float | None = None  # extinction * cloud at the frame centre, relative to zenith in clear sky
+    transparency_grad: tuple[float, float] | None = None  # T(x, y) = T (1 + gx u + gy v), u, v as for the sky
     scale: float | None = None  # T_ref / T_i, ref = the first light of the same filter (light 1 for one filter)
     sky_e: float | None = None  # sky level at the frame centre, electrons: mono through its filter; colour: R+G+B
     noise_e: float | None = None  # raw background noise at the frame centre (sky x flat + dark + read), e-
@@ -490,6 +493,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
         cloud = float(clouds.get(i, 1.0))
         transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
         first_transparency.setdefault(filt, transparency)
+        tg = spec.cloud_gradient * (1.0 - cloud)
+        tphi = float(rng_l.uniform(0, 2 * math.pi)) if tg > 0 else 0.0
         sky = spec.sky_e_per_s * spec.exposure_s * (1.0 + spec.sky_airmass_coeff * (airmass - 1.0))
         if not spec.osc:  # what a mono pixel sees through the filter (L: everything)
             sky *= float(_SKY_COLOUR @ np.array(_sky.FILTER_RESPONSE[filt.upper()]))
@@ -514,7 +519,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
             filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
             fwhm_px=fwhm, fwhm_sampled_px=math.sqrt(fwhm * fwhm + 2.3548**2 / 12.0), eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
             altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
-            transparency=transparency, scale=first_transparency[filt] / transparency, sky_e=sky,
+            transparency=transparency, transparency_grad=(tg * math.cos(tphi), tg * math.sin(tphi)),
+            scale=first_transparency[filt] / transparency, sky_e=sky,
             sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
         t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if spec.dither_every else 0))
     frames.extend(light_records)
@@ -523,21 +529,28 @@ def make_truth(spec: SimulationSpec) -> Truth:
     dawn = (start + _dt.timedelta(days=1)).replace(hour=5, minute=30, second=0, microsecond=0)
     t = max(t + _dt.timedelta(minutes=40), dawn)
     rng_f = _rng(spec, 4)
+    flat_exp = {f: spec.flat_exposure_s for f in filters}
+    flat_exp.update({f: float(e) for f, e in spec.flat_exposure_by_filter if f in flat_exp})
     for filt in filters:
+        exp = flat_exp[filt]
         for i in range(spec.n_flats):
             idx = filters.index(filt) * spec.n_flats + i
             frames.append(FrameTruth(
-                kind="flat", index=idx, file=_file_name("flat", t, "", filt, spec.flat_exposure_s, i + 1),
-                date_obs=_fmt_time(t), exposure_s=spec.flat_exposure_s, temperature_c=temp_reading(spec.temperature_c),
-                filter=filt, cosmics=_cosmics(rng_f, spec, spec.flat_exposure_s),
+                kind="flat", index=idx, file=_file_name("flat", t, "", filt, exp, i + 1),
+                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
+                filter=filt, cosmics=_cosmics(rng_f, spec, exp),
                 flat_star_seed=int(rng_f.integers(0, 2**31)) if spec.sky_flats_with_stars else None))
-            t += _dt.timedelta(seconds=spec.flat_exposure_s + spec.overhead_s)
-    for i in range(spec.n_darkflats):
-        frames.append(FrameTruth(
-            kind="darkflat", index=i, file=_file_name("darkflat", t, "", "", spec.flat_exposure_s, i + 1),
-            date_obs=_fmt_time(t), exposure_s=spec.flat_exposure_s, temperature_c=temp_reading(spec.temperature_c),
-            filter="", cosmics=_cosmics(rng_f, spec, spec.flat_exposure_s)))
-        t += _dt.timedelta(seconds=spec.flat_exposure_s + spec.overhead_s)
+            t += _dt.timedelta(seconds=exp + spec.overhead_s)
+    # one set of flat-darks per distinct flat exposure
+    idx = 0
+    for exp in dict.fromkeys(flat_exp[f] for f in filters):
+        for i in range(spec.n_darkflats):
+            frames.append(FrameTruth(
+                kind="darkflat", index=idx, file=_file_name("darkflat", t, "", "", exp, i + 1),
+                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
+                filter="", cosmics=_cosmics(rng_f, spec, exp)))
+            idx += 1
+            t += _dt.timedelta(seconds=exp + spec.overhead_s)
 
     # --- stars over the union of all light footprints
     corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], dtype=np.float64).T
@@ -738,6 +751,19 @@ def sky_model_e(truth: Truth, frame: FrameTruth, *, channel: int | None = None) 
     return sky
 
 
+def _apply_transparency(truth: Truth, frame: FrameTruth, image: np.ndarray) -> None:
+    """Multiply a signal image (electrons, frame grid; (H, W) or (C, H, W)) by the frame's transparency."""
+    assert frame.transparency is not None
+    image *= np.float32(frame.transparency)
+    g = frame.transparency_grad
+    if g is not None and (g[0] or g[1]):
+        cx, cy, r = truth.sky_centre
+        h, w = truth.spec.shape
+        u = ((np.arange(w) - cx) / r)[None, :]
+        v = ((np.arange(h) - cy) / r)[:, None]
+        image *= np.maximum(1.0 + g[0] * u + g[1] * v, 0.0).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class LightComponents:
     """Noiseless parts of one light, in its grid, electrons: ``signal`` (T applied) and ``sky`` before
@@ -758,7 +784,8 @@ def light_components(truth: Truth, index: int) -> LightComponents:
     """The noiseless model of light ``index`` (see `LightComponents`)."""
     frame = truth.frame("light", index)
     assert frame.transparency is not None
-    sig = _signal_e(truth, frame) * np.float32(frame.transparency)
+    sig = _signal_e(truth, frame)
+    _apply_transparency(truth, frame, sig)
     dark = truth.dark_e_per_s * np.float32(frame.exposure_s * _dark_factor(truth.spec, truth.spec.temperature_c))
     return LightComponents(signal=sig, sky=sky_model_e(truth, frame), response=truth.response, dark=dark,
                            bias=truth.bias_adu)
@@ -824,7 +851,7 @@ def render_frame(truth: Truth, frame: FrameTruth) -> np.ndarray:
     # light
     assert frame.transparency is not None
     scene = _signal_e(truth, frame)
-    scene *= np.float32(frame.transparency)
+    _apply_transparency(truth, frame, scene)
     scene += sky_model_e(truth, frame)
     if frame.trails:
         _, bands = _channel_setup(spec, frame.filter)
@@ -875,8 +902,12 @@ def scene_adu(truth: Truth) -> tuple[np.ndarray, np.ndarray]:
     assert f0.transparency is not None
     g = np.float32(1.0 / spec.gain_e_per_adu)
     if not spec.osc:
-        return (_signal_e(truth, f0) * np.float32(f0.transparency) * g, sky_model_e(truth, f0) * g)
-    scene = np.stack([_signal_e(truth, f0, channel=ch) for ch in range(3)]) * np.float32(f0.transparency) * g
+        scene = _signal_e(truth, f0)
+        _apply_transparency(truth, f0, scene)
+        return scene * g, sky_model_e(truth, f0) * g
+    scene = np.stack([_signal_e(truth, f0, channel=ch) for ch in range(3)])
+    _apply_transparency(truth, f0, scene)
+    scene *= g
     sky = np.stack([sky_model_e(truth, f0, channel=ch) for ch in range(3)]) * g
     return scene.astype(np.float32), sky.astype(np.float32)
 

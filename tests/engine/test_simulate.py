@@ -417,3 +417,28 @@ def test_extended_target_follows_the_true_transform(target: str) -> None:
         # seeing softens the galaxy core differently per frame: compare away from the nucleus
         ok = expect < 0.3 * ref.max()
         assert np.abs(got - expect)[ok].max() < 0.02 * ref.max()
+
+
+def test_flat_exposures_per_filter_and_patchy_cloud() -> None:
+    spec = _spec(n_lights=2, filters=("L", "Ha"), flat_exposure_by_filter=(("Ha", 12.0),), n_flats=2,
+                 n_darkflats=2, clouds=((1, 0.5),), cloud_gradient=0.4)
+    truth = S.make_truth(spec)
+    flats = [f for f in truth.frames if f.kind == "flat"]
+    darkflats = [f for f in truth.frames if f.kind == "darkflat"]
+    assert [f.exposure_s for f in flats] == [1.5, 1.5, 12.0, 12.0]
+    assert sorted(f.exposure_s for f in darkflats) == [1.5, 1.5, 12.0, 12.0]
+    assert [f.index for f in darkflats] == [0, 1, 2, 3]
+    clear, cloudy = truth.lights()[0], truth.lights()[1]
+    assert clear.transparency_grad == (0.0, 0.0)
+    assert cloudy.transparency_grad is not None
+    assert math.hypot(*cloudy.transparency_grad) == pytest.approx(0.2)
+    sig = S.light_components(truth, 1).signal.astype(np.float64)
+    raw_sig = S._signal_e(truth, cloudy).astype(np.float64)  # at transparency 1
+    ok = raw_sig > 1.0
+    ratio = sig[ok] / raw_sig[ok]
+    cx, cy, r = truth.sky_centre
+    yy, xx = np.nonzero(ok)
+    gx, gy = cloudy.transparency_grad
+    expect = cloudy.transparency * (1 + gx * (xx - cx) / r + gy * (yy - cy) / r)
+    np.testing.assert_allclose(ratio, expect, rtol=1e-4)
+    assert ratio.max() - ratio.min() > 0.1 * cloudy.transparency
