@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,16 @@ def test_data_outside_unit_range_is_mapped_first() -> None:
     assert (p.offset, p.span) == (0.0, 1.0)  # ordinary data: identity mapping, the PixInsight definition
     neg = (0.001 * rng.standard_normal((300, 300))).astype(np.float32)  # sky-subtracted, around 0
     assert abs(np.median(decode_png(pv.render_preview(neg).png)) - 64) <= 2
+
+
+def test_real_frames_stretch_like_stf(real_data: Path) -> None:
+    """Real skies (mono 12-bit in 16, and one-shot colour read as CFA): the background lands on the
+    target and the brightest stars saturate, as PixInsight's auto-STF shows them."""
+    fitsio = pytest.importorskip("stackwatch.engine.fitsio")
+    for path in (sorted((real_data / "microobs_hatp32").glob("*.fits*"))[0],
+                 sorted((real_data / "asi224mc_m27").glob("*.fits*"))[0]):
+        data = fitsio.read_image(path).data
+        prev = pv.render_preview(data, max_px=512)
+        pix = decode_png(prev.png)
+        assert abs(float(np.median(pix)) - 64) <= 3, path.name
+        assert pix.max() >= 250 and np.mean(pix == 0) < 0.03, path.name
