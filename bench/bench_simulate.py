@@ -18,6 +18,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def main() -> None:
     res["make_truth"] = {"s": dt, "peak_mb": peak, "stars": len(truth.stars)}
     for kind in ("light", "dark", "flat", "bias"):
         frame = truth.frame(kind, 1 if kind == "light" else 0)
-        data, dt, peak = _timed(lambda f=frame: S.render_frame(truth, f))
+        data, dt, peak = _timed(partial(S.render_frame, truth, frame))
         res[f"render_{kind}"] = {"s": dt, "peak_mb": peak}
     with tempfile.TemporaryDirectory() as tmp:
         f = truth.frame("light", 1)
