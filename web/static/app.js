@@ -13,6 +13,7 @@
     masters: [],
     selected: null,          // {kind: "stack"|"composite", id}
     version: {},             // stack id -> version
+    updates: {},             // stack id -> stack_updated events seen
     stretch: "linked",
     strength: 1,
     layer: "image",
@@ -208,6 +209,7 @@
         if (s) Object.assign(s, d);
         refreshStacks();  // exposure, reference and composites come with the list
         if (d.version !== undefined) state.version[d.id] = d.version;
+        state.updates[d.id] = (state.updates[d.id] || 0) + 1;  // reloads even if no version is sent
         if (!state.selected) selectStack({ kind: "stack", id: d.id });
         else if (state.selected.kind === "stack" && state.selected.id === d.id) loadPreview();
         else if (state.selected.kind === "composite") loadPreview();
@@ -335,7 +337,8 @@
     const layer = state.selected && state.selected.kind === "composite" ? "image" : state.layer;
     const v = state.selected && state.selected.kind === "stack" ? (state.version[state.selected.id] || 0) :
       state.stacks.reduce((a, s) => a + (s.version || 0), 0);
-    return `size=${previewSize()}&stretch=${state.stretch}&strength=${state.strength}&layer=${layer}&v=${v}`;
+    const u = Object.values(state.updates).reduce((a, b) => a + b, 0);
+    return `size=${previewSize()}&stretch=${state.stretch}&strength=${state.strength}&layer=${layer}&v=${v}&u=${u}`;
   }
   let previewSeq = 0;
   function loadPreview() {
