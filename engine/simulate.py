@@ -429,8 +429,9 @@ def make_truth(spec: SimulationSpec) -> Truth:
     frames: list[FrameTruth] = []
     filters = spec.filter_list
 
-    # --- calibration library shot in the afternoon (cap on), biases then darks
-    t = start - _dt.timedelta(hours=3)
+    # --- calibration library shot in the afternoon (cap on), biases then darks, ending 1 h before the lights
+    lib_s = spec.n_biases * spec.overhead_s + spec.n_darks * (spec.dark_exposure + spec.overhead_s)
+    t = start - _dt.timedelta(seconds=lib_s + 3600.0)
     rng_c = _rng(spec, 1)
     temp_rng = _rng(spec, 2)
 
