@@ -11,8 +11,9 @@ its luminance (R+G+B)/3. It returns a frozen `Measurement` with
 - the sky background model (``background_map()``, ``background_rms_map()``, ``background_box_px``).
 
 Detection uses sep: a first background pass, extraction on the background-subtracted frame (NaN
-filled and masked), then a second background pass with the detected stars masked (the reported
-background and the map). Saturated and edge stars are flagged and never enter the PSF fits.
+filled and masked), then optionally a second background pass with the detected stars masked (the reported
+background and the map; optional, ``refine_background``). Saturated and edge stars are flagged and
+never enter the PSF fits.
 
 PSF fits: elliptical Moffat (beta free in [1.5, 10]) or Gaussian by a small Levenberg-Marquardt
 (numba normal equations, analytic Jacobian) on cutouts of the brightest unsaturated isolated stars. The model is
@@ -489,7 +490,7 @@ def measure(
     psf_fit_stars: int = 100,
     psf_model: str = "moffat",
     noise: float | None = None,
-    refine_background: bool = True,
+    refine_background: bool = False,
 ) -> Measurement:
     """Detect and measure the stars of a calibrated frame.
 
@@ -508,7 +509,8 @@ def measure(
     psf_model : "moffat" or "gaussian". Default is "moffat".
     noise : the frame's noise if already known (e.g. NOISE keyword from calibration); None = measure
         it (multiresolution estimate on the central 2048^2 window). Default is None.
-    refine_background : second background pass with the stars masked. Default is True.
+    refine_background : second background pass with the detected stars masked (better map near bright
+        stars and nebulae, +1 sep.Background pass: ~25 % of the measurement time). Default is False.
     """
     if psf_model not in ("moffat", "gaussian"):
         raise StackwatchError(f"unknown PSF model {psf_model!r} (expected moffat or gaussian)")
@@ -544,7 +546,8 @@ def measure(
         bmask = sat if bmask is None else (bmask | sat)
     bkg = sep.Background(data, mask=bmask, bw=box, bh=box, fw=3, fh=3)
     rms = float(bkg.globalrms)
-    sub = data - bkg.back()
+    sub = data.copy()
+    bkg.subfrom(sub)  # in place, several times faster than data - bkg.back()
     if not (rms > 0 and math.isfinite(rms)):
         noise_v = float(noise) if noise is not None else float("nan")
         return _empty((h, w), "flat frame: background RMS is zero", background=float(bkg.globalback), rms=rms,
@@ -562,7 +565,7 @@ def measure(
             smask |= bmask
         if smask.mean() < 0.7:
             bkg = sep.Background(data, mask=smask, bw=box, bh=box, fw=3, fh=3)
-    background = float(np.median(bkg.back()[:: max(1, h // 64), :: max(1, w // 64)]))
+    background = float(bkg.globalback)  # sep: median of the (clipped, filtered) background mesh
     if noise is not None:
         noise_v, noise_method = float(noise), "GIVEN"
     else:
