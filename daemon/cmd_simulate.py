@@ -53,8 +53,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--exposure", type=float, default=None, help="light exposure, seconds (default: the preset's)")
     p.add_argument("--dark-exposure", type=float, default=None, help="dark exposure, seconds (default: = lights)")
     p.add_argument("--filters", default=None, help="comma-separated filters for a mono camera, e.g. L,R,G,B")
-    p.add_argument("--flip", type=int, nargs="?", const=-1, default=None, metavar="AFTER",
-                   help="meridian flip after light AFTER (0-based; without a value: half-way)")
+    p.add_argument("--flip", action="store_true", help="meridian flip half-way through the lights")
+    p.add_argument("--flip-after", type=int, default=None, metavar="I",
+                   help="meridian flip after light I (0-based)")
     p.add_argument("--trails", type=_indices, default=None, metavar="I,J",
                    help="lights with a satellite trail (default: light 1 when there are >= 3 lights)")
     p.add_argument("--aircraft", type=_indices, default=(), metavar="I,J", help="lights with an aircraft trail")
@@ -101,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     n_total = base.total_lights
     extra: dict[str, Any] = {"aircraft": args.aircraft, "clouds": args.clouds}
     extra["trails"] = args.trails if args.trails is not None else ((1,) if n_total >= 3 else ())
-    if args.flip is not None:
-        extra["meridian_flip_after"] = n_total // 2 - 1 if args.flip < 0 else args.flip
+    if args.flip_after is not None:
+        if not 0 <= args.flip_after < n_total - 1:
+            raise StackwatchError(f"--flip-after {args.flip_after}: need 0 <= I < {n_total - 1} (lights are 0-based)")
+        extra["meridian_flip_after"] = args.flip_after
+    elif args.flip:
+        extra["meridian_flip_after"] = max(0, n_total // 2 - 1)
     for name in ("trails", "aircraft"):
         bad = [i for i in extra[name] if not 0 <= i < n_total]
         if bad:

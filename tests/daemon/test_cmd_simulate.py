@@ -48,6 +48,8 @@ def test_simulate_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["simulate", str(tmp_path / "b"), "--lights", "3", "--trails", "7"]) == 1
     assert "only 3 lights" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "c"), "--width", "101"]) == 1
+    assert main(["simulate", str(tmp_path / "d"), "--lights", "3", "--flip-after", "2"]) == 1
+    assert "--flip-after 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("osc", [False, True])
