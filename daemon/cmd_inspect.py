@@ -1,7 +1,7 @@
 """`stackwatch inspect PATH... [--json]`: what stackwatch makes of each file.
 
 One record per file (folders are searched recursively for FITS names: .fits .fit .fts, any case,
-optionally .gz/.fz; hidden files and folders are skipped): path, kind, exposure_s, gain, offset,
+optionally .gz/.fz, and .xisf; hidden files and folders are skipped): path, kind, exposure_s, gain, offset,
 temperature_c, binning, filter, object, shape, bayer, camera, date_obs, and ``error`` with the reason
 when the file cannot be used. Pixels are read too (unless ``--headers-only``), so truncated files and
 files without a valid pixel are reported exactly as the pipeline would refuse them.
@@ -53,8 +53,8 @@ def register(subparsers: Any) -> None:
 
 
 def collect_paths(paths: list[str]) -> Iterator[str]:
-    """Files named on the command line as given; folders walked recursively for FITS names, sorted."""
-    from stackwatch.engine.fitsio import is_fits_name
+    """Files named on the command line as given; folders walked recursively for FITS and XISF names, sorted."""
+    from stackwatch.engine.fitsio import is_image_name
 
     for path in paths:
         if not os.path.isdir(path):
@@ -63,7 +63,7 @@ def collect_paths(paths: list[str]) -> Iterator[str]:
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if not name.startswith(".") and is_fits_name(name):
+                if not name.startswith(".") and is_image_name(name):
                     yield os.path.join(root, name)
 
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     elif records:
         print(_table(records))
     if not records:
-        print("stackwatch inspect: no FITS files found (.fits .fit .fts, optionally .gz/.fz)", file=sys.stderr)
+        print("stackwatch inspect: no FITS or XISF files found (.fits .fit .fts, optionally .gz/.fz; .xisf)", file=sys.stderr)
     else:
         bad = sum(1 for r in records if r["error"])
         if bad and not args.json:

@@ -35,8 +35,11 @@ array: ROWORDER='TOP-DOWN', BAYERPAT = effective pattern, XBAYROFF = YBAYROFF = 
 Everything that cannot be read raises :class:`~stackwatch.engine.errors.FrameError` naming the file
 and the reason; sizes are checked from the header before any pixel is allocated.
 
-XISF is not read: it would need a hand-written XML + attachment reader (the ``xisf`` package is not a
-dependency); capture programs all write FITS.
+XISF (PixInsight, N.I.N.A.) is read by a small reader here (the ``xisf`` package is not a dependency):
+monolithic files, one image attached as uncompressed or zlib (optionally byte-shuffled) data, UInt8/
+16/32 and Float32/64 samples, planar or interleaved RGB; FITSKeyword elements become the header,
+ColorFilterArray becomes BAYERPAT, imageType becomes IMAGETYP. LZ4 and Zstandard compression are
+refused with a clear message (no decoder in the standard library). XISF pixel data is top-down.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ __all__ = [
     "bayer_pattern",
     "image_shape",
     "is_fits_name",
+    "is_image_name",
     "read_header",
     "read_image",
     "read_rows",
@@ -73,6 +77,7 @@ __all__ = [
 # Recognised file names: .fits .fit .fts, any case, optionally + .gz or .fz.
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 _NAME_RE = re.compile(r"\.(fits|fit|fts)(\.gz|\.fz)?$", re.IGNORECASE)
+_XISF_RE = re.compile(r"\.xisf$", re.IGNORECASE)
 
 _BAYER_KEYWORDS = ("BAYERPAT", "COLORTYP", "CFATYPE", "CFA-PAT", "CFAPAT", "BAYERPATT")
 _XOFF_KEYWORDS = ("XBAYROFF", "BAYOFFX", "BAYEROFFX")
@@ -128,6 +133,12 @@ class Image:
 def is_fits_name(name: str | os.PathLike[str]) -> bool:
     """True for names ending in .fits/.fit/.fts (any case), optionally followed by .gz or .fz."""
     return bool(_NAME_RE.search(os.fspath(name)))
+
+
+def is_image_name(name: str | os.PathLike[str]) -> bool:
+    """True for every name :func:`read_image` reads: FITS names (:func:`is_fits_name`) and .xisf."""
+    text = os.fspath(name)
+    return bool(_NAME_RE.search(text) or _XISF_RE.search(text))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,11 +380,15 @@ def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
     elif bitpix == 64:
         scale, fs = 1.0 / 65535.0, 65535.0
     else:  # float
-        s = _sample(raw) * bscale + bzero
-        s = s[np.isfinite(s)]
-        normalised = s.size == 0 or float(np.percentile(s, 99.0)) <= 1.5
-        scale, fs = (1.0, 1.0) if normalised else (1.0 / 65535.0, 65535.0)
+        scale, fs = _float_full_scale(_sample(raw) * bscale + bzero)
     return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs)
+
+
+def _float_full_scale(sample: np.ndarray) -> tuple[float, float]:
+    """(scale, full scale) of float data: normalised if the 99th percentile is <= 1.5, else 16-bit ADU."""
+    s = sample[np.isfinite(sample)]
+    normalised = s.size == 0 or float(np.percentile(s, 99.0)) <= 1.5
+    return (1.0, 1.0) if normalised else (1.0 / 65535.0, 65535.0)
 
 
 def _looks_wrapped16(raw: np.ndarray) -> bool:
@@ -495,6 +510,187 @@ def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------------------------------
+# XISF (PixInsight, N.I.N.A.): monolithic files, uncompressed or zlib (with or without byte shuffling)
+
+_XISF_FORMATS = {
+    "UInt8": ("u1", 8),
+    "UInt16": ("u2", 16),
+    "UInt32": ("u4", 32),
+    "Float32": ("f4", -32),
+    "Float64": ("f8", -64),
+}
+_XISF_MAX_HEADER = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Xisf:
+    header: fits.Header
+    shape: tuple[int, ...]  # (H, W) or (C, H, W)
+    dtype: np.dtype
+    position: int
+    size: int
+    codec: str  # "" uncompressed, "zlib", "zlib+sh", ...
+    uncompressed_size: int
+    item_size: int
+    planar: bool
+
+
+def _is_xisf(path: str) -> bool:
+    return bool(_XISF_RE.search(path))
+
+
+def _xisf_value(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("'"):
+        return text[1:-1].replace("''", "'").rstrip() if text.endswith("'") and len(text) > 1 else text[1:]
+    if text in ("T", "F"):
+        return text == "T"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _xisf_parse(path: str) -> _Xisf:
+    import xml.etree.ElementTree as ET
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            if len(head) < 16 or head[:8] != b"XISF0100":
+                raise FrameError(path, "not a monolithic XISF 1.0 file (no XISF0100 signature)")
+            length = int.from_bytes(head[8:12], "little")
+            if length > _XISF_MAX_HEADER:
+                raise FrameError(path, f"XISF header of {length} bytes is implausibly large")
+            xml = fh.read(length)
+    except FileNotFoundError:
+        raise FrameError(path, "file not found") from None
+    except IsADirectoryError:
+        raise FrameError(path, "is a folder, not a file") from None
+    except PermissionError:
+        raise FrameError(path, "permission denied") from None
+    if len(xml) < length:
+        raise FrameError(path, "truncated file: the XISF header is incomplete (still being written?)")
+    try:
+        root = ET.fromstring(xml.rstrip(b"\x00"))
+    except ET.ParseError as exc:
+        raise FrameError(path, f"corrupt XISF header ({exc})") from None
+    image = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Image"), None)
+    if image is None:
+        raise FrameError(path, "no image in the XISF file")
+    try:
+        dims = [int(v) for v in image.get("geometry", "").split(":")]
+    except ValueError:
+        raise FrameError(path, f"bad XISF geometry {image.get('geometry')!r}") from None
+    if len(dims) != 3:
+        raise FrameError(path, f"{len(dims) - 1}-D XISF image; only 2-D images are supported")
+    width, height, channels = dims
+    fmt = image.get("sampleFormat", "")
+    if fmt not in _XISF_FORMATS:
+        raise FrameError(path, f"unsupported XISF sample format {fmt!r}")
+    code, bitpix = _XISF_FORMATS[fmt]
+    order = ">" if image.get("byteOrder", "little") == "big" else "<"
+    location = image.get("location", "").split(":")
+    if len(location) != 3 or location[0] != "attachment":
+        raise FrameError(path, f"unsupported XISF data location {image.get('location')!r} (only attachments)")
+    codec, usize, item = "", 0, 0
+    if image.get("compression"):
+        parts = image.get("compression", "").split(":")
+        codec = parts[0]
+        usize = int(parts[1]) if len(parts) > 1 else 0
+        item = int(parts[2]) if len(parts) > 2 else 0
+        if codec not in ("zlib", "zlib+sh"):
+            raise FrameError(path, f"XISF compression {codec!r} is not supported (uncompressed or zlib only)")
+    header = fits.Header()
+    header["BITPIX"] = bitpix
+    header["NAXIS"] = 3 if channels != 1 else 2
+    header["NAXIS1"] = width
+    header["NAXIS2"] = height
+    if channels != 1:
+        header["NAXIS3"] = channels
+    for el in image.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "FITSKeyword":
+            name = (el.get("name") or "").strip().upper()
+            if not name or name in _STRUCTURAL or name.startswith("NAXIS") or name == "END":
+                continue
+            value = _xisf_value(el.get("value", ""))
+            comment = el.get("comment", "")[:40]
+            try:
+                if name in ("HISTORY", "COMMENT"):
+                    header.add_history(comment) if name == "HISTORY" else header.add_comment(comment)
+                else:
+                    header.append((name, value, comment), end=True)
+            except (ValueError, VerifyError):
+                continue
+        elif tag == "ColorFilterArray" and "BAYERPAT" not in header:
+            pattern = (el.get("pattern") or "").upper()
+            if _VALID_TILE.match(pattern):
+                header["BAYERPAT"] = pattern
+    if image.get("imageType") and not any(k in header for k in ("IMAGETYP", "FRAME")):
+        header["IMAGETYP"] = image.get("imageType")
+    header["ROWORDER"] = ("TOP-DOWN", "XISF pixel data is stored top-down")
+    shape = (height, width) if channels == 1 else (channels, height, width)
+    return _Xisf(
+        header=header,
+        shape=shape,
+        dtype=np.dtype(order + code),
+        position=int(location[1]),
+        size=int(location[2]),
+        codec=codec,
+        uncompressed_size=usize,
+        item_size=item,
+        planar=image.get("pixelStorage", "Planar") != "Normal",
+    )
+
+
+def _xisf_raw(path: str, x: _Xisf) -> np.ndarray:
+    """Decoded samples in (H, W) or (C, H, W) order, the file's dtype."""
+    import zlib
+
+    if os.path.getsize(path) < x.position + x.size:
+        raise FrameError(path, "truncated file: the XISF data block is incomplete (still being written?)")
+    with open(path, "rb") as fh:
+        fh.seek(x.position)
+        block = fh.read(x.size)
+    nbytes = math.prod(x.shape) * x.dtype.itemsize
+    if x.codec:
+        try:
+            block = zlib.decompress(block)
+        except zlib.error as exc:
+            raise FrameError(path, f"corrupt zlib data in the XISF file ({exc})") from None
+        if x.codec.endswith("+sh") and x.item_size > 1:
+            n = len(block) // x.item_size
+            body = np.frombuffer(block, np.uint8, n * x.item_size).reshape(x.item_size, n).T.reshape(-1)
+            block = body.tobytes() + block[n * x.item_size :]
+    if len(block) != nbytes:
+        raise FrameError(path, f"XISF data block holds {len(block)} bytes, the geometry needs {nbytes}")
+    flat = np.frombuffer(block, dtype=x.dtype)
+    if x.planar or len(x.shape) == 2:
+        return flat.reshape(x.shape)
+    c, h, w = x.shape
+    return np.ascontiguousarray(flat.reshape(h, w, c).transpose(2, 0, 1))
+
+
+def _xisf_scaling(raw: np.ndarray) -> _Scaling:
+    if raw.dtype.kind == "u":
+        fs = float(2 ** (8 * raw.dtype.itemsize) - 1)
+        return _Scaling(1.0, 0.0, None, 1.0 / fs, False, fs)
+    scale, fs = _float_full_scale(_sample(raw).astype(np.float64))
+    return _Scaling(1.0, 0.0, None, scale, False, fs)
+
+
+def _read_xisf(path: str, max_mpix: float) -> tuple[np.ndarray, fits.Header, _Scaling]:
+    x = _xisf_parse(path)
+    shape = _validate_shape(path, x.header, max_mpix)
+    raw = _xisf_raw(path, x).reshape(shape)
+    sc = _xisf_scaling(raw)
+    return _convert(raw, sc, False), x.header, sc
+
+
+# --------------------------------------------------------------------------------------------------
 # Public readers
 
 
@@ -518,6 +714,8 @@ def read_header(path: str | os.PathLike[str]) -> fits.Header:
         Missing, unreadable, or no image HDU.
     """
     spath = os.fspath(path)
+    if _is_xisf(spath):
+        return _xisf_parse(spath).header
     hdul = _open(spath)
     try:
         index = _find_image_hdu(spath, hdul)
@@ -532,7 +730,7 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0, saturat
     Parameters
     ----------
     path : str or PathLike
-        A FITS file (.fits/.fit/.fts, plain, .gz or tile-compressed .fz).
+        A FITS file (.fits/.fit/.fts, plain, .gz or tile-compressed .fz) or an XISF file (.xisf).
     max_mpix : float, optional
         Refuse images declaring more than this many megapixels per plane (checked from the header
         before reading pixels). Default is 200.0.
@@ -550,6 +748,8 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0, saturat
         Unreadable, truncated, too large, no image, unsupported shape, or no finite pixel.
     """
     spath = os.fspath(path)
+    if _is_xisf(spath):
+        return _finish_image(spath, *_read_xisf(spath, max_mpix), saturation_frac)
     hdul = _open(spath)
     try:
         index = _find_image_hdu(spath, hdul)
@@ -569,18 +769,22 @@ def read_image(path: str | os.PathLike[str], *, max_mpix: float = 200.0, saturat
             raise
         except (OSError, ValueError, EOFError, TypeError, gzip.BadGzipFile, MemoryError) as exc:
             raise FrameError(spath, _data_problem(spath, exc)) from None
-        if not _any_finite(data):
-            raise FrameError(spath, "no valid pixels (all NaN or infinite)")
-        bayer = bayer_pattern(header)
-        saturate = _hget(header, "SATURATE")
-        if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
-            saturation = float(saturate) * sc.scale
-        else:
-            saturation = saturation_frac * sc.full_scale_physical * sc.scale
-        clean = _clean_header(header, bayer, shape)
     finally:
         hdul.close()
-    return Image(data=data, header=clean, scale=sc.scale, bayer=bayer, path=spath, saturation=saturation)
+    return _finish_image(spath, data, header, sc, saturation_frac)
+
+
+def _finish_image(path: str, data: np.ndarray, header: fits.Header, sc: _Scaling, saturation_frac: float) -> Image:
+    if not _any_finite(data):
+        raise FrameError(path, "no valid pixels (all NaN or infinite)")
+    bayer = bayer_pattern(header)
+    saturate = _hget(header, "SATURATE")
+    if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
+        saturation = float(saturate) * sc.scale
+    else:
+        saturation = saturation_frac * sc.full_scale_physical * sc.scale
+    clean = _clean_header(header, bayer, data.shape)
+    return Image(data=data, header=clean, scale=sc.scale, bayer=bayer, path=path, saturation=saturation)
 
 
 def _any_finite(data: np.ndarray) -> bool:
@@ -621,6 +825,11 @@ def read_rows(path: str | os.PathLike[str], y0: int, y1: int) -> np.ndarray:
         Unreadable or truncated file, or rows outside the image.
     """
     spath = os.fspath(path)
+    if _is_xisf(spath):
+        data = _read_xisf(spath, float("inf"))[0]
+        if not (0 <= y0 <= y1 <= data.shape[-2]):
+            raise FrameError(spath, f"rows [{y0}, {y1}) outside the image height {data.shape[-2]}")
+        return np.ascontiguousarray(data[..., y0:y1, :])
     hdul = _open(spath)
     try:
         index = _find_image_hdu(spath, hdul)

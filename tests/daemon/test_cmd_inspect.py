@@ -112,7 +112,7 @@ def test_inspect_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     empty.mkdir()
     assert main(["inspect", str(empty), "--json"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == [] and "no FITS files" in err
+    assert json.loads(out) == [] and "no FITS or XISF files" in err
 
 
 def test_inspect_real_data(real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -467,3 +467,110 @@ def test_full_size_frame_matches_astropy(tmp_path: Path) -> None:
         np.testing.assert_array_equal(img.data, expected)
         for y0 in (0, 1000, 4000):
             np.testing.assert_array_equal(fitsio.read_rows(path, y0, y0 + 176), expected[y0 : y0 + 176])
+
+
+# --------------------------------------------------------------------------------------------------
+# XISF: written here by hand following the XISF 1.0 layout (signature, header length, XML, attachment)
+
+
+def _write_xisf(
+    path: Path,
+    data: np.ndarray,
+    *,
+    fmt: str,
+    keywords: dict[str, str] | None = None,
+    codec: str = "",
+    planar: bool = True,
+    cfa: str | None = None,
+    image_type: str | None = None,
+    big_endian: bool = False,
+) -> Path:
+    import zlib
+
+    arr = np.asarray(data)
+    if arr.ndim == 2:
+        arr = arr[None]
+    c, h, w = arr.shape
+    dtype = arr.dtype.newbyteorder(">" if big_endian else "<")
+    ordered = arr if planar else arr.transpose(1, 2, 0)
+    payload = np.ascontiguousarray(ordered, dtype=dtype).tobytes()
+    compression = ""
+    if codec:
+        raw = payload
+        if codec.endswith("+sh"):
+            n = len(raw) // dtype.itemsize
+            raw = np.frombuffer(raw, np.uint8).reshape(n, dtype.itemsize).T.tobytes()
+        compression = f' compression="{codec}:{len(payload)}' + (f':{dtype.itemsize}"' if codec.endswith("+sh") else '"')
+        payload = zlib.compress(raw)
+    kw = "".join(f'<FITSKeyword name="{k}" value="{v}" comment=""/>' for k, v in (keywords or {}).items())
+    extra = f'<ColorFilterArray pattern="{cfa}" width="2" height="2"/>' if cfa else ""
+    attrs = f' imageType="{image_type}"' if image_type else ""
+    order = ' byteOrder="big"' if big_endian else ""
+    storage = "" if planar else ' pixelStorage="Normal"'
+    bounds = ' bounds="0:1"' if fmt.startswith("Float") else ""
+
+    def xml(position: int) -> bytes:
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="http://www.pixinsight.com/xisf">'
+            f'<Image geometry="{w}:{h}:{c}" sampleFormat="{fmt}" colorSpace="{"Gray" if c == 1 else "RGB"}"'
+            f'{bounds}{order}{storage}{compression}{attrs} location="attachment:{position}:{len(payload)}">'
+            f"{kw}{extra}</Image></xisf>"
+        ).encode()
+
+    position = 4096
+    header = xml(position)
+    assert 16 + len(header) <= position
+    blob = b"XISF0100" + len(header).to_bytes(4, "little") + b"\0\0\0\0" + header
+    path.write_bytes(blob.ljust(position, b"\0") + payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fmt", "codec", "planar", "big"),
+    [("UInt16", "", True, False), ("UInt16", "zlib+sh", True, False), ("UInt16", "zlib", True, True), ("UInt8", "", True, False)],
+)
+def test_xisf_mono(tmp_path: Path, fmt: str, codec: str, planar: bool, big: bool) -> None:
+    dtype = np.uint16 if fmt == "UInt16" else np.uint8
+    raw = np.random.default_rng(21).integers(0, np.iinfo(dtype).max, size=(23, 31)).astype(dtype)
+    keywords = {"IMAGETYP": "'LIGHT'", "EXPTIME": "120.", "GAIN": "100", "OBJECT": "'M 101'", "XBAYROFF": "1"}
+    path = _write_xisf(tmp_path / "a.XISF", raw, fmt=fmt, keywords=keywords, codec=codec, cfa="RGGB", big_endian=big)
+    assert fitsio.is_image_name(path) and not fitsio.is_fits_name(path)
+    img = fitsio.read_image(path)
+    full = float(np.iinfo(dtype).max)
+    np.testing.assert_array_equal(img.data, (raw / full).astype(np.float32))
+    assert img.bayer == "GRBG"  # ColorFilterArray RGGB with XBAYROFF = 1
+    assert img.header["EXPTIME"] == 120.0 and img.header["OBJECT"] == "M 101"
+    header = fitsio.read_header(path)
+    assert header["IMAGETYP"] == "LIGHT" and header["GAIN"] == 100
+    np.testing.assert_array_equal(fitsio.read_rows(path, 4, 9), img.data[4:9])
+
+
+@pytest.mark.parametrize("planar", [True, False])
+def test_xisf_rgb_float(tmp_path: Path, planar: bool) -> None:
+    rgb = np.random.default_rng(22).uniform(0, 1, size=(3, 17, 19)).astype(np.float32)
+    path = _write_xisf(tmp_path / "c.xisf", rgb, fmt="Float32", codec="zlib+sh", planar=planar, image_type="Flat")
+    img = fitsio.read_image(path)
+    assert img.data.shape == (3, 17, 19) and img.scale == 1.0 and img.bayer is None
+    np.testing.assert_array_equal(img.data, rgb)
+    assert fitsio.read_header(path)["IMAGETYP"] == "Flat"
+
+
+def test_xisf_refusals(tmp_path: Path) -> None:
+    raw = np.zeros((8, 8), np.uint16) + 100
+    path = _write_xisf(tmp_path / "t.xisf", raw, fmt="UInt16")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])
+    with pytest.raises(FrameError, match=r"t\.xisf: truncated"):
+        fitsio.read_image(path)
+    zstd = _write_xisf(tmp_path / "z.xisf", raw, fmt="UInt16", codec="zlib")
+    zstd.write_bytes(zstd.read_bytes().replace(b'compression="zlib:', b'compression="zstd:'))
+    with pytest.raises(FrameError, match="'zstd' is not supported"):
+        fitsio.read_image(zstd)
+    bad = tmp_path / "bad.xisf"
+    bad.write_bytes(b"not an xisf file at all")
+    with pytest.raises(FrameError, match="XISF0100"):
+        fitsio.read_header(bad)
+    cplx = _write_xisf(tmp_path / "x.xisf", raw, fmt="UInt16")
+    cplx.write_bytes(cplx.read_bytes().replace(b'sampleFormat="UInt16"', b'sampleFormat="UInt64"'))
+    with pytest.raises(FrameError, match="sample format"):
+        fitsio.read_image(cplx)
