@@ -172,6 +172,7 @@ class CalibrationLibrary:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._cache: dict[str, tuple[float, np.ndarray]] = {}
+        self._derived: dict[tuple[Any, ...], Any] = {}  # flat scales and defect maps, by file versions
 
     def close(self) -> None:
         with self._lock:
@@ -398,9 +399,26 @@ class CalibrationLibrary:
             self._cache[path] = (mtime, data)
         return data
 
+    def _version(self, record: MasterRecord | None) -> tuple[str, float] | None:
+        if record is None:
+            return None
+        try:
+            return (record.path, os.stat(record.path).st_mtime)
+        except OSError as exc:
+            raise FrameError(record.path, f"master file unreadable ({exc.strerror})") from None
+
     def flat_scale(self, flat: MasterRecord) -> FlatScale:
-        """s0 of a master flat (per CFA channel when it has a pattern)."""
-        return flat_scale(self.load(flat), flat.key.bayer)
+        """s0 of a master flat (per CFA channel when it has a pattern); cached per file version."""
+        key = ("s0", self._version(flat))
+        with self._lock:
+            hit = self._derived.get(key)
+        if hit is None:
+            hit = flat_scale(self.load(flat), flat.key.bayer)
+            with self._lock:
+                if len(self._derived) > 32:
+                    self._derived.clear()
+                self._derived[key] = hit
+        return hit  # type: ignore[no-any-return]
 
     def defects(
         self,
@@ -410,10 +428,31 @@ class CalibrationLibrary:
         flat: MasterRecord | None = None,
         hot_sigma: float = 5.0,
     ) -> DefectMap | None:
-        """The defect map of a master dark (+ flat), computed once and cached next to the dark."""
+        """The defect map of a master dark (+ flat), computed once and cached next to the dark (and
+        in memory per file versions)."""
         base = dark or flat
         if base is None:
             return None
+        mkey = ("defects", self._version(dark), self._version(bias), self._version(flat), hot_sigma)
+        with self._lock:
+            hit = self._derived.get(mkey)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        dm = self._defects_file(base, dark, bias, flat, hot_sigma)
+        with self._lock:
+            if len(self._derived) > 32:
+                self._derived.clear()
+            self._derived[mkey] = dm
+        return dm
+
+    def _defects_file(
+        self,
+        base: MasterRecord,
+        dark: MasterRecord | None,
+        bias: MasterRecord | None,
+        flat: MasterRecord | None,
+        hot_sigma: float,
+    ) -> DefectMap:
         tag = "_".join(Path(r.path).stem for r in (bias, flat) if r is not None) or "alone"
         cache = Path(base.path).with_name(f"{Path(base.path).stem}.defects.fits")
         bayer = base.key.bayer
