@@ -15,9 +15,10 @@ BITPIX 16 without BZERO (signed)              1/65535; see *signed 16-bit* below
 BITPIX 32 with BZERO 2**31 (unsigned 32-bit)  1/4294967295
 BITPIX 32 signed                              1/65535 if every value fits 16 bits (ADU written as
                                               int32), else 1/2147483647
-BITPIX -32/-64 (float)                        1 if already normalised (99th percentile of a sample
-                                              <= 1.5), else 1/65535 (float ADU, as many capture
-                                              and stacking programs write)
+BITPIX -32/-64 (float)                        1 if written by write_image (SWNORM = T) or already
+                                              normalised (99th percentile of a sample <= 1.5),
+                                              else 1/65535 (float ADU, as many capture and
+                                              stacking programs write)
 ============================================  ==================================================
 
 *Signed 16-bit without BZERO*: real cameras write non-negative ADU (12- or 14-bit data, e.g. the
@@ -99,6 +100,8 @@ _STRUCTURAL = (
 )
 
 _SAMPLE_TARGET = 65536  # pixels in the sample used for data-dependent decisions
+# write_image marks its float files so that read_image never rescales them, whatever their values
+_PRODUCT_KEY = "SWNORM"
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,6 +382,8 @@ def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
             scale, fs = (1.0 / 65535.0, 65535.0) if small else (1.0 / 2147483647.0, 2147483647.0)
     elif bitpix == 64:
         scale, fs = 1.0 / 65535.0, 65535.0
+    elif _hget(header, _PRODUCT_KEY) is True:  # written by write_image: already full scale 1.0
+        scale, fs = 1.0, 1.0
     else:  # float
         scale, fs = _float_full_scale(_sample(raw) * bscale + bzero)
     return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs)
@@ -881,6 +886,7 @@ def _prepare_header(header: fits.Header | None, history: Iterable[str]) -> fits.
     for key in [k for k in out if k.startswith("NAXIS") or k.startswith("ZNAXIS")]:
         out.remove(key, ignore_missing=True, remove_all=True)
     out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
+    out[_PRODUCT_KEY] = (True, "stackwatch float data, full scale 1.0 (no rescaling)")
     for line in history:
         for chunk in _chunks(str(line), 70):
             out.add_history(chunk)

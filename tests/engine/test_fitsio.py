@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stackwatch.engine import fitsio
 from stackwatch.engine.errors import FrameError
 
@@ -574,3 +576,36 @@ def test_xisf_refusals(tmp_path: Path) -> None:
     cplx.write_bytes(cplx.read_bytes().replace(b'sampleFormat="UInt16"', b'sampleFormat="UInt64"'))
     with pytest.raises(FrameError, match="sample format"):
         fitsio.read_image(cplx)
+
+
+def test_products_are_never_rescaled(tmp_path: Path) -> None:
+    # a product whose values exceed the "normalised" heuristic (e.g. a sum) still reads back as written
+    data = np.random.default_rng(30).uniform(100, 5000, size=(20, 20)).astype(np.float32)
+    path = tmp_path / "sum.fits"
+    fitsio.write_image(path, data)
+    img = fitsio.read_image(path)
+    assert img.scale == 1.0
+    np.testing.assert_array_equal(img.data, data)
+    np.testing.assert_array_equal(fitsio.read_rows(path, 3, 8), data[3:8])
+    # the same values written by another program are taken as float ADU
+    other = _write(tmp_path / "adu.fits", [fits.PrimaryHDU(data)])
+    assert fitsio.read_image(other).scale == pytest.approx(1 / 65535)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.sampled_from([(1, 1), (2, 3), (7, 5), (3, 4, 6)]),
+    seed=st.integers(0, 2**31 - 1),
+    nan_fraction=st.sampled_from([0.0, 0.1, 0.9]),
+    suffix=st.sampled_from([".fits", ".fits.gz", ".fits.fz"]),
+)
+def test_write_read_roundtrip_property(tmp_path: Path, shape: tuple[int, ...], seed: int, nan_fraction: float, suffix: str) -> None:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(0, 10, size=shape).astype(np.float32)
+    data[rng.uniform(size=shape) < nan_fraction] = np.nan
+    data.flat[0] = 0.5  # at least one valid pixel
+    path = tmp_path / f"p{seed}{suffix}"
+    fitsio.write_image(path, data)
+    img = fitsio.read_image(path)
+    np.testing.assert_array_equal(img.data, data)
+    assert img.data.dtype == np.float32
