@@ -739,8 +739,7 @@
     setupTable();
     setupDialog();
     setupControls();
-    setOnline(false);
-    $("#banner").hidden = true;  // not yet: give the first connection a moment
+    $("#conn").textContent = "connecting…";  // the banner waits for a real failure
     if (window.ResizeObserver) {
       const ro = new ResizeObserver(throttle(resizeCharts, 200));
       ro.observe(document.querySelector("main"));
