@@ -17,16 +17,18 @@ Physics of a light (electrons unless stated), for frame i at pixel p:
     e(p)    = min(Poisson(lam(p)) + cosmic_i(p), full_well)
     ADU(p)  = clip(round(e(p) / gain + bias(p) + row_noise_i(y) + N(0, read_noise / gain)), 0, 65535)
 
-signal_i = stars (Moffat PSF of frame i) + galaxy/nebula, at transparency 1; T_i = extinction
-10^(-0.4 k (X_i - 1)) times thin cloud; sky_i = light-pollution sky with a gradient growing with
+signal_i = stars (Moffat PSF of frame i, optionally growing off axis) + galaxy/nebula, at transparency
+1; T_i = extinction 10^(-0.4 k (X_i - 1)) times thin cloud (optionally patchy: a linear gradient); sky_i = light-pollution sky with a gradient growing with
 airmass (plus extra sky from cloud reflecting it); response = vignetting * dust * PRNU, mean 1 (for
 colour cameras each CFA pixel also sees only its channel's share of the light, see `FILTER_RESPONSE`).
 
 Truth files written by `simulate_night` into ``truth/`` (maps are float32 ``.npy``, not FITS, so that a
 pipeline pointed at the night folder never mistakes them for frames; ADU = 16-bit data numbers):
-- ``truth.json``: spec, gain, every frame (file, kind, date, exposure, temperature; for lights the
-  matrix, fwhm_px, eccentricity, psf angle, beta, airmass, transparency, scale = T_0 / T_i, sky level
-  and gradient polynomial, trails, cosmic rays), hot/warm/cold pixels, flat panel colour.
+- ``truth.json``: spec, gain, every frame (file, kind, date, exposure, temperature, cosmic rays; for
+  lights the matrix, fwhm_px (on the sky) and fwhm_sampled_px (what a fit to pixels sees),
+  eccentricity, psf angle, beta, airmass, transparency (+ gradient), scale = T_ref / T_i (ref = first
+  light of the same filter), sky level and gradient polynomial (electrons, and ``sky_adu``,
+  ``sky_poly_adu``), expected background noise noise_e, trails), hot/warm/cold pixels, panel colour.
 - ``scene_adu.npy``: the noiseless object + stars of light 1 in its grid, with light 1's PSF and
   transparency, no sky, no flat, ADU; (3, H, W) R, G, B for colour cameras (each channel as a CFA pixel
   of that colour would see it).
