@@ -886,7 +886,7 @@ def _prepare_header(header: fits.Header | None, history: Iterable[str]) -> fits.
     for key in [k for k in out if k.startswith("NAXIS") or k.startswith("ZNAXIS")]:
         out.remove(key, ignore_missing=True, remove_all=True)
     out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
-    out[_PRODUCT_KEY] = (True, "stackwatch float data, full scale 1.0 (no rescaling)")
+    out[_PRODUCT_KEY] = (True, "stackwatch data, full scale 1.0")
     for line in history:
         for chunk in _chunks(str(line), 70):
             out.add_history(chunk)
