@@ -381,7 +381,12 @@ def _core_mad(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
 
 @njit(cache=True, nogil=True)
 def _winsorize(s: np.ndarray, lo: int, hi: int, cutoff: float, first: bool, work: np.ndarray) -> tuple[float, float]:
-    """Huber-style winsorized centre and scale of the sorted range (PCL21 RejectionWinsorization)."""
+    """Huber-style winsorized centre and scale of the sorted range (PCL RejectionWinsorization).
+
+    c = median, s = 1.1926*Sn; repeat: values beyond c +- 1.5s are set to the bound, or in the first
+    outer iteration (``first``) to c when beyond c +- cutoff*s; s = 1.134*std, c = mean; until the
+    second inner iteration or later changes s by less than 5e-4 (relative).
+    """
     n = hi - lo
     v = work[2]
     for k in range(n):
@@ -390,19 +395,18 @@ def _winsorize(s: np.ndarray, lo: int, hi: int, cutoff: float, first: bool, work
     sd = _sn_sorted(s, lo, hi, work[3])
     if not (sd > 0.0):
         return c, 0.0
-    if first and cutoff > 0.0:
-        for k in range(n):
-            if abs(v[k] - c) > cutoff * sd:
-                v[k] = c
+    use_cut = first and cutoff > 0.0
     it = 0
     while True:
         low = c - 1.5 * sd
         high = c + 1.5 * sd
+        cut_lo = c - cutoff * sd
+        cut_hi = c + cutoff * sd
         for k in range(n):
             if v[k] < low:
-                v[k] = low
+                v[k] = c if (use_cut and not v[k] > cut_lo) else low
             elif v[k] > high:
-                v[k] = high
+                v[k] = c if (use_cut and not v[k] < cut_hi) else high
         prev = sd
         m, sd1 = _mean_std(v, 0, n, 1)
         sd = 1.134 * sd1
@@ -429,7 +433,12 @@ def _core_winsorized(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int,
         first = False
         if not (sd > 0.0):
             break
-        nlo, nhi = _clip_ends(s, lo, hi, c - sd * params[0], c + sd * params[1])
+        nlo = lo
+        nhi = hi
+        while nlo < nhi and (c - s[nlo]) / sd > params[0]:
+            nlo += 1
+        while nhi > nlo and (s[nhi - 1] - c) / sd > params[1]:
+            nhi -= 1
         if nlo == lo and nhi == hi:
             break
         lo = nlo

@@ -114,12 +114,15 @@ def _winsorized(s: list[float], p: dict[str, float]) -> tuple[int, int]:
         sd = sn(v)
         if not sd > 0:
             break
-        if first and p["cutoff"] > 0:
-            v = [c if abs(x - c) > p["cutoff"] * sd else x for x in v]
+        cut = p["cutoff"] if first else 0.0
         first = False
         it = 0
         while True:
-            v = [min(max(x, c - 1.5 * sd), c + 1.5 * sd) for x in v]
+            t0, t1 = c - 1.5 * sd, c + 1.5 * sd
+            if cut > 0:
+                v = [(t0 if x > c - cut * sd else c) if x < t0 else ((t1 if x < c + cut * sd else c) if x > t1 else x) for x in v]
+            else:
+                v = [t0 if x < t0 else (t1 if x > t1 else x) for x in v]
             prev = sd
             m, s1 = mean_std(v, 1)
             sd, c = 1.134 * s1, m
