@@ -73,9 +73,11 @@ __all__ = [
     "StarCatalog",
     "Truth",
     "frame_header",
+    "ideal_light",
     "iter_night",
     "light_components",
     "make_truth",
+    "matrix_between",
     "preset",
     "render_frame",
     "render_light",
@@ -792,6 +794,26 @@ def light_components(truth: Truth, index: int) -> LightComponents:
     dark = truth.dark_e_per_s * np.float32(frame.exposure_s * _dark_factor(truth.spec, truth.spec.temperature_c))
     return LightComponents(signal=sig, sky=sky_model_e(truth, frame), response=truth.response, dark=dark,
                            bias=truth.bias_adu)
+
+
+def ideal_light(truth: Truth, index: int, *, sky: bool = True) -> np.ndarray:
+    """Noise-free light ``index`` as a perfect calibration would give it, full scale 1.0 (ADU / 65535).
+
+    (T_i signal_i + sky_i) / gain / 65535 in the light's own grid: no bias, dark, flat response,
+    noise, cosmic rays or trails. For colour cameras it is the CFA mosaic (each pixel its channel's
+    share, divided by the true response, not by a master flat that carries the panel colour).
+    """
+    c = light_components(truth, index)
+    out = c.signal + c.sky if sky else c.signal
+    out *= np.float32(1.0 / (truth.spec.gain_e_per_adu * 65535.0))
+    return out
+
+
+def matrix_between(truth: Truth, index: int, reference: int) -> np.ndarray:
+    """3x3 transform mapping (x, y) in light ``index`` to (x, y) in light ``reference`` (0-based)."""
+    m_i = truth.frame("light", index).matrix_array
+    m_r = truth.frame("light", reference).matrix_array
+    return np.linalg.inv(m_r) @ m_i
 
 
 def _digitise(truth: Truth, lam: np.ndarray, rng: np.random.Generator, cosmics: tuple[tuple[float, ...], ...],

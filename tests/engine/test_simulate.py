@@ -442,3 +442,19 @@ def test_flat_exposures_per_filter_and_patchy_cloud() -> None:
     expect = cloudy.transparency * (1 + gx * (xx - cx) / r + gy * (yy - cy) / r)
     np.testing.assert_allclose(ratio, expect, rtol=1e-4)
     assert ratio.max() - ratio.min() > 0.1 * cloudy.transparency
+
+
+def test_ideal_light_and_matrix_between() -> None:
+    spec = _spec(n_lights=3, meridian_flip_after=0, cosmics=False)
+    truth = S.make_truth(spec)
+    # the ideal light is the mean of many perfectly calibrated noisy renderings: check one against it
+    f = truth.frame("light", 1)
+    raw = S.render_light(truth, 1).astype(np.float64)
+    cal = (raw - truth.bias_adu - truth.dark_e_per_s * f.exposure_s / spec.gain_e_per_adu) / truth.response / 65535
+    ideal = S.ideal_light(truth, 1).astype(np.float64)
+    z = (cal - ideal) / np.sqrt(ideal * 65535 * spec.gain_e_per_adu / truth.response + 3.0) * 65535 * spec.gain_e_per_adu
+    assert abs(np.median(z)) < 0.05 and 0.9 < 1.4826 * np.median(np.abs(z)) < 1.15
+    m = S.matrix_between(truth, 2, 1)
+    np.testing.assert_allclose(S.matrix_between(truth, 1, 2) @ m, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(truth.frame("light", 1).matrix_array @ m, truth.frame("light", 2).matrix_array,
+                               atol=1e-9)
