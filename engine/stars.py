@@ -236,9 +236,9 @@ def _normal_eq(p, dx, dy, z, moffat, a, g):  # pragma: no cover - numba
     return cost
 
 
-def _levmar(p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, dx: np.ndarray, dy: np.ndarray, z: np.ndarray,
-            moffat: bool, max_nfev: int) -> np.ndarray | None:
-    """Levenberg-Marquardt (Marquardt's diagonal scaling, bounds by clipping); None if it goes non-finite."""
+@njit(cache=True, nogil=True)
+def _levmar_kernel(p0, lo, hi, dx, dy, z, moffat, max_nfev):  # pragma: no cover - numba
+    """Levenberg-Marquardt (Marquardt's diagonal scaling, bounds by clipping). Returns (p, ok)."""
     k = p0.shape[0]
     p = p0.copy()
     a = np.empty((k, k))
@@ -247,36 +247,49 @@ def _levmar(p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, dx: np.ndarray, dy: 
     gn = np.empty(k)
     cost = _normal_eq(p, dx, dy, z, moffat, a, g)
     if not math.isfinite(cost):
-        return None
+        return p, False
     lam = 1e-3
     nfev = 1
-    rel = 1.0
     while nfev < max_nfev:
-        d = np.diag(a).copy()
-        d[d <= 0] = 1e-12
         improved = False
+        rel = 1.0
         while nfev < max_nfev:
-            try:
-                step = np.linalg.solve(a + lam * np.diag(d), -g)
-            except np.linalg.LinAlgError:
-                return None
-            pn = np.clip(p + step, lo, hi)
+            m = a.copy()
+            for i in range(k):
+                d = a[i, i] if a[i, i] > 0.0 else 1e-12
+                m[i, i] = a[i, i] + lam * d
+            step = np.linalg.solve(m, -g)
+            pn = np.minimum(np.maximum(p + step, lo), hi)
             cn = _normal_eq(pn, dx, dy, z, moffat, an, gn)
             nfev += 1
             if math.isfinite(cn) and cn < cost:
                 rel = (cost - cn) / max(cost, 1e-300)
-                p, cost = pn, cn
-                a, an = an, a
-                g, gn = gn, g
+                p = pn
+                cost = cn
+                a[:, :] = an
+                g[:] = gn
                 lam = max(lam / 3.0, 1e-9)
                 improved = True
                 break
             lam *= 4.0
             if lam > 1e9:
                 break
-        if not improved or rel < 1e-7:
+        if not improved or rel < 1e-6:
             break
-    return p if np.all(np.isfinite(p)) else None
+    for i in range(k):
+        if not math.isfinite(p[i]):
+            return p, False
+    return p, True
+
+
+def _levmar(p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, dx: np.ndarray, dy: np.ndarray, z: np.ndarray,
+            moffat: bool, max_nfev: int) -> np.ndarray | None:
+    """Bounded Levenberg-Marquardt fit (numba); None if it goes non-finite or singular."""
+    try:
+        p, ok = _levmar_kernel(p0, lo, hi, dx, dy, z, moffat, int(max_nfev))
+    except (np.linalg.LinAlgError, ZeroDivisionError):
+        return None
+    return p if ok else None
 
 
 @dataclass(frozen=True)
