@@ -75,57 +75,107 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 # Kernels
 
 
+@njit(cache=True, nogil=True)
+def _bilinear_pixel(img: np.ndarray, cmap: np.ndarray, out: np.ndarray, y: int, x: int) -> None:  # pragma: no cover
+    """General case (borders, NaN in the 3x3): mean of the finite same-colour pixels among the 8
+    neighbours; a NaN own pixel from the same-colour ring; none -> NaN."""
+    h, w = img.shape
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    n0 = 0.0
+    n1 = 0.0
+    n2 = 0.0
+    for dy in range(-1, 2):
+        yy = y + dy
+        if yy < 0 or yy >= h:
+            continue
+        for dx in range(-1, 2):
+            if dy == 0 and dx == 0:
+                continue
+            xx = x + dx
+            if xx < 0 or xx >= w:
+                continue
+            v = img[yy, xx]
+            if v == v:
+                c = cmap[yy & 1, xx & 1]
+                if c == 0:
+                    s0 += v
+                    n0 += 1.0
+                elif c == 1:
+                    s1 += v
+                    n1 += 1.0
+                else:
+                    s2 += v
+                    n2 += 1.0
+    own = cmap[y & 1, x & 1]
+    centre = img[y, x]
+    for c in range(3):
+        sc = s0 if c == 0 else (s1 if c == 1 else s2)
+        nc = n0 if c == 0 else (n1 if c == 1 else n2)
+        if c == own and centre == centre:
+            out[c, y, x] = centre
+        elif nc > 0.0:
+            out[c, y, x] = sc / nc
+        elif c == own:
+            # NaN own pixel with no same-colour pixel in 3x3 (R/B sites): the 5x5 ring
+            s = 0.0
+            n = 0.0
+            for dy in range(-2, 3, 2):
+                yy = y + dy
+                if yy < 0 or yy >= h:
+                    continue
+                for dx in range(-2, 3, 2):
+                    xx = x + dx
+                    if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
+                        continue
+                    v = img[yy, xx]
+                    if v == v:
+                        s += v
+                        n += 1.0
+            out[c, y, x] = s / n if n > 0.0 else np.nan
+        else:
+            out[c, y, x] = np.nan
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _bilinear(img: np.ndarray, cmap: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - numba
     h, w = img.shape
     for y in prange(h):
-        sums = np.zeros(3)
-        cnts = np.zeros(3)
-        for x in range(w):
-            for c in range(3):
-                sums[c] = 0.0
-                cnts[c] = 0.0
-            for dy in range(-1, 2):
-                yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                for dx in range(-1, 2):
-                    if dy == 0 and dx == 0:
-                        continue
-                    xx = x + dx
-                    if xx < 0 or xx >= w:
-                        continue
-                    v = img[yy, xx]
-                    if v == v:
-                        c = cmap[yy & 1, xx & 1]
-                        sums[c] += v
-                        cnts[c] += 1.0
+        if y == 0 or y == h - 1:
+            for x in range(w):
+                _bilinear_pixel(img, cmap, out, y, x)
+            continue
+        up = img[y - 1]
+        mid = img[y]
+        dn = img[y + 1]
+        _bilinear_pixel(img, cmap, out, y, 0)
+        _bilinear_pixel(img, cmap, out, y, w - 1)
+        for x in range(1, w - 1):
+            v = mid[x]
+            u = up[x]
+            d = dn[x]
+            left = mid[x - 1]
+            right = mid[x + 1]
+            ul = up[x - 1]
+            ur = up[x + 1]
+            dl = dn[x - 1]
+            dr = dn[x + 1]
+            total = v + u + d + left + right + ul + ur + dl + dr
+            if total != total:
+                _bilinear_pixel(img, cmap, out, y, x)
+                continue
             own = cmap[y & 1, x & 1]
-            centre = img[y, x]
-            for c in range(3):
-                if c == own and centre == centre:
-                    out[c, y, x] = centre
-                elif cnts[c] > 0.0:
-                    out[c, y, x] = sums[c] / cnts[c]
-                elif c == own:
-                    # NaN own pixel with no same-colour pixel in 3x3 (R/B sites): the 5x5 ring
-                    s = 0.0
-                    n = 0.0
-                    for dy in range(-2, 3, 2):
-                        yy = y + dy
-                        if yy < 0 or yy >= h:
-                            continue
-                        for dx in range(-2, 3, 2):
-                            xx = x + dx
-                            if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
-                                continue
-                            v = img[yy, xx]
-                            if v == v:
-                                s += v
-                                n += 1.0
-                    out[c, y, x] = s / n if n > 0.0 else np.nan
-                else:
-                    out[c, y, x] = np.nan
+            if own == 1:
+                ch = cmap[y & 1, (x + 1) & 1]
+                cv = cmap[(y + 1) & 1, x & 1]
+                out[1, y, x] = v
+                out[ch, y, x] = 0.5 * (left + right)
+                out[cv, y, x] = 0.5 * (u + d)
+            else:
+                out[own, y, x] = v
+                out[1, y, x] = 0.25 * (u + d + left + right)
+                out[2 - own, y, x] = 0.25 * (ul + ur + dl + dr)
 
 
 @njit(cache=True, nogil=True, parallel=True)

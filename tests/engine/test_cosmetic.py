@@ -86,3 +86,18 @@ def test_replacement_never_zero_and_clusters_become_nan() -> None:
     assert np.isnan(res.data[20, 20:23]).all()
     assert res.nan == 3 and res.replaced == 1
     assert np.count_nonzero(res.data == 0) == 0
+
+
+def test_inplace_equals_copy_and_nan_neighbours() -> None:
+    rng = np.random.default_rng(9)
+    img = (0.2 + rng.normal(0, 0.001, (80, 90))).astype(np.float32)
+    img[10, 10] = 0.9
+    img[40, 41] = np.nan
+    img[40, 43] = 0.8  # outlier next to a NaN (same colour for RGGB)
+    a = cosmetic.correct(img, bayer="RGGB")
+    b_in = img.copy()
+    b = cosmetic.correct(b_in, bayer="RGGB", inplace=True)
+    assert b.data is b_in
+    np.testing.assert_array_equal(a.data, b.data)
+    assert abs(a.data[10, 10] - 0.2) < 0.01 and abs(a.data[40, 43] - 0.2) < 0.01
+    assert np.isnan(a.data[40, 41])  # no data stays no data
