@@ -458,3 +458,37 @@ def test_ideal_light_and_matrix_between() -> None:
     np.testing.assert_allclose(S.matrix_between(truth, 1, 2) @ m, np.eye(3), atol=1e-12)
     np.testing.assert_allclose(truth.frame("light", 1).matrix_array @ m, truth.frame("light", 2).matrix_array,
                                atol=1e-9)
+
+
+@pytest.mark.slow
+def test_full_preset_frames() -> None:
+    from tests.conftest import slow_count
+
+    spec = S.preset("full", n_lights=max(2, slow_count(3)), trails=(1,))
+    truth = S.make_truth(spec)
+    assert truth.bias_adu.shape == (4176, 6248) and truth.response.dtype == np.float32
+    st = truth.stars
+    total = st.flux_e.sum(axis=1)
+    for f in truth.lights()[1:]:
+        raw = S.render_light(truth, f.index)
+        assert raw.shape == (4176, 6248) and raw.dtype == np.uint16
+        assert (raw == 65535).any()
+        # a bright unsaturated isolated star lands where the truth says
+        inv = np.linalg.inv(f.matrix_array)
+        for k in np.argsort(-total):
+            if not 3e4 < total[k] < 1.5e5:
+                continue
+            p = inv @ [st.x[k], st.y[k], 1.0]
+            if not (50 < p[0] < 6198 and 50 < p[1] < 4126):
+                continue
+            near = np.hypot(st.x - st.x[k], st.y - st.y[k]) < 14
+            if (total[near] > 0.01 * total[k]).sum() > 1:
+                continue
+            x0, y0 = round(p[0]), round(p[1])
+            cut = raw[y0 - 30:y0 + 31, x0 - 30:x0 + 31].astype(np.float64) - truth.bias_adu[y0 - 30:y0 + 31, x0 - 30:x0 + 31]
+            assert f.fwhm_px is not None
+            cx, cy = _centroid(cut, p[0] - x0 + 30 + 0.3, p[1] - y0 + 30 - 0.3, 2.0 * f.fwhm_px)
+            assert math.hypot(cx - (p[0] - x0 + 30), cy - (p[1] - y0 + 30)) < 0.05
+            break
+        else:
+            pytest.fail("no isolated bright star")
