@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.stats import sigma_clip
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from stackwatch.engine import reject as R
 from stackwatch.engine.errors import StackwatchError
 
@@ -188,3 +190,22 @@ def test_edge_cases() -> None:
     # percentile needs a positive median
     codes = R.reject(np.array([-0.1, -0.1, -0.1, 5.0], np.float32), name="percentile")
     assert (codes == R.KEEP).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    name=st.sampled_from([a for a in ALGOS if a != "range"]),
+)
+def test_properties_permutation_and_scale(seed: int, n: int, name: str) -> None:
+    """Codes follow the samples under a permutation (no ties) and do not change when every value is
+    doubled (exact in floating point); kept count + rejected + invalid = n."""
+    rng = np.random.default_rng(seed)
+    v = _stacks(rng, n, 1, 0.2 if n >= 5 else 0.0)[:, 0]
+    v[rng.random(n) < 0.1] = np.nan
+    codes = R.reject(v, name=name)
+    perm = rng.permutation(n)
+    assert np.array_equal(R.reject(v[perm], name=name), codes[perm])
+    assert np.array_equal(R.reject(v * np.float32(2.0), name=name), codes)
+    assert np.array_equal(codes == R.INVALID, ~np.isfinite(v))
