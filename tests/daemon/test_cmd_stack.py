@@ -1,0 +1,129 @@
+"""`stackwatch stack` on simulated nights: report contract, registration vs truth, trails, reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stackwatch.daemon.cli import main
+from stackwatch.engine import simulate, stats
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, simulate.Truth]:
+    out = tmp_path_factory.mktemp("night")
+    spec = simulate.preset("small", n_lights=8, n_darks=4, n_flats=4, n_darkflats=4, n_biases=4, seed=21,
+                           trails=(2,), clouds=((5, 0.6),), stars_per_mpix=30000.0)
+    truth = simulate.simulate_night(spec, out)
+    return out, truth
+
+
+@pytest.fixture(scope="module")
+def stacked(night: tuple[Path, simulate.Truth], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder, _ = night
+    out = tmp_path_factory.mktemp("out")
+    code = main(["stack", str(folder), "--out", str(out / "stack.fits"), "--report", str(out / "report.json"),
+                 "--quiet"])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def _grid_error(m: np.ndarray, t: np.ndarray, shape: tuple[int, int]) -> float:
+    ys, xs = np.mgrid[0 : shape[0] : 16, 0 : shape[1] : 16]
+    pts = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    d = (m @ pts - t @ pts)[:2]
+    return float(np.sqrt((d**2).sum(0).mean()))
+
+
+def test_report_contract(stacked: tuple[Path, dict], night: tuple[Path, simulate.Truth]) -> None:
+    out, report = stacked
+    assert set(report) >= {"frames", "stacks"}
+    lights = [f for f in report["frames"] if f["kind"] == "light"]
+    assert len(lights) == 8
+    for f in lights:
+        for key in ("path", "kind", "status", "reason", "stars", "fwhm_px", "fwhm_arcsec", "eccentricity",
+                    "background", "noise", "transform", "scale", "weight", "masters"):
+            assert key in f, key
+        assert f["status"] in ("stacked", "rejected", "failed")
+        assert np.asarray(f["transform"]).shape == (2, 3)
+    (stack,) = report["stacks"]
+    for key in ("target", "filter", "path", "ncombine", "exposure_s", "reference"):
+        assert key in stack
+    assert stack["ncombine"] == sum(f["status"] == "stacked" for f in lights)
+    with fits.open(stack["path"]) as hdul:
+        assert hdul[0].data.dtype.byteorder in (">", "=") and hdul[0].data.shape == (384, 512)
+        assert hdul[0].header["NCOMBINE"] == stack["ncombine"]
+        assert {"REJ_LOW", "REJ_HIGH", "COVERAGE", "WEIGHT"} <= {h.name for h in hdul}
+        assert any("stackwatch" in str(h) for h in hdul[0].header.get("HISTORY", []))
+    for suffix in ("rejlow", "rejhigh", "coverage"):
+        assert (out / f"stack_{suffix}.fits").exists()
+    masters = lights[0]["masters"]
+    assert masters["bias"] and masters["dark"] and masters["flat"], masters
+
+
+def test_registration_and_scale_vs_truth(stacked: tuple[Path, dict], night: tuple[Path, simulate.Truth]) -> None:
+    _, report = stacked
+    folder, _ = night
+    tj = json.loads((folder / "truth" / "truth.json").read_text())
+    by_name = {Path(f["file"]).name: f for f in tj["frames"] if f["kind"] == "light"}
+    ref_name = Path(report["stacks"][0]["reference"]).name
+    t_ref = np.asarray(by_name[ref_name]["matrix"])
+    errors = []
+    for f in report["frames"]:
+        if f["kind"] != "light" or f["status"] != "stacked":
+            continue
+        t = np.asarray(by_name[Path(f["path"]).name]["matrix"])
+        # truth maps frame -> light 1; ours maps frame -> the chosen reference
+        t_to_ref = np.linalg.inv(t_ref) @ t
+        m = np.vstack([np.asarray(f["transform"]), [0.0, 0.0, 1.0]])
+        errors.append(_grid_error(m, t_to_ref, (384, 512)))
+    assert max(errors) < 0.05, errors
+    cloud = next(f for f in report["frames"] if Path(f["path"]).name == tj["frames"][[
+        i for i, fr in enumerate(tj["frames"]) if fr["kind"] == "light"][5]]["file"].split("/")[-1])
+    if cloud["status"] == "stacked":
+        tr = by_name[Path(cloud["path"]).name]["transparency"] / by_name[ref_name]["transparency"]
+        assert cloud["scale"] == pytest.approx(1.0 / tr, rel=0.02)
+
+
+def test_trail_leaves_nothing(stacked: tuple[Path, dict], night: tuple[Path, simulate.Truth],
+                              tmp_path: Path) -> None:
+    """The stack equals, on the trail's pixels, a stack made without the trailed frame (within 5σ)."""
+    out, report = stacked
+    folder, truth = night
+    trail_frame = next(fr for fr in truth.frames if fr.kind == "light" and fr.trails)
+    subset = tmp_path / "subset"
+    shutil.copytree(folder, subset, ignore=shutil.ignore_patterns("truth"))
+    (subset / trail_frame.file).unlink()
+    ref = report["stacks"][0]["reference"]
+    ref_in_subset = subset / Path(ref).relative_to(folder)
+    code = main(["stack", str(subset), "--out", str(tmp_path / "s.fits"), "--reference", str(ref_in_subset),
+                 "--quiet"])
+    assert code == 0
+    full = fits.getdata(out / "stack.fits").astype(np.float64)
+    without = fits.getdata(tmp_path / "s.fits").astype(np.float64)
+    sigma = stats.mrs_noise(np.nan_to_num(full, nan=float(np.nanmedian(full))).astype(np.float32)).sigma
+    mask = simulate.trail_mask(truth, trail_frame)
+    # the trail is in frame coordinates; dithers are a few px, so dilate generously
+    from scipy import ndimage
+
+    both = ndimage.binary_dilation(mask, iterations=12) & np.isfinite(full) & np.isfinite(without)
+    # sky pixels only: star cores carry shot noise far above the background σ and differ between
+    # any two frame sets
+    sky = without < np.nanmedian(without) + 5 * sigma
+    both &= ndimage.binary_erosion(sky, iterations=3)
+    assert both.sum() > 100
+    resid = full[both] - without[both]
+    assert resid.max() < 5 * sigma, (resid.max() / sigma)
+    assert abs(float(np.mean(resid))) < 0.3 * sigma, float(np.mean(resid)) / sigma
+
+
+def test_nothing_to_stack_is_a_clear_error(tmp_path: Path, night: tuple[Path, simulate.Truth], capsys) -> None:
+    folder, _ = night
+    code = main(["stack", str(folder / "darks"), "--out", str(tmp_path / "x.fits"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no light frames" in err and "Traceback" not in err
