@@ -86,6 +86,10 @@ def _build_lut() -> np.ndarray:
 
 
 _LUT = _build_lut()
+_LUTSTAT = np.ascontiguousarray(
+    np.column_stack([_LUT.sum(axis=1), (_LUT**2).sum(axis=1), np.where(_LUT > 0, _LUT, 0).sum(axis=1),
+                     -np.where(_LUT < 0, _LUT, 0).sum(axis=1)])
+)
 
 
 def invert_transform(matrix: np.ndarray) -> np.ndarray:
@@ -152,7 +156,7 @@ def _bilinear_at(src: np.ndarray, c: int, u: float, v: float) -> float:  # pragm
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _warp_lanczos(src, out, inv, lut, clamp, relative, steps, rowvar, rowcount):  # pragma: no cover - numba
+def _warp_lanczos(src, out, inv, lut, lutstat, clamp, relative, steps, rowvar, rowcount):  # pragma: no cover - numba
     nc = src.shape[0]
     h = src.shape[1]
     w = src.shape[2]
@@ -177,39 +181,31 @@ def _warp_lanczos(src, out, inv, lut, clamp, relative, steps, rowvar, rowcount):
             y0 = math.floor(v)
             fx = int((u - x0) * steps + 0.5)
             fy = int((v - y0) * steps + 0.5)
-            sx = 0.0
-            sx2 = 0.0
-            sy = 0.0
-            sy2 = 0.0
             for k in range(6):
-                a = lut[fx, k]
-                b = lut[fy, k]
-                wxs[k] = a
-                wys[k] = b
-                sx += a
-                sx2 += a * a
-                sy += b
-                sy2 += b * b
-                ixs[k] = _mirror(x0 - 2 + k, w)
-                iys[k] = _mirror(y0 - 2 + k, h)
-            vacc += (sx2 * sy2) / (sx * sx * sy * sy)
+                wxs[k] = lut[fx, k]
+                wys[k] = lut[fy, k]
+            if x0 >= 2 and x0 + 3 < w:
+                for k in range(6):
+                    ixs[k] = x0 - 2 + k
+            else:
+                for k in range(6):
+                    ixs[k] = _mirror(x0 - 2 + k, w)
+            if y0 >= 2 and y0 + 3 < h:
+                for k in range(6):
+                    iys[k] = y0 - 2 + k
+            else:
+                for k in range(6):
+                    iys[k] = _mirror(y0 - 2 + k, h)
+            # lutstat: sum, sum of squares, positive sum, |negative| sum of each weight set
+            vacc += lutstat[fx, 1] * lutstat[fy, 1] / (lutstat[fx, 0] * lutstat[fx, 0] * lutstat[fy, 0] * lutstat[fy, 0])
             vcnt += 1
-            # the weights' own negative/positive ratio (what flat data gives): never clamp below it
-            pxs = 0.0
-            nxs = 0.0
-            pys = 0.0
-            nys = 0.0
-            for k in range(6):
-                if wxs[k] > 0.0:
-                    pxs += wxs[k]
-                else:
-                    nxs -= wxs[k]
-                if wys[k] > 0.0:
-                    pys += wys[k]
-                else:
-                    nys -= wys[k]
             cth = clamp
             if relative:
+                # the weights' own negative/positive ratio (what flat data gives): never clamp below it
+                pxs = lutstat[fx, 2]
+                nxs = lutstat[fx, 3]
+                pys = lutstat[fy, 2]
+                nys = lutstat[fy, 3]
                 rflat = (pxs * nys + nxs * pys) / (pxs * pys + nxs * nys)
                 if rflat > cth:
                     cth = rflat
@@ -350,7 +346,7 @@ def warp(
     rowvar = np.zeros(ho, dtype=np.float64)
     rowcount = np.zeros(ho, dtype=np.int64)
     if method == "lanczos3":
-        _warp_lanczos(src, out, inv, _LUT, float(clamp), bool(relative_clamp), float(_LUT_STEPS), rowvar, rowcount)
+        _warp_lanczos(src, out, inv, _LUT, _LUTSTAT, float(clamp), bool(relative_clamp), float(_LUT_STEPS), rowvar, rowcount)
     else:
         _warp_bilinear(src, out, inv, rowvar, rowcount)
     footprint = np.isfinite(out).all(axis=0)
