@@ -87,23 +87,49 @@ class ArraySource:
 
 
 class NpySource:
-    """A frame stored as a .npy file (float32, (H, W) or (C, H, W)), read by memmap band by band."""
+    """A frame stored as a .npy file (float32, (H, W) or (C, H, W), C order), read band by band.
+
+    Bands are read with ordinary positioned reads (no memory map), so the pages of frames already
+    integrated do not stay mapped in the process and its resident memory stays bounded by the band.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
-            mm = np.load(self.path, mmap_mode="r")
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                self._offset = f.tell()
         except (OSError, ValueError) as exc:
             raise StackwatchError(f"{self.path}: cannot open frame store file ({exc})") from None
-        if mm.ndim not in (2, 3):
-            raise StackwatchError(f"{self.path}: frame must be (H, W) or (C, H, W), got shape {mm.shape}")
-        self._mm = mm
-        self.shape = tuple(mm.shape)
+        if len(shape) not in (2, 3) or fortran or dtype.kind != "f":
+            raise StackwatchError(
+                f"{self.path}: frame must be a C-order float (H, W) or (C, H, W) array, got {dtype} {shape}"
+            )
+        self._dtype = dtype
+        self.shape = tuple(int(v) for v in shape)
+        self._row_bytes = self.shape[-1] * dtype.itemsize
+        self._plane_bytes = self.shape[-2] * self._row_bytes
 
     def read_band(self, y0: int, y1: int) -> np.ndarray:
-        if self._mm.ndim == 2:
-            return np.array(self._mm[y0:y1], dtype=np.float32)
-        return np.array(self._mm[:, y0:y1], dtype=np.float32)
+        planes = 1 if len(self.shape) == 2 else self.shape[0]
+        w = self.shape[-1]
+        out = np.empty((planes, y1 - y0, w), dtype=self._dtype)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                for c in range(planes):
+                    f.seek(self._offset + c * self._plane_bytes + y0 * self._row_bytes)
+                    view = memoryview(out[c]).cast("B")
+                    got = f.readinto(view)
+                    if got != view.nbytes:
+                        raise StackwatchError(f"{self.path}: truncated frame store file (rows {y0}..{y1})")
+        except OSError as exc:
+            raise StackwatchError(f"{self.path}: cannot read rows {y0}..{y1} ({exc})") from None
+        band = out if planes > 1 else out[0]
+        return band if band.dtype == np.float32 else band.astype(np.float32)
 
 
 class MaskedSource:

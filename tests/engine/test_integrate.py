@@ -131,6 +131,14 @@ def test_npy_and_masked_sources(tmp_path: Path) -> None:
     assert c.coverage[4, 5] == 6 and c.coverage[0, 0] == 7
     with pytest.raises(StackwatchError, match="cannot open frame store file"):
         I.NpySource(tmp_path / "missing.npy")
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(paths[0].read_bytes()[:-100])
+    with pytest.raises(StackwatchError, match="truncated"):
+        I.integrate([I.NpySource(cut), I.NpySource(paths[1])])
+    colour = tmp_path / "rgb.npy"
+    rgb = np.stack([fr[0], 2 * fr[0], 3 * fr[0]]).astype(">f8")
+    np.save(colour, rgb)
+    np.testing.assert_array_equal(I.NpySource(colour).read_band(3, 9), rgb[:, 3:9].astype(np.float32))
 
 
 def test_user_errors() -> None:
