@@ -76,6 +76,7 @@ __all__ = [
     "ideal_light",
     "iter_night",
     "light_components",
+    "load_truth",
     "make_truth",
     "matrix_between",
     "preset",
@@ -84,6 +85,7 @@ __all__ = [
     "scene_adu",
     "simulate_night",
     "sky_model_e",
+    "spec_from_dict",
     "trail_mask",
     "write_fits",
     "write_truth",
@@ -415,8 +417,12 @@ def _trail(rng: np.random.Generator, spec: SimulationSpec, kind: str, fwhm: floa
     ang = rng.uniform(0, math.pi)
     px, py = rng.uniform(0.25 * w, 0.75 * w), rng.uniform(0.25 * h, 0.75 * h)
     half = math.hypot(w, h)
-    x0, y0 = px - half * math.cos(ang), py - half * math.sin(ang)
-    x1, y1 = px + half * math.cos(ang), py + half * math.sin(ang)
+    t0, t1 = -half, half
+    if kind == "satellite" and rng.uniform() < 0.35:
+        # enters the Earth's shadow (or the frame ends the exposure) inside the field
+        t1 = float(rng.uniform(0.1, 0.6)) * half
+    x0, y0 = px + t0 * math.cos(ang), py + t0 * math.sin(ang)
+    x1, y1 = px + t1 * math.cos(ang), py + t1 * math.sin(ang)
     if kind == "satellite":
         return {"kind": kind, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "sigma_px": fwhm / 2.3548,
                 "peak_e": float(rng.uniform(300.0, 3000.0)), "period_px": 0.0, "duty": 1.0, "offset_px": 0.0}
@@ -1091,6 +1097,14 @@ def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
     cx, cy, r = truth.sky_centre
     doc = {
         "format": "stackwatch-simulation-truth/1",
+        "units": {
+            "coordinates": "x = column, y = row, 0-based, pixel centres at integers, top-down",
+            "matrix": "3x3, maps (x, y, 1) in the frame to the reference grid = light 1 (index 0)",
+            "electrons": "sky_e, sky_poly, noise_e, cosmics energy, trail peak_e (gain_e_per_adu converts)",
+            "adu": "16-bit data numbers; full scale 1.0 = 65535 ADU in stackwatch",
+            "maps": "scene_adu, sky_adu (light 1), bias_adu, dark_current_adu_per_s, flat_response: float32 .npy",
+            "indices": "0-based within each kind, capture order; file names count from 0001",
+        },
         "spec": _jsonable(spec),
         "gain_e_per_adu": spec.gain_e_per_adu,
         "reference": truth.lights()[0].file,
@@ -1124,6 +1138,33 @@ def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
             wr.writerow([f"{st.x[k]:.4f}", f"{st.y[k]:.4f}", f"{total[k]:.3f}", f"{fl[k, 0]:.3f}",
                          f"{fl[k, 1]:.3f}", f"{fl[k, 2]:.3f}", f"{st.mag[k]:.4f}", f"{st.bv[k]:.3f}"])
     return tdir
+
+
+def spec_from_dict(data: dict[str, Any]) -> SimulationSpec:
+    """The `SimulationSpec` stored in a truth.json ``spec`` (lists back to tuples; unknown keys refused)."""
+    names = {f.name for f in dataclasses.fields(SimulationSpec)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise StackwatchError(f"simulation spec: unknown field {unknown[0]!r}")
+
+    def tup(v: Any) -> Any:
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return SimulationSpec(**{k: tup(v) for k, v in data.items()})
+
+
+def load_truth(outdir: str | os.PathLike[str]) -> Truth:
+    """Rebuild the in-memory `Truth` of a night written by `simulate_night` (from truth/truth.json: the
+    night is deterministic for its spec, so this is `make_truth` of the stored spec)."""
+    path = Path(outdir) / "truth" / "truth.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StackwatchError(f"{path}: cannot read the simulation truth ({exc})") from exc
+    truth = make_truth(spec_from_dict(doc["spec"]))
+    if [f.file for f in truth.frames] != [f["file"] for f in doc["frames"]]:
+        raise StackwatchError(f"{path}: written by another version of the simulator (frames differ)")
+    return truth
 
 
 def simulate_night(spec: SimulationSpec, outdir: str | os.PathLike[str], *, truth_files: bool = True,

@@ -492,3 +492,15 @@ def test_full_preset_frames() -> None:
             break
         else:
             pytest.fail("no isolated bright star")
+
+
+def test_load_truth_round_trip(tmp_path: Path) -> None:
+    spec = _spec(width=64, height=48, n_lights=2, clouds=((1, 0.7),), filters=("L",), elongated=((1, 0.5, 10.0),))
+    written = S.simulate_night(spec, tmp_path)
+    loaded = S.load_truth(tmp_path)
+    assert loaded.spec == spec and loaded.frames == written.frames
+    np.testing.assert_array_equal(loaded.response, written.response)
+    with pytest.raises(StackwatchError, match="cannot read"):
+        S.load_truth(tmp_path / "nothing")
+    with pytest.raises(StackwatchError, match="unknown field"):
+        S.spec_from_dict({"widht": 3})
