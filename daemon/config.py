@@ -10,7 +10,9 @@ field's ``metadata["help"]``. Add a field with `_f(default, "help")`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ class ConfigError(StackwatchError):
 def _f(default: Any, help: str) -> Any:
     """A config field with its one-line help text; lists and dicts get a fresh copy per instance."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

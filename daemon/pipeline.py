@@ -306,7 +306,7 @@ class Pipeline:
             data = cfa.debayer(data, bayer, method=method)
             if method == "superpixel":
                 h2, w2 = data.shape[-2:]
-                saturated = saturated[: 2 * h2, : 2 * w2].reshape(h2, 2, w2, 2).any(axis=(1, 3))
+                saturated = np.asarray(saturated[: 2 * h2, : 2 * w2].reshape(h2, 2, w2, 2).any(axis=(1, 3)))
         else:
             noise = (float(stats.mrs_noise(data).sigma),)
         t_deb = time.perf_counter()
@@ -581,10 +581,11 @@ class Pipeline:
             for m in stack.members:
                 m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
         else:
-            ref_member = next((m for m in stack.members if m["path"] == stack.fixed_reference), None)
-            if ref_member is None:
+            fixed: dict[str, Any] | None = next(
+                (m for m in stack.members if m["path"] == stack.fixed_reference), None)
+            if fixed is None:
                 raise StackwatchError(f"reference {stack.fixed_reference} is not a light of stack {stack.id}")
-            self._set_reference(stack, ref_member, self._prepare(ref_member["path"]))
+            self._set_reference(stack, fixed, self._prepare(fixed["path"]))
         total = len(stack.members)
         for i in range(total):
             self._process_next(stack)
@@ -775,9 +776,10 @@ class Pipeline:
         header = fits.Header()
         for k, v in self._header_cards(stack).items():
             header[k] = v
-        exps = {m.get("exposure_s") for m in stack.members if m.get("status") == "stacked"}
-        if len(exps) == 1 and None not in exps:
-            header["EXPTIME"] = (float(next(iter(exps))), "exposure of each frame [s]")
+        exps = {float(m["exposure_s"]) for m in stack.members
+                if m.get("status") == "stacked" and m.get("exposure_s") is not None}
+        if len(exps) == 1:
+            header["EXPTIME"] = (next(iter(exps)), "exposure of each frame [s]")
         header["LIVETIME"] = (self._total_exposure(stack), "total exposure [s]")
         header["STACKCNT"] = header["NCOMBINE"]
         header["REJALG"] = rejection

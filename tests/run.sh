@@ -41,7 +41,7 @@ print("wheel install ok")
 PYEOF
 )
 echo "== mypy (installed package)"
-(cd / && "$VPY" -m mypy -p stackwatch.engine -p stackwatch.daemon -p stackwatch.web)
+(cd / && "$VPY" -m mypy --config-file "$ROOT/pyproject.toml" -p stackwatch.engine -p stackwatch.daemon -p stackwatch.web)
 
 echo "== pip install -e . (editable)"
 "$VPY" -m pip install -q --no-deps -e .
