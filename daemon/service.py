@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -784,6 +785,7 @@ class Service:
             self.catalog.upsert_stacks(self._stacks_cache)
         record.pop("_stacks", None)
         self._sync_members(record.pop("_members", None), skip=str(path))
+        self._sync_masters(record.pop("_masters", None))
         self._log_frame(path, kind, record, elapsed, latency)
         event = {
             "id": file_id, "path": str(path), "name": path.name, "kind": kind, "status": status,
@@ -813,6 +815,9 @@ class Service:
                 pass
         if record.get("status") in ("stacked", "rejected"):
             record["_stacks"] = self.pipeline.stacks()
+        masters = getattr(self.pipeline, "masters", None)
+        if callable(masters):  # the pipeline integrates waiting masters before a light uses them
+            record["_masters"] = list(masters())
             sid = str(record.get("stack_id"))
             if self._clock() - self._products_wanted.get(sid, -1e18) < _PRODUCTS_WANTED_S:
                 # someone is looking at this stack: fetch its products here, off the loop
@@ -838,6 +843,18 @@ class Service:
                 self.catalog.record_result(row["id"], rec)
                 changed += 1
         return changed
+
+    def _sync_masters(self, masters: list[dict[str, Any]] | None) -> None:
+        if not masters or self.catalog is None:
+            return
+        def ident(m: dict[str, Any]) -> str:  # what identifies a master version (not its age)
+            return json.dumps({k: v for k, v in m.items() if k != "age_days"}, sort_keys=True, default=str)
+
+        known = {ident(m) for m in self.catalog.masters()}
+        for m in masters:
+            if ident(m) not in known:
+                self.catalog.upsert_master(m)
+                self.events.emit("master_updated", m)
 
     def _calibration_job(self, path: Path, info: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.pipeline is not None
