@@ -145,6 +145,7 @@ class _Stack:
     processed_upto: int = 0  # members[:processed_upto] went through the current reference
     final: dict[str, Any] | None = None  # the last exact pass (products)
     dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
+    checked_library: str = ""  # library state under which every processed member had its best masters
 
 
 class Pipeline:
@@ -592,9 +593,26 @@ class Pipeline:
             if progress is not None:
                 progress(i + 1, total)
         stack.version += 1
+        stack.checked_library = self._library_state()
+
+    def _library_state(self) -> str:
+        """Changes whenever a master is added or re-integrated."""
+        recs = self.library.masters()
+        return hashlib.sha1(repr([(r.path, r.ncombine, r.created) for r in recs]).encode(),
+                            usedforsecurity=False).hexdigest()
 
     def _masters_changed(self, stack: _Stack) -> bool:
-        """True when a processed member would now get different masters."""
+        """True when a processed member would now get different masters (checked against every
+        member only when the library changed since the last check)."""
+        state = self._library_state()
+        if stack.checked_library == state:
+            return False
+        changed = self._masters_changed_slow(stack)
+        if not changed:
+            stack.checked_library = state
+        return changed
+
+    def _masters_changed_slow(self, stack: _Stack) -> bool:
         for m in stack.members[: stack.processed_upto]:
             if m.get("status") == "failed" or "masters_sig" not in m:
                 continue
