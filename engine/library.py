@@ -4,7 +4,8 @@
 
 Keys (:func:`master_key`): every master shares with its members the camera, gain, offset, binning,
 geometry and CFA layout; darks and flat-darks also the exposure (to the millisecond) and the sensor
-temperature rounded to the nearest degree; flats the normalised filter name and the night (UTC date
+temperature rounded to the nearest multiple of 5 °C (set points; matching then uses the members'
+mean temperature and the tolerance); flats the normalised filter name and the night (UTC date
 of DATE-OBS - 12 h, i.e. noon to noon for European and American longitudes).
 
 Integration (:func:`integrate_master`) always goes through :func:`stackwatch.engine.integrate.integrate`
@@ -80,12 +81,14 @@ def night_of(date_obs: str | None) -> str:
 
 
 def _temp_bucket(t: float | None) -> float | None:
-    return None if t is None else float(math.floor(t + 0.5))
+    """Nearest multiple of 5 °C: cooler set points are usually multiples of 5, and readings jitter
+    around them (a 1 °C bucket would split -9.5 and -10.4 readings of one set point)."""
+    return None if t is None else float(5.0 * math.floor(t / 5.0 + 0.5))
 
 
 @dataclass(frozen=True)
 class MasterKey:
-    """What every member of one master shares. ``exposure_s`` and ``temperature_c`` (1 °C bucket) are
+    """What every member of one master shares. ``exposure_s`` and ``temperature_c`` (5 °C bucket) are
     None for kinds that do not key on them; ``filter`` and ``night`` are "" except for flats."""
 
     kind: str

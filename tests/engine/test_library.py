@@ -42,6 +42,10 @@ def test_keys_and_nights() -> None:
     assert k is not None and k.exposure_s == 300.0 and k.temperature_c == -10.0 and k.filter == ""
     assert k.id.startswith("dark_300s_g100_o50_-10C_600x400")
     assert MasterKey.from_dict(k.as_dict()) == k
+    # readings around one set point share a master; another set point does not
+    assert library.master_key(_info("dark", temperature_c=-9.5)) == k
+    assert library.master_key(_info("dark", temperature_c=-11.9)) == k
+    assert library.master_key(_info("dark", temperature_c=-15.1)) != k
     f = library.master_key(_info("flat", date_obs="2026-11-22T06:30:00"))
     assert f is not None and f.filter == "Ha" and f.night == "2026-11-21" and f.exposure_s is None
     with pytest.raises(StackwatchError, match="without exposure"):
