@@ -912,7 +912,8 @@ def _add_trail(out: np.ndarray, mask: np.ndarray, tr: dict[str, Any], col: np.nd
 
 
 def trail_mask(truth: Truth, frame: FrameTruth) -> np.ndarray:
-    """Bool (H, W) mask of the pixels where the frame's trails add >= 2 electrons (before the flat)."""
+    """Bool (H, W) mask of the pixels where the frame's trails add >= 2 electrons (before the flat, as a
+    mono unfiltered pixel would see them; colour pixels and R/G/B filters see a third of that)."""
     spec = truth.spec
     mask = np.zeros(spec.shape, dtype=bool)
     scratch = np.zeros(spec.shape, dtype=np.float32)
