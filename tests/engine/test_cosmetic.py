@@ -101,3 +101,29 @@ def test_inplace_equals_copy_and_nan_neighbours() -> None:
     np.testing.assert_array_equal(a.data, b.data)
     assert abs(a.data[10, 10] - 0.2) < 0.01 and abs(a.data[40, 43] - 0.2) < 0.01
     assert np.isnan(a.data[40, 41])  # no data stays no data
+
+
+@pytest.mark.parametrize("folder", ["asi224mc_m27", "microobs_hatp32"])
+def test_real_frames_star_fluxes_untouched(real_data, folder: str) -> None:  # type: ignore[no-untyped-def]
+    """On real lights (uncalibrated, so with real hot pixels), automatic correction leaves the
+    photometry of the brightest stars alone."""
+    sep = pytest.importorskip("sep")
+    from stackwatch.engine import cfa, fitsio
+
+    path = sorted((real_data / folder).iterdir())[0]
+    im = fitsio.read_image(path)
+    res = cosmetic.correct(im.data, bayer=im.bayer)
+
+    def lum(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(cfa.luminance(cfa.debayer(a, im.bayer)) if im.bayer else a, dtype=np.float32)
+
+    before, after = lum(im.data), lum(res.data)
+    bkg = sep.Background(before)
+    objs = sep.extract(before - bkg.back(), 8, err=bkg.globalrms)
+    objs = objs[np.argsort(-objs["flux"])][:60]
+    f0, _, _ = sep.sum_circle(before - bkg.back(), objs["x"], objs["y"], 6.0)
+    f1, _, _ = sep.sum_circle(after - bkg.back(), objs["x"], objs["y"], 6.0)
+    changed = np.abs(f1 / f0 - 1) > 0.01
+    print(f"{folder}: {res.n_auto} outliers replaced; {changed.sum()} of {len(objs)} bright stars changed > 1 %")
+    assert res.n_auto > 0
+    assert changed.mean() <= 0.05
