@@ -40,6 +40,7 @@ __all__ = [
     "flat_scale",
     "optimize_dark_scale",
     "output_pedestal",
+    "overscan_regions",
     "subtract_overscan",
 ]
 
@@ -476,6 +477,18 @@ def subtract_overscan(
     if image_rect is not None:
         iy, ix = check(image_rect, "image")
         out = np.ascontiguousarray(out[..., iy, ix])
+    return out
+
+
+def overscan_regions(pairs: Sequence[Sequence[int]]) -> list[tuple[Rect, Rect]]:
+    """(source, target) rectangle pairs from the configuration's flat 8-integer lists
+    ``[sx0, sy0, sx1, sy1, tx0, ty0, tx1, ty1]``; :class:`StackwatchError` naming a malformed entry."""
+    out: list[tuple[Rect, Rect]] = []
+    for i, p in enumerate(pairs):
+        if len(p) != 8:
+            raise StackwatchError(f"calibration.overscan entry {i}: expected 8 integers, got {list(p)}")
+        v = [int(x) for x in p]
+        out.append(((v[0], v[1], v[2], v[3]), (v[4], v[5], v[6], v[7])))
     return out
 
 

@@ -198,3 +198,9 @@ def test_hot_pixels_removed_by_cosmetic_correction(night: dict) -> None:
     print(f"hot pixels remaining after cosmetic correction: {max(fracs) * 100:.2f} % of {len(xs)}; "
           f"defect map {dm.hot.size} hot, {dm.cold.size} cold, {dm.dead.size} dead")
     assert max(fracs) < 0.01
+
+
+def test_overscan_regions_from_config() -> None:
+    assert calibrate.overscan_regions([[25, 0, 30, 20, 0, 0, 24, 20]]) == [((25, 0, 30, 20), (0, 0, 24, 20))]
+    with pytest.raises(StackwatchError, match="entry 0"):
+        calibrate.overscan_regions([[1, 2, 3, 4]])
