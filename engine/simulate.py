@@ -73,6 +73,7 @@ __all__ = [
     "StarCatalog",
     "Truth",
     "frame_header",
+    "header_bayer",
     "ideal_light",
     "iter_night",
     "light_components",
@@ -86,6 +87,7 @@ __all__ = [
     "simulate_night",
     "sky_model_e",
     "spec_from_dict",
+    "to_file_order",
     "trail_mask",
     "write_fits",
     "write_truth",
@@ -95,6 +97,19 @@ KINDS = ("bias", "dark", "light", "flat", "darkflat")
 _FOLDERS = {"light": "lights", "dark": "darks", "flat": "flats", "darkflat": "darkflats", "bias": "biases"}
 _IMAGETYP = {"light": "LIGHT", "dark": "DARK", "flat": "FLAT", "darkflat": "DARKFLAT", "bias": "BIAS"}
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_STYLES = ("nina", "sgp", "maxim", "ekos")
+# IMAGETYP per header style (capture programs without a flat-dark type write a dark)
+_STYLE_IMAGETYP = {
+    "nina": _IMAGETYP,
+    "sgp": {"light": "Light Frame", "dark": "Dark Frame", "flat": "Flat Frame", "darkflat": "Dark Frame",
+            "bias": "Bias Frame"},
+    "maxim": {"light": "Light Frame", "dark": "Dark Frame", "flat": "Flat Field", "darkflat": "Dark Frame",
+              "bias": "Bias Frame"},
+    "ekos": {"light": "Light Frame", "dark": "Dark Frame", "flat": "Flat Frame", "darkflat": "Dark Frame",
+             "bias": "Bias Frame"},
+}
+_STYLE_SOFTWARE = {"nina": "N.I.N.A. 3.0.0.9001 (x64)", "sgp": "Sequence Generator Pro v4.2.0.1000",
+                   "maxim": "MaxIm DL Version 6.40 200922 01MX5", "ekos": ""}
 _SKY_COLOUR = np.array([0.45, 0.35, 0.20])  # light-pollution sky share in R, G, B
 _GALAXY_COLOUR = np.array([0.40, 0.34, 0.26])
 _NEBULA_COLOUR = np.array([0.62, 0.22, 0.16])
@@ -199,6 +214,10 @@ class SimulationSpec:
     n_dust: int = 3
     prnu: float = 0.005
     sky_flats_with_stars: bool = False
+    # how the capture program writes files (the truth is always top-down, in data order)
+    header_style: str = "nina"  # nina, sgp, maxim, ekos
+    row_order: str = "TOP-DOWN"  # TOP-DOWN, or BOTTOM-UP: rows stored bottom first, ROWORDER says so
+    bayer_offset: tuple[int, int] = (0, 0)  # XBAYROFF, YBAYROFF written with the matching BAYERPAT
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -212,6 +231,12 @@ class SimulationSpec:
             raise StackwatchError("simulation frame counts must be >= 0")
         if self.gain_e_per_adu <= 0 or self.exposure_s <= 0:
             raise StackwatchError("simulation gain and exposure must be > 0")
+        if self.header_style not in _STYLES:
+            raise StackwatchError(f"simulation header_style {self.header_style!r}: expected one of {', '.join(_STYLES)}")
+        if self.row_order not in ("TOP-DOWN", "BOTTOM-UP"):
+            raise StackwatchError(f"simulation row_order {self.row_order!r}: expected TOP-DOWN or BOTTOM-UP")
+        if self.row_order == "BOTTOM-UP" and self.header_style == "sgp":
+            raise StackwatchError("simulation: the sgp header style writes no ROWORDER, so BOTTOM-UP would be ambiguous")
         for f in self.filter_list:
             if f.upper() not in _sky.FILTER_RESPONSE:
                 raise StackwatchError(f"simulation filter {f!r}: expected one of L, R, G, B, Ha, OIII, SII")
@@ -384,16 +409,34 @@ def _fmt_time(t: _dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
 
 
-def _file_name(kind: str, when: _dt.datetime, obj: str, filt: str, exposure: float, number: int) -> str:
+def _file_name(spec: SimulationSpec, kind: str, when: _dt.datetime, filt: str, exposure: float, number: int,
+               seq: int) -> str:
+    """File name as the capture program of ``spec.header_style`` writes it (number: within the filter
+    block, seq: within the kind)."""
+    obj = spec.object_name.replace(" ", "")
+    style = spec.header_style
+    folder = _FOLDERS[kind]
+    if style == "sgp":
+        typ = {"light": "Light", "dark": "Dark", "flat": "Flat", "darkflat": "Dark", "bias": "Bias"}[kind]
+        name = obj if kind == "light" else "Calibration"
+        parts = [name, typ] + ([filt] if filt and kind in ("light", "flat") else [])
+        parts += [f"{exposure:g}sec", f"{spec.binning}x{spec.binning}", f"frame{number}"]
+        return f"{folder}/{'_'.join(parts)}.fit"
+    if style == "maxim":
+        stem = obj if kind == "light" else {"dark": "dark", "darkflat": "flatdark", "flat": "flat", "bias": "bias"}[kind]
+        return f"{folder}/{stem}-{seq:03d}{filt if kind in ('light', 'flat') else ''}.fit"
+    if style == "ekos":
+        typ = {"light": "Light", "dark": "Dark", "flat": "Flat", "darkflat": "Dark", "bias": "Bias"}[kind]
+        return f"{folder}/{typ}_{seq:03d}.fits"
     stamp = when.strftime("%Y-%m-%d_%H-%M-%S")
     parts = [_IMAGETYP[kind], stamp]
     if kind == "light":
-        parts.append(obj.replace(" ", ""))
+        parts.append(obj)
     if filt and kind in ("light", "flat"):
         parts.append(filt)
     parts.append(f"{exposure:.2f}s")
     parts.append(f"{number:04d}")
-    return f"{_FOLDERS[kind]}/{'_'.join(parts)}.fits"
+    return f"{folder}/{'_'.join(parts)}.fits"
 
 
 def _cosmics(rng: np.random.Generator, spec: SimulationSpec, exposure: float) -> tuple[tuple[float, ...], ...]:
@@ -451,7 +494,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     for kind, n, exp, temp in (("bias", spec.n_biases, 0.0, spec.dark_temperature),
                                ("dark", spec.n_darks, spec.dark_exposure, spec.dark_temperature)):
         for i in range(n):
-            frames.append(FrameTruth(kind=kind, index=i, file=_file_name(kind, t, "", "", exp, i + 1),
+            frames.append(FrameTruth(kind=kind, index=i, file=_file_name(spec, kind, t, "", exp, i + 1, i + 1),
                                      date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(temp),
                                      filter="", cosmics=_cosmics(rng_c, spec, exp)))
             t += _dt.timedelta(seconds=exp + spec.overhead_s)
@@ -525,7 +568,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         cos_ = _cosmics(rng_l, spec, spec.exposure_s)
         number = i % spec.n_lights + 1
         light_records.append(FrameTruth(
-            kind="light", index=i, file=_file_name("light", t, spec.object_name, filt, spec.exposure_s, number),
+            kind="light", index=i, file=_file_name(spec, "light", t, filt, spec.exposure_s, number, i + 1),
             date_obs=_fmt_time(t), exposure_s=spec.exposure_s, temperature_c=temp_reading(spec.temperature_c),
             filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
             fwhm_px=fwhm, fwhm_sampled_px=math.sqrt(fwhm * fwhm + 2.3548**2 / 12.0), eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
@@ -547,7 +590,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         for i in range(spec.n_flats):
             idx = filters.index(filt) * spec.n_flats + i
             frames.append(FrameTruth(
-                kind="flat", index=idx, file=_file_name("flat", t, "", filt, exp, i + 1),
+                kind="flat", index=idx, file=_file_name(spec, "flat", t, filt, exp, i + 1, idx + 1),
                 date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
                 filter=filt, cosmics=_cosmics(rng_f, spec, exp),
                 flat_star_seed=int(rng_f.integers(0, 2**31)) if spec.sky_flats_with_stars else None))
@@ -557,7 +600,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     for exp in dict.fromkeys(flat_exp[f] for f in filters):
         for i in range(spec.n_darkflats):
             frames.append(FrameTruth(
-                kind="darkflat", index=idx, file=_file_name("darkflat", t, "", "", exp, i + 1),
+                kind="darkflat", index=idx, file=_file_name(spec, "darkflat", t, "", exp, i + 1, idx + 1),
                 date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
                 filter="", cosmics=_cosmics(rng_f, spec, exp)))
             idx += 1
@@ -957,16 +1000,40 @@ def _sexagesimal(value: float, *, hours: bool) -> str:
     return f"{sign}{d:02d} {m:02d} {s:04.1f}" if hours else f"{sign}{d:02d} {m:02d} {s:02.0f}"
 
 
+def _vflip_pattern(pattern: str) -> str:
+    return pattern[2:] + pattern[:2]
+
+
+def header_bayer(spec: SimulationSpec) -> tuple[str, int, int]:
+    """(BAYERPAT, XBAYROFF, YBAYROFF) written for a colour camera: with them, the colour of a stored pixel
+    (x, y) is BAYERPAT[((y + YBAYROFF) % 2) * 2 + (x + XBAYROFF) % 2] (file order), and after the
+    ROWORDER rule the data have the CFA ``spec.bayer`` at [0:2, 0:2]."""
+    eff = spec.bayer.upper() if spec.row_order == "TOP-DOWN" else _vflip_pattern(spec.bayer.upper())
+    ox, oy = spec.bayer_offset
+    pat = "".join(eff[((j - oy) % 2) * 2 + (i - ox) % 2] for j in range(2) for i in range(2))
+    return pat, ox, oy
+
+
+def to_file_order(spec: SimulationSpec, data: np.ndarray) -> np.ndarray:
+    """The rows as stored in the file (BOTTOM-UP: last row first); `render_frame` gives top-down rows."""
+    return np.ascontiguousarray(data[::-1]) if spec.row_order == "BOTTOM-UP" else data
+
+
 def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
-    """The N.I.N.A.-style header of a frame (the data keywords BITPIX/BZERO are added on writing)."""
+    """The header a capture program (``spec.header_style``) writes for a frame; BITPIX/BZERO come on writing."""
     spec = truth.spec
+    style = spec.header_style
     hdr = fits.Header()
-    hdr["IMAGETYP"] = (_IMAGETYP[frame.kind], "Type of exposure")
-    hdr["EXPOSURE"] = (float(frame.exposure_s), "[s] Exposure duration")
+    if style == "ekos":
+        hdr["FRAME"] = ({"darkflat": "Dark"}.get(frame.kind, frame.kind.capitalize()), "Frame Type")
+    hdr["IMAGETYP"] = (_STYLE_IMAGETYP[style][frame.kind], "Type of exposure")
+    if style != "ekos":
+        hdr["EXPOSURE"] = (float(frame.exposure_s), "[s] Exposure duration")
     hdr["EXPTIME"] = (float(frame.exposure_s), "[s] Exposure duration")
     utc = _dt.datetime.fromisoformat(frame.date_obs)
-    hdr["DATE-LOC"] = (_fmt_time(utc + _dt.timedelta(hours=round(spec.longitude_deg / 15.0))),
-                       "Time of observation (local)")
+    if style in ("nina", "maxim"):
+        hdr["DATE-LOC"] = (_fmt_time(utc + _dt.timedelta(hours=round(spec.longitude_deg / 15.0))),
+                           "Time of observation (local)")
     hdr["DATE-OBS"] = (frame.date_obs, "Time of observation (UTC)")
     hdr["XBINNING"] = (spec.binning, "X axis binning factor")
     hdr["YBINNING"] = (spec.binning, "Y axis binning factor")
@@ -979,15 +1046,17 @@ def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
     hdr["SET-TEMP"] = (spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature,
                        "[degC] CCD temperature setpoint")
     hdr["CCD-TEMP"] = (frame.temperature_c, "[degC] CCD temperature")
-    hdr["READOUTM"] = ("Normal", "Sensor readout mode")
     if spec.osc:
-        hdr["BAYERPAT"] = (spec.bayer, "Sensor Bayer pattern")
-        hdr["XBAYROFF"] = (0, "Bayer pattern X axis offset")
-        hdr["YBAYROFF"] = (0, "Bayer pattern Y axis offset")
-    hdr["USBLIMIT"] = (40, "Camera-specific USB setting")
+        pat, ox, oy = header_bayer(spec)
+        hdr["BAYERPAT"] = (pat, "Sensor Bayer pattern")
+        hdr["XBAYROFF"] = (ox, "Bayer pattern X axis offset")
+        hdr["YBAYROFF"] = (oy, "Bayer pattern Y axis offset")
     hdr["TELESCOP"] = (spec.telescope, "Name of telescope")
     hdr["FOCALLEN"] = (spec.focal_length_mm, "[mm] Focal length")
-    hdr["FOCRATIO"] = (round(spec.focal_length_mm / spec.aperture_mm, 2), "Focal ratio")
+    if style == "nina":
+        hdr["READOUTM"] = ("Normal", "Sensor readout mode")
+        hdr["USBLIMIT"] = (40, "Camera-specific USB setting")
+        hdr["FOCRATIO"] = (round(spec.focal_length_mm / spec.aperture_mm, 2), "Focal ratio")
     hdr["SITELAT"] = (spec.latitude_deg, "[deg] Observation site latitude")
     hdr["SITELONG"] = (spec.longitude_deg, "[deg] Observation site longitude")
     if frame.kind == "light":
@@ -999,12 +1068,15 @@ def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
         hdr["OBJECT"] = (spec.object_name, "Name of the object of interest")
         hdr["OBJCTRA"] = (_sexagesimal(spec.ra_deg, hours=True), "[H M S] RA of imaged object")
         hdr["OBJCTDEC"] = (_sexagesimal(spec.dec_deg, hours=False), "[D M S] Declination of imaged object")
-        hdr["OBJCTROT"] = (0.0, "[deg] planned rotation of imaged object")
+        if style == "nina":
+            hdr["OBJCTROT"] = (0.0, "[deg] planned rotation of imaged object")
     if frame.filter and frame.kind in ("light", "flat"):
         hdr["FILTER"] = (frame.filter, "Active filter name")
-    hdr["ROWORDER"] = ("TOP-DOWN", "FITS Image Orientation")
+    if style != "sgp":
+        hdr["ROWORDER"] = (spec.row_order, "FITS Image Orientation")
     hdr["EQUINOX"] = (2000.0, "Equinox of celestial coordinate system")
-    hdr["SWCREATE"] = ("N.I.N.A. 3.0.0.9001 (x64)", "Software that created this file")
+    if _STYLE_SOFTWARE[style]:
+        hdr["SWCREATE"] = (_STYLE_SOFTWARE[style], "Software that created this file")
     return hdr
 
 
@@ -1038,8 +1110,9 @@ def write_fits(path: str | os.PathLike[str], data: np.ndarray, header: fits.Head
 
 @dataclass(frozen=True)
 class SimFrame:
-    """One frame in capture order: where it goes, its pixels and header, and when it is taken
-    (``offset_s``: seconds after the first frame of the night started, end of exposure)."""
+    """One frame in capture order: where it goes, its pixels in file order (`to_file_order`) and header,
+    and when it is taken (``offset_s``: seconds after the first frame of the night started, end of
+    exposure)."""
 
     kind: str
     filename: str
@@ -1057,8 +1130,8 @@ def iter_night(truth: Truth, *, kinds: tuple[str, ...] = KINDS) -> Iterator[SimF
             continue
         t = _dt.datetime.fromisoformat(f.date_obs)
         off = (t - first).total_seconds() + f.exposure_s if first else 0.0
-        yield SimFrame(kind=f.kind, filename=f.file, data=render_frame(truth, f), header=frame_header(truth, f),
-                       offset_s=off, truth=f)
+        yield SimFrame(kind=f.kind, filename=f.file, data=to_file_order(truth.spec, render_frame(truth, f)),
+                       header=frame_header(truth, f), offset_s=off, truth=f)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -30,9 +30,11 @@ def test_simulate_writes_a_night(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_simulate_osc_lights_only(tmp_path: Path) -> None:
     out = tmp_path / "osc"
     assert main(["simulate", str(out), "--osc", "--lights", "2", "--no-calibration", "--no-truth",
-                 "--width", "64", "--height", "48", "--quiet"]) == 0
+                 "--width", "64", "--height", "48", "--quiet", "--style", "ekos", "--bottom-up"]) == 0
     files = sorted(out.rglob("*.fits"))
-    assert len(files) == 2 and all(fits.getheader(p)["BAYERPAT"] == "RGGB" for p in files)
+    assert [p.name for p in files] == ["Light_001.fits", "Light_002.fits"]
+    hdrs = [fits.getheader(p) for p in files]
+    assert all(h["BAYERPAT"] == "GBRG" and h["ROWORDER"] == "BOTTOM-UP" and h["FRAME"] == "Light" for h in hdrs)
     assert not (out / "truth").exists()
 
 

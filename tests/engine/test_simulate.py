@@ -504,3 +504,45 @@ def test_load_truth_round_trip(tmp_path: Path) -> None:
         S.load_truth(tmp_path / "nothing")
     with pytest.raises(StackwatchError, match="unknown field"):
         S.spec_from_dict({"widht": 3})
+
+
+@pytest.mark.parametrize(("row_order", "offset"), [("TOP-DOWN", (0, 0)), ("BOTTOM-UP", (0, 0)), ("TOP-DOWN", (1, 0)),
+                                                   ("BOTTOM-UP", (1, 1))])
+def test_file_orientation_and_bayer_keywords(tmp_path: Path, row_order: str, offset: tuple[int, int]) -> None:
+    spec = _spec(width=64, height=48, osc=True, n_lights=1, n_darks=0, n_flats=0, n_darkflats=0, n_biases=0,
+                 row_order=row_order, bayer_offset=offset, target="none")
+    truth = S.simulate_night(spec, tmp_path, truth_files=False)
+    (p,) = (tmp_path / "lights").glob("*.fits")
+    with fits.open(p) as hdul:
+        hdr, stored = hdul[0].header, hdul[0].data.astype(np.float64)
+    assert hdr["ROWORDER"] == row_order and (hdr["XBAYROFF"], hdr["YBAYROFF"]) == offset
+    # the reader's rule (algorithms.md 5.1): colour of stored pixel (x, y), then flip rows for BOTTOM-UP
+    pat, ox, oy = hdr["BAYERPAT"], hdr["XBAYROFF"], hdr["YBAYROFF"]
+    colours = np.array([[pat[((y + oy) % 2) * 2 + (x + ox) % 2] for x in range(2)] for y in range(2)])
+    data = stored[::-1] if row_order == "BOTTOM-UP" else stored
+    if row_order == "BOTTOM-UP":
+        colours = colours[::-1]
+    np.testing.assert_array_equal(data, S.render_light(truth, 0))
+    assert "".join(colours.ravel()) == "RGGB"
+    # and physically: the light-polluted sky is brightest in the pixels the keywords call red
+    med = {c: np.median(data[j::2, i::2]) for j in range(2) for i in range(2) for c in [colours[j, i]]}
+    assert med["R"] > med["G"] > med["B"]
+
+
+@pytest.mark.parametrize("style", ["nina", "sgp", "maxim", "ekos"])
+def test_header_styles(tmp_path: Path, style: str) -> None:
+    spec = _spec(width=32, height=32, n_lights=2, n_darks=1, n_flats=1, n_darkflats=1, n_biases=1, header_style=style,
+                 filters=("L", "R"))
+    truth = S.simulate_night(spec, tmp_path, truth_files=False)
+    names = [f.file for f in truth.frames]
+    assert len(set(names)) == len(names)
+    for f in truth.frames:
+        hdr = fits.getheader(tmp_path / f.file)
+        typ = hdr["IMAGETYP"].lower()
+        assert {"darkflat": "dark"}.get(f.kind, f.kind) in typ or (f.kind == "darkflat" and style == "nina")
+        assert hdr["EXPTIME"] == f.exposure_s
+        assert ("ROWORDER" in hdr) == (style != "sgp")
+        if style == "ekos":
+            assert hdr["FRAME"] in ("Light", "Dark", "Flat", "Bias")
+    with pytest.raises(StackwatchError, match="ROWORDER"):
+        _spec(header_style="sgp", row_order="BOTTOM-UP")
