@@ -144,6 +144,7 @@ class SimulationSpec:
     gain_e_per_adu: float = 0.25
     read_noise_e: float = 1.5
     full_well_e: float = 20000.0
+    adc_bits: int = 16  # 12 or 14: data are native counts x 2^(16 - bits), as ZWO/QHY drivers scale them
     bias_adu: float = 800.0
     bias_row_pattern_adu: float = 0.8  # fixed per-row offsets (sigma)
     bias_column_pattern_adu: float = 0.6  # fixed per-column offsets (sigma)
@@ -231,6 +232,8 @@ class SimulationSpec:
             raise StackwatchError("simulation frame counts must be >= 0")
         if self.gain_e_per_adu <= 0 or self.exposure_s <= 0:
             raise StackwatchError("simulation gain and exposure must be > 0")
+        if not 8 <= self.adc_bits <= 16:
+            raise StackwatchError(f"simulation adc_bits {self.adc_bits}: expected 8..16")
         if self.header_style not in _STYLES:
             raise StackwatchError(f"simulation header_style {self.header_style!r}: expected one of {', '.join(_STYLES)}")
         if self.row_order not in ("TOP-DOWN", "BOTTOM-UP"):
@@ -877,6 +880,7 @@ def _digitise(truth: Truth, lam: np.ndarray, rng: np.random.Generator, cosmics: 
         cr = None
     out = np.empty((h, w), dtype=np.uint16)
     row_noise = rng.normal(0.0, spec.row_noise_adu, size=(h, 1))
+    step = 1 << (16 - spec.adc_bits)
     for y0 in range(0, h, band_rows):
         y1 = min(h, y0 + band_rows)
         e = rng.poisson(np.maximum(lam[y0:y1], 0.0)).astype(np.float64)
@@ -885,8 +889,14 @@ def _digitise(truth: Truth, lam: np.ndarray, rng: np.random.Generator, cosmics: 
         np.minimum(e, spec.full_well_e, out=e)
         adu = e / spec.gain_e_per_adu + truth.bias_adu[y0:y1] + row_noise[y0:y1]
         adu += rng.normal(0.0, spec.read_noise_e / spec.gain_e_per_adu, size=adu.shape)
-        np.rint(adu, out=adu)
-        np.clip(adu, 0, 65535, out=adu)
+        if step > 1:
+            adu /= step
+            np.rint(adu, out=adu)
+            np.clip(adu, 0, (1 << spec.adc_bits) - 1, out=adu)
+            adu *= step
+        else:
+            np.rint(adu, out=adu)
+            np.clip(adu, 0, 65535, out=adu)
         out[y0:y1] = adu.astype(np.uint16)
     return out
 

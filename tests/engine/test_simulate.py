@@ -546,3 +546,14 @@ def test_header_styles(tmp_path: Path, style: str) -> None:
             assert hdr["FRAME"] in ("Light", "Dark", "Flat", "Bias")
     with pytest.raises(StackwatchError, match="ROWORDER"):
         _spec(header_style="sgp", row_order="BOTTOM-UP")
+
+
+def test_12_bit_adc() -> None:
+    spec = _spec(n_lights=1, adc_bits=12, n_saturated_stars=2)
+    truth = S.make_truth(spec)
+    raw = S.render_light(truth, 0)
+    assert np.all(raw % 16 == 0) and raw.max() == 65520
+    b = S.render_frame(truth, truth.frame("bias", 0)).astype(np.float64) - truth.bias_adu
+    # read noise (6 ADU) plus at most the uniform quantisation noise of a 16-ADU step
+    rn = math.hypot(spec.read_noise_e / spec.gain_e_per_adu, spec.row_noise_adu)
+    assert rn < np.std(b) <= math.sqrt(rn**2 + 16**2 / 12)
