@@ -232,6 +232,14 @@ class SimulationSpec:
             raise StackwatchError("simulation frame counts must be >= 0")
         if self.gain_e_per_adu <= 0 or self.exposure_s <= 0:
             raise StackwatchError("simulation gain and exposure must be > 0")
+        n = self.total_lights
+        for name in ("trails", "aircraft", "clouds", "elongated", "blurred", "bright_sky"):
+            for item in getattr(self, name):
+                idx = item if isinstance(item, int) else item[0]
+                if not 0 <= int(idx) < n:
+                    raise StackwatchError(f"simulation {name}: light {idx} does not exist ({n} lights, 0-based)")
+        if self.meridian_flip_after is not None and not 0 <= self.meridian_flip_after < n:
+            raise StackwatchError(f"simulation meridian_flip_after {self.meridian_flip_after}: {n} lights, 0-based")
         if not 8 <= self.adc_bits <= 16:
             raise StackwatchError(f"simulation adc_bits {self.adc_bits}: expected 8..16")
         if self.header_style not in _STYLES:

@@ -46,6 +46,8 @@ def test_preset_and_overrides() -> None:
         S.SimulationSpec(width=301)
     with pytest.raises(StackwatchError, match="filter"):
         S.SimulationSpec(filters=("Q",))
+    with pytest.raises(StackwatchError, match="light 10 does not exist"):
+        S.SimulationSpec(n_lights=10, clouds=((10, 0.5),))
 
 
 def test_deterministic_for_a_seed() -> None:
