@@ -77,7 +77,8 @@ def main() -> None:
     mono[:, :40] = np.nan  # outside the footprint
     rgb = np.stack([mono, mono * np.float32(1.1), mono * np.float32(0.9)])
     results: dict[str, Any] = {"shape": [args.height, args.width], "size": args.size, "cpus": os.cpu_count(),
-                               "budget_s": 0.3}
+                               "budget_s": 0.3, "loadavg_before": os.getloadavg()[0]}
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings scale with it)")
     for name, img in (("mono", mono), ("rgb", rgb)):
         ours, ours_mb = _measure(lambda img=img: pv.render_preview(img, max_px=args.size), args.repeat)
         base, base_mb = _measure(lambda img=img: _numpy_preview(img, args.size), max(1, args.repeat // 2))
