@@ -10,7 +10,7 @@ y = row; similarity and affine use the top two rows, a homography all nine).
      max(3 px, 2 FWHM), least squares with outlier rejection, re-match, refine;
   2. fallback when the fast path fails: triangle invariants (astroalign's construction: each star with
      its 4 nearest neighbours gives 10 triangles, invariant (L2/L1, L1/L0)) on the 50 brightest stars of
-     each side, every candidate triangle pair votes through a similarity hypothesis, the hypothesis with
+     each side (retried with the 120 brightest when that finds nothing: partial overlap), every candidate triangle pair votes through a similarity hypothesis, the hypothesis with
      most inliers is refined on all stars as in the fast path. Rotation-free, so a meridian flip (180°)
      and frames from another night are found.
 - Models: "similarity" (Umeyama closed form, default; upgraded to affine when its RMS > 0.3 px with
@@ -40,7 +40,7 @@ __all__ = [
 
 MODELS = ("similarity", "affine", "homography")
 _MIN_INLIERS = 8
-_N_TRIANGLE_STARS = 50
+_N_TRIANGLE_STARS = (50, 120)  # first attempt, retry with more stars (partial overlap, thinned lists)
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,7 @@ class ReferenceCatalog:
     fwhm_px: float
     shape: tuple[int, int] | None
     _tree: cKDTree = field(repr=False, compare=False)
-    _tri: np.ndarray = field(repr=False, compare=False)
-    _inv: np.ndarray = field(repr=False, compare=False)
-    _inv_tree: cKDTree | None = field(repr=False, compare=False)
+    _triangles: tuple[tuple[np.ndarray, cKDTree | None], ...] = field(repr=False, compare=False)
 
     @staticmethod
     def from_xy(xy: np.ndarray, *, fwhm_px: float = 3.0, shape: tuple[int, int] | None = None,
@@ -121,11 +119,14 @@ class ReferenceCatalog:
         """Catalogue from (N, 2) positions, brightest first. Default max_stars is 400."""
         pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         pts = pts[np.all(np.isfinite(pts), axis=1)][: max(0, int(max_stars))]
-        tri, inv = _rot_invariants(pts[:_N_TRIANGLE_STARS])
+        sets = []
+        for n_tri in _N_TRIANGLE_STARS:
+            tri, inv = _rot_invariants(pts[:n_tri])
+            sets.append((tri, cKDTree(inv) if len(inv) else None))
         fw = float(fwhm_px) if fwhm_px and math.isfinite(fwhm_px) and fwhm_px > 0 else 3.0
         return ReferenceCatalog(
             xy=pts, fwhm_px=fw, shape=shape, _tree=cKDTree(pts if len(pts) else np.zeros((0, 2))),
-            _tri=tri, _inv=inv, _inv_tree=cKDTree(inv) if len(inv) else None,
+            _triangles=tuple(sets),
         )
 
     @staticmethod
@@ -311,22 +312,24 @@ def _refine(ref: ReferenceCatalog, pts: np.ndarray, matrix: np.ndarray, radius: 
     return best
 
 
-def _triangle_hypotheses(ref: ReferenceCatalog, pts: np.ndarray, allow_mirror: bool, tol: float) -> list[np.ndarray]:
-    """Similarity hypotheses from matched triangles, best first (most inliers among the 50 brightest)."""
-    if ref._inv_tree is None:
+def _triangle_hypotheses(ref: ReferenceCatalog, pts: np.ndarray, allow_mirror: bool, tol: float,
+                         level: int = 0) -> list[np.ndarray]:
+    """Similarity hypotheses from matched triangles, best first (most inliers among the brightest)."""
+    ref_tri, inv_tree = ref._triangles[level]
+    if inv_tree is None:
         return []
-    fpts = pts[:_N_TRIANGLE_STARS]
+    fpts = pts[: _N_TRIANGLE_STARS[level]]
     tri, inv = _rot_invariants(fpts)
     if len(tri) == 0:
         return []
-    pairs = ref._inv_tree.query_ball_point(inv, r=0.03)
+    pairs = inv_tree.query_ball_point(inv, r=0.03)
     fi = np.array([i for i, lst in enumerate(pairs) for _ in lst], dtype=np.int64)
     ri = np.array([j for lst in pairs for j in lst], dtype=np.int64)
     if fi.size == 0:
         return []
     # similarity per pair in complex form: z_ref = a z_frame + b (least squares over the 3 vertices)
     zf = fpts[tri[fi], 0] + 1j * fpts[tri[fi], 1]  # (K, 3)
-    zr = ref.xy[ref._tri[ri], 0] + 1j * ref.xy[ref._tri[ri], 1]
+    zr = ref.xy[ref_tri[ri], 0] + 1j * ref.xy[ref_tri[ri], 1]
     hyps: list[tuple[int, np.ndarray]] = []
     for mirror in (False, True) if allow_mirror else (False,):
         zs = np.conj(zf) if mirror else zf
@@ -417,7 +420,7 @@ def register(
         if f is None:
             return False
         n_in = f.src_idx.size
-        if n_in < need_inl or f.rms > (0.3 if fast else max_rms_px):
+        if n_in < need_inl or f.rms > max_rms_px:
             return False
         if n_in < min_matched_fraction * n_min:
             return False
@@ -434,12 +437,15 @@ def register(
         method = "triangles"
         best = None
         tol = max(2.0, ref.fwhm_px)
-        for hyp in _triangle_hypotheses(ref, pts, allow_mirror, tol):
-            cand = _refine(ref, pts, hyp, max(tol, 2.0), fit_model, allow_mirror)
-            if acceptable(cand, fast=False) and (best is None or cand.src_idx.size > best.src_idx.size):  # type: ignore[union-attr]
-                best = cand
-                if cand is not None and cand.src_idx.size >= 0.5 * n_min:
-                    break
+        for level in range(len(_N_TRIANGLE_STARS)):
+            if level > 0 and (best is not None or min(n_ref, n_frm) <= _N_TRIANGLE_STARS[level - 1]):
+                break
+            for hyp in _triangle_hypotheses(ref, pts, allow_mirror, tol, level):
+                cand = _refine(ref, pts, hyp, max(tol, 2.0), fit_model, allow_mirror)
+                if acceptable(cand, fast=False) and (best is None or cand.src_idx.size > best.src_idx.size):  # type: ignore[union-attr]
+                    best = cand
+                    if cand is not None and cand.src_idx.size >= 0.5 * n_min:
+                        break
     if best is None or not acceptable(best, fast=False):
         if best is not None and best.rms > max_rms_px:
             why = f"registration RMS {best.rms:.2f} px > {max_rms_px:.2f} px"
@@ -452,7 +458,7 @@ def register(
         notes.append(f"few stars ({n_min}): similarity only")
     if model == "similarity" and not few and best.rms > 0.3 and best.src_idx.size >= 20:
         aff = _refine(ref, pts, best.matrix, max(1.0, 5.0 * best.rms), "affine", allow_mirror, rounds=2)
-        if aff is not None and aff.rms < best.rms and aff.src_idx.size >= _MIN_INLIERS:
+        if aff is not None and aff.rms < 0.9 * best.rms and aff.src_idx.size >= _MIN_INLIERS:
             best = aff
             notes.append("upgraded to affine (similarity RMS > 0.3 px)")
     frac = best.src_idx.size / n_min if n_min else 0.0
