@@ -149,3 +149,18 @@ def test_cfa_noise_per_channel() -> None:
         assert out[colour] == pytest.approx(s, rel=0.02)
     with pytest.raises(ValueError, match="unknown Bayer pattern"):
         stats.cfa_noise(img, "RGBX")
+
+
+@pytest.mark.slow
+def test_mrs_noise_26mp_full_and_central_window() -> None:
+    """Full 26 MP frame vs the live path's central 2048^2 window: both within 1 % of the truth."""
+    from tests.conftest import slow_count
+
+    for seed in range(slow_count(2)):
+        rng = np.random.default_rng(seed)
+        h, w, sigma = 4176, 6248, 0.003
+        img = (0.1 + 0.02 * np.linspace(0, 1, w, dtype=np.float32)[None, :]
+               + rng.standard_normal((h, w), dtype=np.float32) * np.float32(sigma))
+        for window in (None, 2048):
+            est = stats.mrs_noise(img, window_px=window)
+            assert abs(est.sigma / sigma - 1) < 0.01, (window, est)
