@@ -103,6 +103,8 @@ class StarsConfig:
     max_stars: int = _f(2000, "keep at most this many stars per frame, brightest first")
     psf_fit_stars: int = _f(100, "fit the PSF on this many of the brightest clean stars")
     psf_model: str = _f("moffat", "PSF model for FWHM and eccentricity: moffat or gaussian")
+    noise_window_px: int = _f(1024, "side of the central window on which the frame noise (multiresolution estimate) is measured")
+    refine_background: bool = _f(False, "second sky-background pass with the detected stars masked (slower, better near bright stars)")
 
 
 @dataclass
@@ -133,6 +135,9 @@ class RegistrationConfig:
     allow_mirror: bool = _f(False, "accept mirrored (det < 0) solutions")
     interpolation: str = _f("lanczos3", "resampling kernel: lanczos3 or bilinear")
     lanczos_clamp: float = _f(0.3, "Lanczos clamping threshold against ringing (0 disables)")
+    lanczos_relative_clamp: bool = _f(False, "never clamp below the kernel's own flat-data lobe ratio (keeps star flux; departs from PixInsight)")
+    max_rms_px: float = _f(0.5, "refuse a registration whose star residual RMS exceeds this")
+    min_matched_fraction: float = _f(0.1, "refuse a registration matching less than this fraction of the smaller star list")
 
 
 @dataclass
