@@ -213,3 +213,18 @@ def test_bad_mask_shape() -> None:
     img, *_ = _field(seed=1)
     with pytest.raises(StackwatchError, match="saturated mask"):
         measure(img, saturated=np.zeros((3, 3), dtype=bool))
+
+
+def test_sep_overflow_retries_with_higher_threshold() -> None:
+    import sep
+
+    img, *_ = _field(seed=1)
+    try:
+        sep.set_extract_pixstack(300)
+        m = measure(img)
+        assert m.metrics.stars > 0 and "threshold raised" in m.metrics.reason
+        sep.set_extract_pixstack(50)
+        m = measure(img)
+        assert m.metrics.stars == 0 and "gave up" in m.metrics.reason
+    finally:
+        sep.set_extract_pixstack(2_000_000)
