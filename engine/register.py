@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -130,7 +131,7 @@ class ReferenceCatalog:
         )
 
     @staticmethod
-    def from_stars(table: object, *, fwhm_px: float | None = None, shape: tuple[int, int] | None = None,
+    def from_stars(table: Any, *, fwhm_px: float | None = None, shape: tuple[int, int] | None = None,
                    max_stars: int = 400) -> ReferenceCatalog:
         """Catalogue from a `stars.StarTable`: unflagged-or-saturated stars first (edge and artefacts last).
 
@@ -144,7 +145,7 @@ class ReferenceCatalog:
         return int(self.xy.shape[0])
 
 
-def _table_xy(table: object, fwhm_px: float | None) -> tuple[np.ndarray, float]:
+def _table_xy(table: Any, fwhm_px: float | None) -> tuple[np.ndarray, float]:
     if isinstance(table, np.ndarray):
         return np.asarray(table, dtype=np.float64).reshape(-1, 2), float(fwhm_px or 3.0)
     x = np.asarray(table.x, dtype=np.float64)
@@ -374,7 +375,7 @@ def _scale_of(m: np.ndarray) -> float:
 
 def register(
     ref: ReferenceCatalog,
-    stars: object,
+    stars: Any,
     *,
     previous: np.ndarray | None = None,
     model: str = "similarity",

@@ -349,7 +349,7 @@ def warp(
         _warp_lanczos(src, out, inv, _LUT, _LUTSTAT, float(clamp), bool(relative_clamp), float(_LUT_STEPS), rowvar, rowcount)
     else:
         _warp_bilinear(src, out, inv, rowvar, rowcount)
-    footprint = np.isfinite(out).all(axis=0)
+    footprint = np.asarray(np.isfinite(out).all(axis=0))
     n = int(rowcount.sum())
     vf = float(rowvar.sum() / n) if n else float("nan")
     data = out[0] if arr.ndim == 2 else out
