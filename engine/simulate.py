@@ -526,6 +526,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     first_airmass = None
     first_transparency: dict[str, float] = {}
     light_records = []
+    base_pa = float(rng_l.uniform(-90, 90))
     for i in range(n_all):
         filt = filters[i // spec.n_lights]
         if spec.meridian_flip_after is not None and i == spec.meridian_flip_after + 1:
@@ -551,7 +552,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         z = 0.7 * z + math.sqrt(1 - 0.49) * float(rng_l.normal())
         fwhm = spec.fwhm_px * (airmass / first_airmass) ** 0.6 * math.exp(spec.fwhm_jitter * z)
         ecc = float(np.clip(spec.eccentricity * (1.0 + 0.3 * rng_l.normal()), 0.0, 0.6))
-        pa = float(rng_l.uniform(-90, 90))
+        pa = base_pa + float(rng_l.normal(0.0, 15.0))  # tracking errors lie mostly along RA
         if i in elong:
             ecc, pa = elong[i]
         fwhm *= blur.get(i, 1.0)
@@ -587,7 +588,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
             transparency=transparency, transparency_grad=(tg * math.cos(tphi), tg * math.sin(tphi)),
             scale=first_transparency[filt] / transparency, sky_e=sky,
             sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
-        t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if spec.dither_every else 0))
+        dithers_next = spec.dither_every > 0 and (i + 1) % spec.dither_every == 0
+        t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if dithers_next else 0.0))
     frames.extend(light_records)
 
     # --- flats at dawn (05:30 UTC the next morning, or 40 min after the last light), then flat-darks
