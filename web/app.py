@@ -11,7 +11,8 @@ Security model
   ``Authorization: Bearer``), compared in constant time. No cookies are used, and a cross-site page
   can send neither the custom header nor a JSON content type without a CORS preflight, which this
   server never grants: CSRF-safe. A foreign ``Origin`` on a POST or WebSocket is refused.
-- Optional ``allowed_hosts`` refuses requests whose Host header is not listed (DNS rebinding).
+- DNS rebinding: on a loopback socket, a Host header naming anything but 127.x, ::1 or localhost
+  is refused (421); ``allowed_hosts`` replaces that rule with an explicit list.
 - No request path or parameter reaches the filesystem: stacks, products and masters are served by
   validated id from the service's memory; the only files served are the page's own, from one fixed
   folder through aiohttp's static route (which refuses traversal and symlinks).
@@ -366,13 +367,30 @@ def _same_origin(request: web.Request) -> bool:
     return origin == f"{request.scheme}://{request.host}"
 
 
+def _host_name(host: str) -> str:
+    """The name part of a Host header ('[::1]:8080' -> '::1', 'localhost:8080' -> 'localhost')."""
+    h = host.strip()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h[1:]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def _loopback_socket(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return bool(sock) and isinstance(sock, tuple) and is_loopback(str(sock[0]))
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     settings = request.app[_SETTINGS_KEY]
     if len(request.query_string) > _MAX_QUERY_CHARS or len(request.raw_path) > 2048:
         return _error(400, "request too long")
-    if settings.allowed_hosts is not None and request.host.lower() not in settings.allowed_hosts:
-        return _error(421, "unknown host")
+    if settings.allowed_hosts is not None:
+        if request.host.lower() not in settings.allowed_hosts:
+            return _error(421, "unknown host")
+    elif _loopback_socket(request) and not is_loopback(_host_name(request.host)):
+        # Served on loopback but addressed by another name: a DNS-rebinding page, not the user.
+        return _error(421, "this view answers only to 127.0.0.1, ::1 or localhost")
     if request.method not in ("GET", "HEAD", "POST"):
         return _error(405, "method not allowed")
     is_ws = request.path == "/ws"
@@ -695,8 +713,9 @@ def create_app(
     service : anything implementing ServiceView.
     token : required by every POST; empty disables state changes. Compared in constant time.
     preview_max_px : longest side of a preview. Default is 2048.
-    allowed_hosts : accepted Host headers (e.g. ``["127.0.0.1:8080", "localhost:8080"]``) against
-        DNS rebinding; None accepts any. Default is None.
+    allowed_hosts : accepted Host headers (e.g. ``["observatory.local:8080"]``); None accepts, on a
+        loopback socket, only loopback names (DNS-rebinding protection), and any name otherwise.
+        Default is None.
     ws_queue_size : messages buffered per WebSocket client before dropping the oldest. Default is 256.
     ws_heartbeat_s : WebSocket ping interval; a peer that stops answering is closed. Default is 20.
     """

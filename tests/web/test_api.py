@@ -297,6 +297,16 @@ async def test_allowed_hosts_against_dns_rebinding(aiohttp_client: MakeClient, s
     assert r.status == 200
 
 
+async def test_loopback_refuses_foreign_host_names(client: Client) -> None:
+    port = client.server.port
+    for host in (f"evil.example:{port}", "attacker.test", f"192.168.1.5:{port}"):
+        r = await client.get("/api/status", headers={"Host": host})
+        assert r.status == 421, host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        r = await client.get("/api/status", headers={"Host": host})
+        assert r.status == 200, host
+
+
 def test_check_bind() -> None:
     for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
         check_bind(host, "")
