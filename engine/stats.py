@@ -39,7 +39,10 @@ MAD_TO_SIGMA = 1.482602218505602
 #: Noise of starlet layers 1..6 for unit Gaussian white noise (PCL values).
 MRS_LAYER_NOISE = (0.8907, 0.2007, 0.0856, 0.0413, 0.0205, 0.0103)
 _MRS_BIAS = 0.974  # PCL's 2 % bias correction of the MRS estimate
-_B3 = (1.0 / 16.0, 4.0 / 16.0, 6.0 / 16.0, 4.0 / 16.0, 1.0 / 16.0)
+_K1 = np.float32(1.0 / 16.0)  # B3-spline taps as float32 constants (exact binary fractions)
+_K4 = np.float32(4.0 / 16.0)
+_K6 = np.float32(6.0 / 16.0)
+_KSIGMA_SAMPLE_PX = 4_000_000  # the k-sigma start value uses every k-th row above this many pixels
 
 
 @dataclass(frozen=True)
@@ -172,14 +175,16 @@ def _b3_rows(src: np.ndarray, dst: np.ndarray, step: int) -> None:
                 c = 1.0 if (k == 0 or k == 4) else (4.0 if (k == 1 or k == 3) else 6.0)
                 acc += c * src[y, _mirror(x + (k - 2) * step, w)]
             dst[y, x] = acc / 16.0
-        for x in range(x_lo, x_hi):
-            acc = (
-                src[y, x - 2 * step]
-                + src[y, x + 2 * step]
-                + 4.0 * (src[y, x - step] + src[y, x + step])
-                + 6.0 * src[y, x]
-            )
-            dst[y, x] = acc / 16.0
+        # shifted views indexed by k >= 0: no negative-index wraparound test, so the loop vectorises
+        m = x_hi - x_lo
+        a0 = src[y, x_lo - 2 * step : x_hi - 2 * step]
+        a1 = src[y, x_lo - step : x_hi - step]
+        a2 = src[y, x_lo:x_hi]
+        a3 = src[y, x_lo + step : x_hi + step]
+        a4 = src[y, x_lo + 2 * step : x_hi + 2 * step]
+        d = dst[y, x_lo:x_hi]
+        for k in range(m):
+            d[k] = (a0[k] + a4[k]) * _K1 + (a1[k] + a3[k]) * _K4 + a2[k] * _K6
         for x in range(x_hi, w):
             acc = 0.0
             for k in range(5):
@@ -198,8 +203,7 @@ def _b3_cols(src: np.ndarray, dst: np.ndarray, step: int) -> None:
         y3 = _mirror(y + step, h)
         y4 = _mirror(y + 2 * step, h)
         for x in range(w):
-            acc = src[y0, x] + src[y4, x] + 4.0 * (src[y1, x] + src[y3, x]) + 6.0 * src[y, x]
-            dst[y, x] = acc / 16.0
+            dst[y, x] = (src[y0, x] + src[y4, x]) * _K1 + (src[y1, x] + src[y3, x]) * _K4 + src[y, x] * _K6
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -402,10 +406,12 @@ def mrs_noise(
     c1 = np.empty_like(data)
     _smooth(data, tmp, c1, 1)
     _sub(data, c1, tmp)
-    sigma_k = _ksigma(tmp, valid) / MRS_LAYER_NOISE[0]
-    bufs = (c1, np.empty_like(data), np.empty_like(data))
+    stride = max(1, data.size // _KSIGMA_SAMPLE_PX)  # start value: a row subsample is plenty
+    w1_sample = np.ascontiguousarray(tmp[::stride])
+    sigma_k = _ksigma(w1_sample, np.ascontiguousarray(valid[::stride])) / MRS_LAYER_NOISE[0]
+    bufs = (np.empty_like(data), np.empty_like(data), np.empty_like(data))
     for nl in range(max(layers, 2), 1, -1):
-        est = _mrs_try(data, valid, tmp, bufs, nl, sigma_k, max_iterations, tolerance)
+        est = _mrs_try(data, c1, valid, tmp, bufs, nl, sigma_k, max_iterations, tolerance)
         if est is not None and est[1] / total >= min_fraction:
             sigma, n, it = est
             return NoiseEstimate(sigma / _MRS_BIAS, "MRS", n / total, nl, it)
@@ -414,6 +420,7 @@ def mrs_noise(
 
 def _mrs_try(
     data: np.ndarray,
+    c1: np.ndarray,
     valid: np.ndarray,
     tmp: np.ndarray,
     bufs: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -424,19 +431,20 @@ def _mrs_try(
 ) -> tuple[float, float, int] | None:
     """Support iteration with ``layers`` starlet layers: (sigma, noise-set size, iterations) or None.
 
-    tmp and bufs are scratch planes of data's shape (ratio, two smoothing planes).
+    c1 is the first smoothing of data (kept intact for retries); tmp and bufs are scratch planes of
+    data's shape (ratio and two smoothing planes).
     """
-    ratio, c_prev_buf, c_next = bufs
+    ratio, plane_a, plane_b = bufs
     ratio.fill(0.0)
-    c_prev = data
-    for j in range(layers):
-        _smooth(c_prev, tmp, c_next, 1 << j)
-        _layer_update(c_prev, c_next, ratio, 1.0 / MRS_LAYER_NOISE[j])
-        if j == 0:
-            c_prev = c_prev_buf
-        c_prev, c_next = c_next, c_prev
+    _layer_update(data, c1, ratio, 1.0 / MRS_LAYER_NOISE[0])
+    prev = c1
+    for j in range(1, layers):
+        out = plane_a if j % 2 == 1 else plane_b
+        _smooth(prev, tmp, out, 1 << j)
+        _layer_update(prev, out, ratio, 1.0 / MRS_LAYER_NOISE[j])
+        prev = out
     resid = tmp
-    _sub(data, c_prev, resid)  # I - c_J
+    _sub(data, prev, resid)  # I - c_J
     sigma = sigma0
     for it in range(1, max_iterations + 1):
         if not (sigma > 0.0):
