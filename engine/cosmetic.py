@@ -135,7 +135,7 @@ def defect_map(
             # relative to the median of the 8 same-colour neighbours: amp glow and dark-current
             # gradients are smooth signal the dark subtracts, not defects
             resid = np.empty(sub.shape, dtype=np.float32)
-            _residual_sample(np.ascontiguousarray(sub), 1, 1, resid)
+            _residual_sample(np.ascontiguousarray(sub), 1, 1, 1, resid)
             v = resid[np.isfinite(resid)]
             if v.size == 0:
                 continue
@@ -150,7 +150,7 @@ def defect_map(
         for sy, sx in _sublattices(shape, bayer):
             sub = f[sy, sx]
             resid = np.empty(sub.shape, dtype=np.float32)
-            _residual_sample(np.ascontiguousarray(sub), 1, 1, resid)
+            _residual_sample(np.ascontiguousarray(sub), 1, 1, 1, resid)
             local = sub - resid  # median of the 8 same-colour neighbours (NaN where undefined)
             dead[sy, sx] = ~(sub >= dead_flat_frac * local) & (np.isfinite(local) | ~np.isfinite(sub))
     rule = f"hot/cold: D' beyond median +- {hot_sigma:g}/{cold_sigma:g} MAD-sigma; dead: F < {dead_flat_frac:g} x same-colour neighbour median"
@@ -176,16 +176,19 @@ def _median_small(buf: np.ndarray, n: int) -> float:  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _residual_sample(img: np.ndarray, step: int, row_stride: int, out: np.ndarray) -> None:  # pragma: no cover
-    """x - median(8 same-colour neighbours) on every ``row_stride``-th row (NaN where undefined)."""
+def _residual_sample(img: np.ndarray, step: int, row_stride: int, col_stride: int, out: np.ndarray) -> None:  # pragma: no cover
+    """x - median(8 same-colour neighbours) at every ``row_stride``-th row and ``col_stride``-th
+    column (out[r, c] for pixel (r * row_stride, c * col_stride)); NaN where undefined."""
     h, w = img.shape
     nrows = out.shape[0]
+    ncols = out.shape[1]
     for r in prange(nrows):
         y = r * row_stride
         buf = np.empty(8)
-        for x in range(w):
+        for c in range(ncols):
+            x = c * col_stride
             v = img[y, x]
-            out[r, x] = np.nan
+            out[r, c] = np.nan
             if v != v:
                 continue
             n = 0
@@ -202,7 +205,7 @@ def _residual_sample(img: np.ndarray, step: int, row_stride: int, out: np.ndarra
                         buf[n] = u
                         n += 1
             if n >= 3:
-                out[r, x] = v - _median_small(buf, n)
+                out[r, c] = v - _median_small(buf, n)
 
 
 @njit(cache=True, nogil=True)
@@ -470,19 +473,20 @@ def detect_outliers(
     h, w = img.shape
     cmap, step = _cmap_and_step(bayer)
     # per-channel noise of the residual and channel balance, from a row sample (rows of both parities)
-    stride = max(1, int(sample_row_stride))
+    stride = max(1, min(int(sample_row_stride), h // 64))  # small frames: sample more rows
     if bayer is not None and stride % 2 == 0:
         stride += 1
     nrows = (h + stride - 1) // stride
-    res = np.empty((nrows, w), dtype=np.float32)
-    _residual_sample(img, step, stride, res)
+    cstride = 3  # odd: both column parities
+    ncols = (w + cstride - 1) // cstride
+    res = np.empty((nrows, ncols), dtype=np.float32)
+    _residual_sample(img, step, stride, cstride, res)
     rows = np.arange(nrows) * stride
+    cols = np.arange(ncols) * cstride
     thr = np.full(3, np.inf, dtype=np.float32)
     balance = np.ones(3)
-    ys = (rows % 2)[:, None]
-    xs = (np.arange(w) % 2)[None, :]
-    chan = cmap[ys, xs]
-    sample = img[rows]
+    chan = cmap[(rows % 2)[:, None], (cols % 2)[None, :]]
+    sample = img[rows][:, cols]
     for c in range(3):
         sel = chan == c
         r = res[sel]
