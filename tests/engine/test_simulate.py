@@ -84,7 +84,8 @@ def test_light_transforms_and_schedule() -> None:
 
 
 def test_star_positions_follow_the_true_transform() -> None:
-    spec = _spec(n_lights=4, cosmics=False, n_saturated_stars=0, meridian_flip_after=1)
+    spec = _spec(width=480, height=360, n_lights=4, cosmics=False, n_saturated_stars=0, meridian_flip_after=1,
+                 target="none", seed=2)  # a galaxy slope under the window would bias a plain centroid
     truth = S.make_truth(spec)
     st = truth.stars
     total = st.flux_e.sum(axis=1)
@@ -102,16 +103,16 @@ def test_star_positions_follow_the_true_transform() -> None:
             ok &= 20 < p[0] < spec.width - 20 and 20 < p[1] < spec.height - 20
         if ok:
             cand.append(k)
-    assert cand, "no usable star"
+    assert len(cand) >= 3, "too few usable stars"
     errs = []
     for f in truth.lights():
         img = S.render_light(truth, f.index).astype(np.float64) - truth.bias_adu
         assert f.fwhm_px is not None
-        for k in cand[:3]:
+        for k in cand[:5]:
             p = np.linalg.inv(f.matrix_array) @ [st.x[k], st.y[k], 1.0]
             cx, cy = _centroid(img, p[0] + 0.3, p[1] - 0.3, 2.0 * f.fwhm_px)
             errs.append(math.hypot(cx - p[0], cy - p[1]))
-    assert max(errs) < 0.05, errs
+    assert len(errs) >= 12 and max(errs) < 0.05, errs
 
 
 def test_bias_noise_and_pattern() -> None:
