@@ -467,7 +467,7 @@ def test_ideal_light_and_matrix_between() -> None:
 def test_full_preset_frames() -> None:
     from tests.conftest import slow_count
 
-    spec = S.preset("full", n_lights=max(2, slow_count(3)), trails=(1,))
+    spec = S.preset("full", n_lights=max(2, slow_count(3)), trails=(1,), target="none")
     truth = S.make_truth(spec)
     assert truth.bias_adu.shape == (4176, 6248) and truth.response.dtype == np.float32
     st = truth.stars
