@@ -8,7 +8,8 @@ library is printed: kind, key fields, ncombine, path (``--json``: a list of reco
 plus ``updated``).
 
 Exit status: 0 success (unreadable files are reported on stderr, one line each, and skipped),
-1 when a master cannot be built or the library folder is unusable, 2 for bad usage.
+1 when a master cannot be built (the others are still built; each failure is one line on stderr)
+or the library folder is unusable, 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                     n_bad += 1
                     print(f"stackwatch masters: {exc}", file=sys.stderr)
             updated = {r.path for r in lib.rebuild()}
+            errors = list(lib.last_errors)
             records = []
             for rec in lib.masters():
                 d = record_dict(rec)
@@ -121,4 +123,6 @@ def run(args: argparse.Namespace) -> int:
     for r in records:
         for w in r["warnings"] if r.get("updated") else ():
             print(f"stackwatch masters: {os.path.basename(r['path'])}: {w}", file=sys.stderr)
-    return 0
+    for e in errors:
+        print(f"stackwatch masters: {e}", file=sys.stderr)
+    return 1 if errors else 0

@@ -173,6 +173,7 @@ class CalibrationLibrary:
         self._db.executescript(_SCHEMA)
         self._cache: dict[str, tuple[float, np.ndarray]] = {}
         self._derived: dict[tuple[Any, ...], Any] = {}  # flat scales and defect maps, by file versions
+        self.last_errors: list[str] = []  # masters that could not be built by the last rebuild()
 
     def close(self) -> None:
         with self._lock:
@@ -218,6 +219,7 @@ class CalibrationLibrary:
             key = master_key(info)
             if key is None:
                 continue
+            fitsio.read_rows(path, 0, 1)  # cheap: refuses truncated files now, not at integration
             with self._lock:
                 row = self._db.execute("SELECT size, mtime_ns, master_id FROM members WHERE path = ?", (path,)).fetchone()
                 if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
@@ -261,6 +263,7 @@ class CalibrationLibrary:
         """Re-integrate dirty masters (all, or ``ids``): bias and flat-darks first, then darks, then
         flats (calibrated with the fresh masters). Returns the rebuilt records."""
         out: list[MasterRecord] = []
+        self.last_errors = []
         with self._lock:
             rows = self._db.execute("SELECT id, kind FROM masters WHERE dirty = 1 AND frozen = 0").fetchall()
         todo = [(str(r[0]), str(r[1])) for r in rows if ids is None or r[0] in ids]
@@ -295,6 +298,17 @@ class CalibrationLibrary:
         return [(str(r[0]), int(r[1]), int(r[2]), _info_from_json(r[3])) for r in rows]
 
     def _rebuild_one(self, mid: str) -> MasterRecord | None:
+        """Re-integrate one master; a master that cannot be built (e.g. no usable flat) is reported in
+        ``last_errors`` and left as it was until a new member arrives."""
+        try:
+            return self._rebuild_one_unchecked(mid)
+        except StackwatchError as exc:
+            self.last_errors.append(f"master {mid}: {exc}")
+            with self._lock:
+                self._db.execute("UPDATE masters SET dirty = 0, pending = 0 WHERE id = ?", (mid,))
+            return None
+
+    def _rebuild_one_unchecked(self, mid: str) -> MasterRecord | None:
         members = self._members(mid)
         with self._lock:
             row = self._db.execute("SELECT key, record FROM masters WHERE id = ?", (mid,)).fetchone()

@@ -132,3 +132,31 @@ def test_debounce(night: dict, tmp_path: Path) -> None:
     assert lib.due(debounce_s=20, debounce_members=10) == lib.pending()
     assert lib.due(debounce_s=100, debounce_members=3) == lib.pending()
     assert len(lib.rebuild(lib.due(debounce_s=20))) == 1 and lib.pending() == []
+
+
+def test_unusable_master_is_reported_and_others_still_build(night: dict, tmp_path: Path) -> None:
+    """Flats that all fail the level checks: that master is an error, the bias is still built."""
+    src = tmp_path / "src"
+    src.mkdir()
+    flats = []
+    for i, p in enumerate(night["files"]["flat"][:3]):
+        with fits.open(p) as hdul:
+            data = np.full(hdul[0].data.shape, 65535, dtype=np.uint16)  # saturated flat
+            q = src / f"flat_{i}.fits"
+            fits.PrimaryHDU(data, header=hdul[0].header).writeto(q)
+            flats.append(str(q))
+    lib = CalibrationLibrary(tmp_path / "lib")
+    out = lib.add_frames(night["files"]["bias"][:3] + flats)
+    assert [r.kind for r in out] == ["bias"]
+    assert len(lib.last_errors) == 1 and "no usable flat" in lib.last_errors[0] and "saturated" in lib.last_errors[0]
+
+
+def test_truncated_member_is_refused_at_add(night: dict, tmp_path: Path) -> None:
+    from stackwatch.engine.errors import FrameError
+
+    p = tmp_path / "bias_trunc.fits"
+    p.write_bytes(Path(night["files"]["bias"][0]).read_bytes()[:-20000])
+    lib = CalibrationLibrary(tmp_path / "lib")
+    with pytest.raises(FrameError):
+        lib.add_frames([p])
+    assert lib.masters() == [] and lib.pending() == []
