@@ -315,3 +315,21 @@ def test_nan_is_no_data_and_colour() -> None:
     cov = st.coverage()
     assert cov[0, 0, 12] == 3 and cov[0, 0, 40] == 6
     assert abs(img[1, 20, 30] - 0.1) < 0.01  # the hot sample was removed retroactively
+
+
+def test_specialised_kernel_matches_generic_and_overflow_keeps_arrival_lists() -> None:
+    night = _night(12)
+    a = _stack(night)
+    b = _stack(night)
+    b._generic = True  # the generic k_high/k_low kernel
+    c = LiveStack((H, W), background=SKY, event_capacity=1)  # every row overflows its event buffer
+    for i in range(12):
+        ra, rb, rc = _add(a, night, i), _add(b, night, i), _add(c, night, i)
+        assert ra == rb
+        # arrival rejections are complete even when the event buffer overflows
+        if i < 5:
+            assert (rc.rejected_low, rc.rejected_high) == (ra.rejected_low, ra.rejected_high)
+    for name, arr in a._arrays().items():
+        assert np.array_equal(arr, b._arrays()[name], equal_nan=True), name
+    # deferred retroactive removals are marked dirty, never lost silently
+    assert c.dirty_rows().any()
