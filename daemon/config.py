@@ -148,6 +148,11 @@ class NormalizationConfig:
     gradient_bin_px: int = _f(32, "size of the sample bins for the gradient surface")
     min_star_pairs: int = _f(10, "fewer matched stars than this falls back to global normalisation")
     reference_candidates: int = _f(8, "the reference is chosen among the first N accepted frames")
+    min_star_snr: float = _f(20.0, "stars used for the photometric scale need this SNR in both frame and reference")
+    max_scale_err_frac: float = _f(0.02, "a relative scale uncertainty above this falls back to global normalisation")
+    max_gradient_samples: int = _f(600, "bins are block-averaged to at most this many samples for the gradient spline")
+    star_mask_cap_px: float = _f(40.0, "largest radius masked around a star when sampling the gradient")
+    local_cell_px: int = _f(512, "cell size of the location/scale maps when method = local")
 
 
 @dataclass
@@ -169,6 +174,9 @@ class LiveConfig:
     kappa_low: float = _f(4.0, "live rejection threshold below the centre (sigma)")
     kappa_high: float = _f(3.0, "live rejection threshold above the centre (sigma)")
     n_min: int = _f(5, "no live rejection before this many frames")
+    k_high: int = _f(2, "largest accepted samples kept per pixel for retroactive rejection (2 = recommended; 2 high/1 low has a fast kernel)")
+    k_low: int = _f(1, "smallest accepted samples kept per pixel for retroactive rejection")
+    noise_epsilon_frac: float = _f(0.2, "relative scale-noise term of the live noise model (protects star cores)")
     checkpoint_frames: int = _f(10, "checkpoint the running stack every N frames")
     checkpoint_interval_s: float = _f(600.0, "or every this many seconds")
     exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle")
