@@ -573,15 +573,31 @@ def _levels(data: np.ndarray, bayer: str | None) -> tuple[float, ...]:
 
 def flat_level_problem(raw: np.ndarray, *, saturation: float, bayer: str | None) -> str | None:
     """§2.2 level checks on a raw flat: a reason to refuse it, or None. > 0.1 % pixels saturated,
-    median > 0.8 of full scale (non-linear) or < 0.05 (too dark), in any channel."""
-    sat_frac = float(np.count_nonzero(raw >= saturation)) / raw.size
+    median > 0.8 of full scale (non-linear) or < 0.05 (too dark), in any channel.
+
+    Full scale is the apparent bit depth: 12- and 14-bit cameras that write unshifted ADU into
+    16-bit files (data never above 4095 or 16383) are judged against 4095 or 16383, not 65535 —
+    otherwise every flat of such a camera would look too dark. ``saturation`` (from the file) is
+    lowered to 0.999 of that depth in the same case.
+    """
+    finite = raw[np.isfinite(raw)]
+    if finite.size == 0:
+        return "no finite pixel"
+    top = float(finite.max())
+    full = 1.0
+    for depth in (4095.0, 16383.0):
+        if top <= depth / 65535.0 + 1e-9:
+            full = depth / 65535.0
+            break
+    sat_level = min(saturation, 0.999 * full) if full < 1.0 else saturation
+    sat_frac = float(np.count_nonzero(finite >= sat_level)) / finite.size
     if sat_frac > 1e-3:
         return f"{sat_frac * 100:.2f} % of the pixels saturated"
     for level in _levels(raw, bayer):
-        if level > 0.8:
-            return f"median {level:.2f} of full scale (> 0.8: non-linear)"
-        if level < 0.05:
-            return f"median {level:.3f} of full scale (< 0.05: too dark)"
+        if level > 0.8 * full:
+            return f"median {level / full:.2f} of full scale (> 0.8: non-linear)"
+        if level < 0.05 * full:
+            return f"median {level / full:.3f} of full scale (< 0.05: too dark)"
     return None
 
 

@@ -272,3 +272,16 @@ def test_parity_with_ccdproc(night: dict) -> None:
     rel = np.abs(mine.data * FS - c.data) / np.abs(c.data)
     print(f"ccdproc subtract_bias/subtract_dark/flat_correct parity: max relative difference {rel.max():.2e}")
     assert rel.max() < 1e-5
+
+
+def test_flat_level_checks_use_the_apparent_bit_depth() -> None:
+    rng = np.random.default_rng(3)
+    ok12 = (rng.normal(2500, 30, (64, 64)) / FS).astype(np.float32)  # a good 12-bit flat (61 % of 4095)
+    assert library.flat_level_problem(ok12, saturation=0.999, bayer=None) is None
+    dark16 = (rng.normal(2500, 30, (64, 64)) / FS).astype(np.float32)
+    dark16[0, 0] = 60000 / FS  # clearly 16-bit data: 2500 ADU is too dark
+    assert "too dark" in (library.flat_level_problem(dark16, saturation=0.999, bayer=None) or "")
+    sat = np.full((64, 64), 4095 / FS, dtype=np.float32)
+    assert "saturated" in (library.flat_level_problem(sat, saturation=0.999, bayer=None) or "")
+    bright = (rng.normal(58000, 100, (64, 64)) / FS).astype(np.float32)
+    assert "non-linear" in (library.flat_level_problem(bright, saturation=0.999, bayer=None) or "")
