@@ -64,6 +64,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--field-psf", type=float, default=0.0, metavar="F",
                    help="off-axis PSF growth: 0 perfect optics, 0.2 mediocre flattener (wider, radially elongated "
                    "stars in the corners). Default 0")
+    p.add_argument("--uncooled", action="store_true",
+                   help="uncooled camera: no SET-TEMP, the sensor cools with the night air (dark current follows)")
     p.add_argument("--style", choices=("nina", "sgp", "maxim", "ekos"), default="nina",
                    help="capture program whose file names and headers to imitate. Default nina")
     p.add_argument("--bottom-up", action="store_true",
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise StackwatchError(f"{out}: folder is not empty (use --force to write into it)")
     over: dict[str, Any] = {"seed": args.seed, "osc": args.osc, "target": args.target, "field_psf": args.field_psf,
-                            "header_style": args.style, "row_order": "BOTTOM-UP" if args.bottom_up else "TOP-DOWN"}
+                            "header_style": args.style, "cooled": not args.uncooled, "row_order": "BOTTOM-UP" if args.bottom_up else "TOP-DOWN"}
     if args.lights is not None:
         over["n_lights"] = args.lights
     if args.calibration is not None:

@@ -159,6 +159,8 @@ class SimulationSpec:
     amp_glow_scale_frac: float = 0.08  # e-folding length as a fraction of the width
     temperature_c: float = -10.0
     dark_temperature_c: float | None = None  # None: same as temperature_c
+    cooled: bool = True  # False: no set point (no SET-TEMP); the sensor follows the night air, see ambient_drop_c
+    ambient_drop_c: float = 6.0  # uncooled: the sensor cools this much from the first to the last light
     pixel_size_um: float = 3.76
     binning: int = 1
     # optics and site
@@ -326,8 +328,9 @@ class FrameTruth:
     file: str  # relative path inside the night folder, e.g. "lights/LIGHT_...fits"
     date_obs: str
     exposure_s: float
-    temperature_c: float  # the sensor temperature the header reports
+    temperature_c: float  # the sensor temperature the header reports (CCD-TEMP, a reading)
     filter: str
+    sensor_temp_c: float | None = None  # the physical temperature (dark current follows it); None = set point
     cosmics: tuple[tuple[float, ...], ...] = ()  # (x, y, e-, length px, angle deg)
     matrix: tuple[tuple[float, ...], ...] | None = None  # 3x3 frame -> reference
     fwhm_px: float | None = None  # of the PSF on the sky (geometric mean of major and minor axes)
@@ -507,6 +510,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         for i in range(n):
             frames.append(FrameTruth(kind=kind, index=i, file=_file_name(spec, kind, t, "", exp, i + 1, i + 1),
                                      date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(temp),
+                                     sensor_temp_c=temp,
                                      filter="", cosmics=_cosmics(rng_c, spec, exp)))
             t += _dt.timedelta(seconds=exp + spec.overhead_s)
 
@@ -527,6 +531,12 @@ def make_truth(spec: SimulationSpec) -> Truth:
     first_transparency: dict[str, float] = {}
     light_records = []
     base_pa = float(rng_l.uniform(-90, 90))
+
+    def light_temp(i: int) -> float:
+        if spec.cooled:
+            return spec.temperature_c
+        return spec.temperature_c - spec.ambient_drop_c * i / max(1, n_all - 1)
+
     for i in range(n_all):
         filt = filters[i // spec.n_lights]
         if spec.meridian_flip_after is not None and i == spec.meridian_flip_after + 1:
@@ -581,7 +591,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
         number = i % spec.n_lights + 1
         light_records.append(FrameTruth(
             kind="light", index=i, file=_file_name(spec, "light", t, filt, spec.exposure_s, number, i + 1),
-            date_obs=_fmt_time(t), exposure_s=spec.exposure_s, temperature_c=temp_reading(spec.temperature_c),
+            date_obs=_fmt_time(t), exposure_s=spec.exposure_s, temperature_c=temp_reading(light_temp(i)),
+            sensor_temp_c=light_temp(i),
             filter=filt, cosmics=cos_, matrix=tuple(tuple(round(float(v), 12) for v in row) for row in matrix),
             fwhm_px=fwhm, fwhm_sampled_px=math.sqrt(fwhm * fwhm + 2.3548**2 / 12.0), eccentricity=ecc, psf_angle_deg=pa, beta=spec.moffat_beta, hour_angle_h=ha,
             altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
@@ -596,6 +607,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
     dawn = (start + _dt.timedelta(days=1)).replace(hour=5, minute=30, second=0, microsecond=0)
     t = max(t + _dt.timedelta(minutes=40), dawn)
     rng_f = _rng(spec, 4)
+    dawn_temp = spec.temperature_c if spec.cooled else spec.temperature_c - spec.ambient_drop_c
     flat_exp = {f: spec.flat_exposure_s for f in filters}
     flat_exp.update({f: float(e) for f, e in spec.flat_exposure_by_filter if f in flat_exp})
     for filt in filters:
@@ -604,8 +616,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
             idx = filters.index(filt) * spec.n_flats + i
             frames.append(FrameTruth(
                 kind="flat", index=idx, file=_file_name(spec, "flat", t, filt, exp, i + 1, idx + 1),
-                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
-                filter=filt, cosmics=_cosmics(rng_f, spec, exp),
+                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(dawn_temp),
+                sensor_temp_c=dawn_temp, filter=filt, cosmics=_cosmics(rng_f, spec, exp),
                 flat_star_seed=int(rng_f.integers(0, 2**31)) if spec.sky_flats_with_stars else None))
             t += _dt.timedelta(seconds=exp + spec.overhead_s)
     # one set of flat-darks per distinct flat exposure
@@ -614,8 +626,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
         for i in range(spec.n_darkflats):
             frames.append(FrameTruth(
                 kind="darkflat", index=idx, file=_file_name(spec, "darkflat", t, "", exp, i + 1, idx + 1),
-                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(spec.temperature_c),
-                filter="", cosmics=_cosmics(rng_f, spec, exp)))
+                date_obs=_fmt_time(t), exposure_s=exp, temperature_c=temp_reading(dawn_temp),
+                sensor_temp_c=dawn_temp, filter="", cosmics=_cosmics(rng_f, spec, exp)))
             idx += 1
             t += _dt.timedelta(seconds=exp + spec.overhead_s)
 
@@ -729,7 +741,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
     rc = float(np.median(resp[h // 2 - h // 20:h // 2 + h // 20 + 1, w // 2 - w // 20:w // 2 + w // 20 + 1]))
     for k, fr in enumerate(frames):
         if fr.kind == "light" and fr.sky_e is not None:
-            var = fr.sky_e * rc + spec.dark_current_e_per_s * fr.exposure_s + spec.read_noise_e**2
+            dark_e = spec.dark_current_e_per_s * fr.exposure_s * _dark_factor(spec, _physical_temp(spec, fr))
+            var = fr.sky_e * rc + dark_e + spec.read_noise_e**2
             frames[k] = dataclasses.replace(fr, noise_e=math.sqrt(var))
 
     def coords(idx: np.ndarray) -> tuple[tuple[int, int], ...]:
@@ -843,6 +856,12 @@ class LightComponents:
     bias: np.ndarray
 
 
+def _physical_temp(spec: SimulationSpec, frame: FrameTruth) -> float:
+    if frame.sensor_temp_c is not None:
+        return frame.sensor_temp_c
+    return spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature
+
+
 def _dark_factor(spec: SimulationSpec, temperature_c: float) -> float:
     return float(2.0 ** ((temperature_c - spec.temperature_c) / spec.dark_doubling_c))
 
@@ -853,7 +872,7 @@ def light_components(truth: Truth, index: int) -> LightComponents:
     assert frame.transparency is not None
     sig = _signal_e(truth, frame)
     _apply_transparency(truth, frame, sig)
-    dark = truth.dark_e_per_s * np.float32(frame.exposure_s * _dark_factor(truth.spec, truth.spec.temperature_c))
+    dark = truth.dark_e_per_s * np.float32(frame.exposure_s * _dark_factor(truth.spec, _physical_temp(truth.spec, frame)))
     return LightComponents(signal=sig, sky=sky_model_e(truth, frame), response=truth.response, dark=dark,
                            bias=truth.bias_adu)
 
@@ -919,7 +938,7 @@ def render_frame(truth: Truth, frame: FrameTruth) -> np.ndarray:
     """The uint16 (H, W) pixels of one frame of the night, as the camera writes them (top-down)."""
     spec = truth.spec
     rng = _noise_rng(truth, frame)
-    temp = spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature
+    temp = _physical_temp(spec, frame)
     dark_rate = truth.dark_e_per_s * np.float32(_dark_factor(spec, temp) * frame.exposure_s)
     if frame.kind in ("bias", "dark", "darkflat"):
         lam = dark_rate if frame.kind != "bias" else np.zeros(spec.shape, dtype=np.float32)
@@ -1063,8 +1082,9 @@ def frame_header(truth: Truth, frame: FrameTruth) -> fits.Header:
     hdr["XPIXSZ"] = (spec.pixel_size_um * spec.binning, "[um] Pixel X axis size")
     hdr["YPIXSZ"] = (spec.pixel_size_um * spec.binning, "[um] Pixel Y axis size")
     hdr["INSTRUME"] = (spec.camera_name, "Imaging instrument name")
-    hdr["SET-TEMP"] = (spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature,
-                       "[degC] CCD temperature setpoint")
+    if spec.cooled:
+        hdr["SET-TEMP"] = (spec.temperature_c if frame.kind in ("light", "flat", "darkflat") else spec.dark_temperature,
+                           "[degC] CCD temperature setpoint")
     hdr["CCD-TEMP"] = (frame.temperature_c, "[degC] CCD temperature")
     if spec.osc:
         pat, ox, oy = header_bayer(spec)

@@ -560,3 +560,17 @@ def test_12_bit_adc() -> None:
     # read noise (6 ADU) plus at most the uniform quantisation noise of a 16-ADU step
     rn = math.hypot(spec.read_noise_e / spec.gain_e_per_adu, spec.row_noise_adu)
     assert rn < np.std(b) <= math.sqrt(rn**2 + 16**2 / 12)
+
+
+def test_uncooled_camera_follows_the_night_air(tmp_path: Path) -> None:
+    spec = _spec(width=64, height=48, n_lights=4, cooled=False, temperature_c=15.0, ambient_drop_c=6.0,
+                 dark_current_e_per_s=2.0, dark_doubling_c=6.0, n_flats=1, n_darkflats=1)
+    truth = S.simulate_night(spec, tmp_path, truth_files=False)
+    lights = truth.lights()
+    assert [f.sensor_temp_c for f in lights] == pytest.approx([15.0, 13.0, 11.0, 9.0])
+    assert all(abs(f.temperature_c - f.sensor_temp_c) < 0.5 for f in lights if f.sensor_temp_c is not None)
+    hdr = fits.getheader(tmp_path / lights[0].file)
+    assert "SET-TEMP" not in hdr and hdr["CCD-TEMP"] == lights[0].temperature_c
+    first, last = S.light_components(truth, 0).dark, S.light_components(truth, 3).dark
+    assert np.median(last) / np.median(first) == pytest.approx(0.5, rel=1e-4)  # 6 C colder: half the current
+    assert truth.frame("flat", 0).sensor_temp_c == pytest.approx(9.0)
