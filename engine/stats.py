@@ -366,7 +366,7 @@ def mrs_noise(
     mask: np.ndarray | None = None,
     layers: int = 4,
     window_px: int | None = None,
-    valid_range: tuple[float, float] = (2e-5, 0.99998),
+    valid_range: tuple[float, float] = (-math.inf, 0.99998),
     min_fraction: float = 0.01,
     max_iterations: int = 17,
     tolerance: float = 1e-4,
@@ -381,8 +381,11 @@ def mrs_noise(
         ``min_fraction`` of the pixels, J = 3 then 2 are tried, then the k-sigma value (method "KSIGMA").
     window_px : estimate on the central window of this size (e.g. 2048 for the live path on 26 MP).
         Default is None (whole image).
-    valid_range : pixels outside (low, high) are never noise pixels (PCL: 2e-5, 0.99998 for data in
-        [0, 1]; pass (-inf, inf) for data that is legitimately near or below zero). Default (2e-5, 0.99998).
+    valid_range : pixels outside (low, high) are never noise pixels. Default (-inf, 0.99998): near
+        saturation is excluded; PCL also drops I <= 2e-5 because PixInsight truncates calibrated data
+        at 0, but stackwatch keeps negatives, and a lower bound would cut the lower half of the noise
+        of a dark (narrowband, bias-subtracted) background and bias sigma low. Pass (2e-5, 0.99998)
+        for PCL's exact rule on data truncated at 0.
     min_fraction : smallest accepted noise-set fraction. Default is 0.01.
     max_iterations, tolerance : support iteration limits. Defaults 17 and 1e-4 (relative change).
 

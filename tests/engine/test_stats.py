@@ -164,3 +164,17 @@ def test_mrs_noise_26mp_full_and_central_window() -> None:
         for window in (None, 2048):
             est = stats.mrs_noise(img, window_px=window)
             assert abs(est.sigma / sigma - 1) < 0.01, (window, est)
+
+
+def test_mrs_noise_background_near_zero() -> None:
+    """Bias-subtracted dark background (mean 0): negatives are data, sigma is not biased low."""
+    rng = np.random.default_rng(12)
+    sigma = 0.002
+    img = _sky(rng, 400, 500, sigma, 100)
+    yy, xx = np.mgrid[0:400, 0:500]
+    img -= 0.1 + 0.05 * xx / 500 + 0.04 * (yy / 400) ** 2 + 0.01 * np.sin(xx / 90.0)
+    img = img.astype(np.float32)  # stars on a zero background
+    est = stats.mrs_noise(img)
+    assert abs(est.sigma / sigma - 1) < 0.01, est
+    pcl = stats.mrs_noise(img, valid_range=(2e-5, 0.99998))  # PCL's rule drops the negative half
+    assert pcl.sigma < 0.9 * sigma, pcl
