@@ -196,6 +196,7 @@ class SimulationSpec:
     eccentricity: float = 0.15  # typical tracking eccentricity (each frame draws around it)
     elongated: tuple[tuple[int, float, float], ...] = ()  # (light index, eccentricity, angle deg)
     blurred: tuple[tuple[int, float], ...] = ()  # (light index, FWHM factor): wind gust, bad focus
+    focus_drift: float = 0.0  # FWHM grows by this fraction from the first to the last light (no autofocus)
     field_psf: float = 0.0  # off-axis PSF growth (0 = perfect flattener; 0.2 = mediocre, see simulate_sky.psf_shape)
     # sky and atmosphere
     sky_e_per_s: float = 2.0  # per pixel, L band, zenith, clear
@@ -565,7 +566,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
         pa = base_pa + float(rng_l.normal(0.0, 15.0))  # tracking errors lie mostly along RA
         if i in elong:
             ecc, pa = elong[i]
-        fwhm *= blur.get(i, 1.0)
+        fwhm *= blur.get(i, 1.0) * (1.0 + spec.focus_drift * i / max(1, n_all - 1))
         cloud = float(clouds.get(i, 1.0))
         transparency = 10 ** (-0.4 * spec.extinction_mag * (airmass - 1.0)) * cloud
         first_transparency.setdefault(filt, transparency)

@@ -334,6 +334,10 @@ def test_psf_width_and_shape_match_truth(fwhm: float) -> None:
 
 
 def test_blurred_and_elongated_lights() -> None:
+    base = S.make_truth(_spec(n_lights=4, fwhm_jitter=0.0))
+    drift = S.make_truth(_spec(n_lights=4, fwhm_jitter=0.0, focus_drift=0.3))
+    ratios = [d.fwhm_px / b.fwhm_px for b, d in zip(base.lights(), drift.lights())]  # type: ignore[operator]
+    assert ratios == pytest.approx([1.0, 1.1, 1.2, 1.3])
     truth = S.make_truth(_spec(n_lights=4, blurred=((2, 1.8),), elongated=((3, 0.7, 45.0),)))
     lights = truth.lights()
     assert lights[2].fwhm_px is not None and lights[1].fwhm_px is not None
