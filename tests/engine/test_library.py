@@ -285,3 +285,20 @@ def test_flat_level_checks_use_the_apparent_bit_depth() -> None:
     assert "saturated" in (library.flat_level_problem(sat, saturation=0.999, bayer=None) or "")
     bright = (rng.normal(58000, 100, (64, 64)) / FS).astype(np.float32)
     assert "non-linear" in (library.flat_level_problem(bright, saturation=0.999, bayer=None) or "")
+
+
+def test_flat_band_source_factors_follow_row_parity(tmp_path: Path) -> None:
+    """Per-CFA-position normalisation must not depend on where a band starts (odd y0)."""
+    from stackwatch.engine import fitsio
+
+    rng = np.random.default_rng(8)
+    data = rng.uniform(0.2, 0.4, (21, 10)).astype(np.float32)
+    p = tmp_path / "f.fits"
+    fitsio.write_image(p, data)
+    sub = np.full(data.shape, 0.01, np.float32)
+    q = np.array([[1.0, 2.0], [3.0, 4.0]])
+    src = library._FileSource(str(p), data.shape, sub, q)
+    yy, xx = np.mgrid[0:21, 0:10]
+    expected = (data - sub) * q[yy % 2, xx % 2]
+    for y0, y1 in [(0, 21), (1, 4), (3, 10), (7, 8), (20, 21)]:
+        np.testing.assert_allclose(src.read_band(y0, y1), expected[y0:y1], rtol=1e-6)
