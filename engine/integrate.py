@@ -215,7 +215,6 @@ def _integrate_band(
         for i in range(n):
             for x in range(w):
                 row[x, i] = band[i, y, x]
-        wts = np.empty(n, dtype=np.float32)
         mask = np.empty(n, dtype=np.uint8)
         work = np.empty((WORK_ROWS, n), dtype=np.float64)
         buf = np.empty(n, dtype=np.float64)
@@ -223,7 +222,6 @@ def _integrate_band(
             values = row[x]
             nvalid = 0
             for i in range(n):
-                wts[i] = weights[i]
                 if math.isfinite(values[i]):
                     nvalid += 1
                     if has_pre and pre[i, y, x] == HIGH:
