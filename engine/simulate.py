@@ -1164,7 +1164,10 @@ class SimFrame:
 
 
 def iter_night(truth: Truth, *, kinds: tuple[str, ...] = KINDS) -> Iterator[SimFrame]:
-    """Render the frames of the night lazily in capture order (biases and darks first, flats at dawn)."""
+    """Render the frames of the night lazily in capture order (biases and darks first, flats at dawn).
+
+    ``kinds`` limits the kinds yielded. Default is all (`KINDS`).
+    """
     first = _dt.datetime.fromisoformat(truth.frames[0].date_obs) if truth.frames else None
     for f in truth.frames:
         if f.kind not in kinds:
@@ -1284,7 +1287,17 @@ def load_truth(outdir: str | os.PathLike[str]) -> Truth:
 
 def simulate_night(spec: SimulationSpec, outdir: str | os.PathLike[str], *, truth_files: bool = True,
                    kinds: tuple[str, ...] = KINDS) -> Truth:
-    """Write the night (lights/, darks/, flats/, darkflats/, biases/) and truth/ into ``outdir``."""
+    """Write the night (lights/, darks/, flats/, darkflats/, biases/) and truth/ into ``outdir``.
+
+    Parameters
+    ----------
+    spec : the night.
+    outdir : folder (created).
+    truth_files : write truth/ too. Default is True.
+    kinds : which kinds of frame to write. Default is all (`KINDS`).
+
+    Returns the `Truth` (the same as ``make_truth(spec)``).
+    """
     truth = make_truth(spec)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)

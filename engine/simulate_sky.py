@@ -274,6 +274,8 @@ def render_galaxy(
     """Add a galaxy (Sérsic components, reference-grid parameters) seen through ``matrix`` (frame -> ref).
 
     ``components`` rows: (x0, y0, Ie electrons at Re, Re px, n, b_n, axis ratio q, cos PA, sin PA, core px).
+    ``colour``: multiplier per channel of ``cmap``. Default is None (1). ``cmap``: channel map. Default is
+    None (mono).
     """
     mat = np.ascontiguousarray(np.asarray(matrix, dtype=np.float64)[:2, :3])
     col = np.ones(1) if colour is None else np.ascontiguousarray(colour, dtype=np.float64)
@@ -295,7 +297,9 @@ def render_nebula(
     """Add a smooth nebula (electrons on a coarse reference grid) seen through ``matrix`` (frame -> ref).
 
     field[j, i] is the nebula at reference (origin[0] + i * step_px, origin[1] + j * step_px); it is
-    evaluated with cubic spline interpolation (the field is smooth on the coarse scale).
+    evaluated with cubic spline interpolation (the field is smooth on the coarse scale). ``colour`` and
+    ``cmap`` as for `render_galaxy` (Default is None: mono); ``band_rows`` rows per evaluation band.
+    Default is 512.
     """
     from scipy.ndimage import map_coordinates
 
@@ -372,7 +376,12 @@ def render_trail(
     cmap: np.ndarray | None = None,
     mask_e: float = 2.0,
 ) -> None:
-    """Add a straight trail from (x0, y0) to (x1, y1) (electrons) and mark ``mask`` where it adds >= mask_e."""
+    """Add a straight trail from (x0, y0) to (x1, y1) (electrons) and mark ``mask`` where it adds >= mask_e.
+
+    Gaussian cross-profile of ``sigma_px`` and ``peak_e``; blinking with ``period_px`` (Default is 0:
+    continuous) and ``duty`` (lit fraction, Default is 1); ``colour``/``cmap`` as for `render_galaxy`
+    (Default is None: mono); ``mask_e`` Default is 2 electrons.
+    """
     dx = x1 - x0
     dy = y1 - y0
     length = math.hypot(dx, dy)
