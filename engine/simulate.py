@@ -45,7 +45,6 @@ pipeline pointed at the night folder never mistakes them for frames; ADU = 16-bi
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as _dt
 import io
@@ -1246,15 +1245,12 @@ def write_truth(truth: Truth, outdir: str | os.PathLike[str]) -> Path:
     st = truth.stars
     f0 = truth.lights()[0]
     assert f0.transparency is not None
-    with open(tdir / "stars.csv", "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["x", "y", "flux_adu", "flux_r_adu", "flux_g_adu", "flux_b_adu", "mag", "bv"])
-        _, bands = _channel_setup(spec, f0.filter)
-        fl = st.flux_e * f0.transparency * g
-        total = (st.flux_e @ bands.T).sum(axis=1) * f0.transparency * g if not spec.osc else fl.sum(axis=1)
-        for k in range(len(st)):
-            wr.writerow([f"{st.x[k]:.4f}", f"{st.y[k]:.4f}", f"{total[k]:.3f}", f"{fl[k, 0]:.3f}",
-                         f"{fl[k, 1]:.3f}", f"{fl[k, 2]:.3f}", f"{st.mag[k]:.4f}", f"{st.bv[k]:.3f}"])
+    _, bands = _channel_setup(spec, f0.filter)
+    fl = st.flux_e * f0.transparency * g
+    total = (st.flux_e @ bands.T).sum(axis=1) * f0.transparency * g if not spec.osc else fl.sum(axis=1)
+    table = np.column_stack([st.x, st.y, total, fl, st.mag, st.bv])
+    np.savetxt(tdir / "stars.csv", table, delimiter=",", fmt=["%.4f", "%.4f", "%.3f", "%.3f", "%.3f", "%.3f", "%.4f", "%.3f"],
+               header="x,y,flux_adu,flux_r_adu,flux_g_adu,flux_b_adu,mag,bv", comments="")
     return tdir
 
 
