@@ -650,6 +650,8 @@ def normalize(
     max_samples: int = 600,
     star_mask_cap_px: float = 40.0,
     local_cell_px: int = 512,
+    ref_beta: float | None = None,
+    frame_beta: float | None = None,
     reference_id: str = "",
 ) -> Normalization:
     """Normalise a registered frame to the reference (§8).
@@ -672,6 +674,10 @@ def normalize(
     max_samples : at most this many (block-averaged) samples for the spline. Default is 600.
     star_mask_cap_px : largest star-avoidance radius. Default is 40.0.
     local_cell_px : cell size of local normalisation. Default is 512.
+    ref_beta, frame_beta : Moffat β of the reference's and the frame's PSF (from the PSF fits). When
+        both are given (with the FWHMs), the scale is corrected for the flux outside the common
+        aperture, which differs when the seeing differs (β = 4, aperture 2·FWHM: ~1 % of scale
+        per 10 % of FWHM difference). Default is None (no correction).
     reference_id : recorded in the result. Default is "".
     """
     if method not in _METHODS:
@@ -734,6 +740,9 @@ def normalize(
     dil = _dilate(bad, 5)
     gmask = star_mask | dil
 
+    psf_ok = all(
+        v is not None and math.isfinite(float(v)) and float(v) > 1.0 for v in (ref_beta, frame_beta)
+    ) and frame_fwhm_px is not None and fw_f > 0 and fw_r > 0
     reason = ""
     chans: list[ChannelNorm] = []
     use = method
@@ -770,6 +779,10 @@ def normalize(
             # errors: background term + 0.3 % of the flux (shot noise and PSF/aperture differences; the
             # IRLS also rescales by the robust residual scale when these are too small)
             m, sm, ne = _tukey_origin_fit(a[idx, 0], b[idx, 0], s_a[idx] + 0.003 * a[idx, 0], s_b[idx] + 0.003 * b[idx, 0])
+            if np.isfinite(m) and psf_ok:
+                # the same aperture catches less of the broader star: m_true = m_raw·E_frame/E_ref
+                corr = _moffat_enclosed(r_ap, fw_f, float(frame_beta)) / _moffat_enclosed(r_ap, fw_r, float(ref_beta))  # type: ignore[arg-type]
+                m, sm = m * corr, sm * corr
             scales.append((m, sm, ne))
         bad_ch = [
             (m, sm, n)
@@ -809,6 +822,12 @@ def normalize(
         reason=reason,
         reference_id=reference_id,
     )
+
+
+def _moffat_enclosed(r: float, fwhm: float, beta: float) -> float:
+    """Fraction of a Moffat star's flux inside radius r (FWHM in px, β > 1)."""
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:

@@ -196,3 +196,33 @@ def test_rank_reference_candidates() -> None:
     assert nz.rank_reference_candidates([partial, bad]) == 0
     with pytest.raises(StackwatchError):
         nz.rank_reference_candidates([])
+
+
+def _render_moffat(stars: np.ndarray, fwhm: float, beta: float) -> np.ndarray:
+    img = np.zeros((H, W), np.float64)
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    r = int(8 * fwhm)
+    for x, y, f in stars:
+        ix, iy = round(x), round(y)
+        ya, yb, xa, xb = max(0, iy - r), min(H, iy + r + 1), max(0, ix - r), min(W, ix + r + 1)
+        yy, xx = np.mgrid[ya:yb, xa:xb]
+        rr2 = ((xx - x) ** 2 + (yy - y) ** 2) / alpha**2
+        img[ya:yb, xa:xb] += f * (beta - 1) / (np.pi * alpha**2) * (1 + rr2) ** (-beta)
+    return img
+
+
+def test_seeing_difference_corrected_with_psf_beta() -> None:
+    """Moffat β = 4 stars, reference FWHM 3.0 px, frame FWHM 3.6 px, transmission 0.8: the common
+    aperture loses more of the frame's flux; with the PSF β given the scale is corrected."""
+    rng = np.random.default_rng(11)
+    st = _stars(rng, 250)
+    sky = 0.1
+    ref = (sky + _render_moffat(st, 3.0, 4.0) + rng.normal(0, 0.002, (H, W))).astype(np.float32)
+    frame = (0.8 * (sky + _render_moffat(st, 3.6, 4.0)) + _quad() + rng.normal(0, 0.002, (H, W))).astype(np.float32)
+    xy = st[:, :2]
+    kw = dict(frame_stars=xy, ref_stars=xy, frame_noise=0.002, ref_noise=0.002, fwhm_px=3.0, frame_fwhm_px=3.6)
+    raw = nz.normalize(frame, ref, **kw)
+    fixed = nz.normalize(frame, ref, **kw, ref_beta=4.0, frame_beta=4.0)
+    print("seeing 3.0 → 3.6 px: scale without β", raw.scale, "with β", fixed.scale, "truth 1.25")
+    assert raw.scale / 1.25 - 1 > 0.005  # the bias the correction removes
+    assert abs(fixed.scale / 1.25 - 1) < 0.003
