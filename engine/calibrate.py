@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
-from scipy import ndimage
 from stackwatch.engine.cfa import channel_map
 from stackwatch.engine.errors import StackwatchError
 from stackwatch.engine.fitsio import Image
@@ -296,11 +295,33 @@ def calibrate_light(
 _B3 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
 
-def _w1(image: np.ndarray) -> np.ndarray:
-    """First starlet layer I - B3*I (mirror borders), float64."""
-    a = image.astype(np.float64)
-    c1 = ndimage.convolve1d(ndimage.convolve1d(a, _B3, axis=0, mode="mirror"), _B3, axis=1, mode="mirror")
-    return a - c1
+@njit(cache=True, nogil=True)
+def _mirror(i: int, n: int) -> int:  # pragma: no cover - numba
+    if i < 0:
+        i = -i
+    if i >= n:
+        i = 2 * n - 2 - i
+    return min(max(i, 0), n - 1)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _w1_at(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, h5: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """First starlet layer I - (B3 x B3) * I at the listed pixels (mirror borders, as
+    scipy.ndimage mode="mirror")."""
+    h, w = img.shape
+    out = np.empty(ys.size)
+    for k in prange(ys.size):
+        y = ys[k]
+        x = xs[k]
+        acc = 0.0
+        for j in range(5):
+            yy = _mirror(y + j - 2, h)
+            row = 0.0
+            for i in range(5):
+                row += h5[i] * img[yy, _mirror(x + i - 2, w)]
+            acc += h5[j] * row
+        out[k] = img[y, x] - acc
+    return out
 
 
 def _window(a: np.ndarray, size: int) -> tuple[slice, slice]:
@@ -362,8 +383,9 @@ def optimize_dark_scale(
         lw = _bin2(lw)
         dp = _bin2(dp)
     good = np.isfinite(lw) & np.isfinite(dp)
-    lw = np.where(good, lw, np.nanmedian(lw))
-    dp = np.where(good, dp, np.nanmedian(dp))
+    if not good.all():
+        lw = np.where(good, lw, np.nanmedian(lw))
+        dp = np.where(good, dp, np.nanmedian(dp))
     med = float(np.median(dp))
     sig = 1.4826 * float(np.median(np.abs(dp - med)))
     td = med + threshold_sigma * sig
@@ -372,12 +394,13 @@ def optimize_dark_scale(
     if n_warm < _MIN_WARM:
         return DarkOptimization(nominal, nominal, method, False, n_warm, f"only {n_warm} warm pixels in the dark")
     dthr = np.where(warm, dp, 0.0)
-    wl = _w1(lw)
-    wd = _w1(dthr)
+    wy, wx = np.nonzero(warm)
+    wl = _w1_at(np.ascontiguousarray(lw), wy, wx, _B3)  # first starlet layer, at the warm pixels only
+    wd = _w1_at(np.ascontiguousarray(dthr), wy, wx, _B3)
     if method == "golden":
-        k = _golden(wl[warm], wd[warm], nominal)
+        k = _golden(wl, wd, nominal)
     elif method == "fast":
-        k = _huber_slope(wl[warm], wd[warm])
+        k = _huber_slope(wl, wd)
     else:
         raise StackwatchError(f"dark optimisation method {method!r}: not one of fast, golden")
     if not math.isfinite(k) or k < 0.005:

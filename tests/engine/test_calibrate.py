@@ -204,3 +204,15 @@ def test_overscan_regions_from_config() -> None:
     assert calibrate.overscan_regions([[25, 0, 30, 20, 0, 0, 24, 20]]) == [((25, 0, 30, 20), (0, 0, 24, 20))]
     with pytest.raises(StackwatchError, match="entry 0"):
         calibrate.overscan_regions([[1, 2, 3, 4]])
+
+
+def test_w1_at_matches_scipy_starlet_layer() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(12)
+    img = rng.normal(0, 1, (40, 50))
+    h5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+    ref = img - ndimage.convolve1d(ndimage.convolve1d(img, h5, axis=0, mode="mirror"), h5, axis=1, mode="mirror")
+    ys, xs = np.nonzero(np.ones(img.shape, dtype=bool))
+    got = calibrate._w1_at(img, ys, xs, h5)
+    np.testing.assert_allclose(got, ref[ys, xs], rtol=1e-12, atol=1e-12)
