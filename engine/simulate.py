@@ -118,7 +118,8 @@ _NEBULA_COLOUR = np.array([0.62, 0.22, 0.16])
 class SimulationSpec:
     """Everything that defines a simulated night. All fields have defaults (the `small` preset).
 
-    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``, ``blurred``, ``bright_sky``)
+    Indices (``meridian_flip_after``, ``trails``, ``aircraft``, ``clouds``, ``elongated``, ``blurred``,
+    ``bright_sky``, ``moon``)
     are 0-based light indices in capture order (across filters: filter blocks follow each other).
     """
 
@@ -205,7 +206,8 @@ class SimulationSpec:
     clouds: tuple[tuple[int, float], ...] = ()  # (light index, cloud transparency 0..1)
     cloud_sky_boost: float = 1.0  # sky *= 1 + boost * (1 - cloud transparency)
     cloud_gradient: float = 0.0  # patchy cloud: transparency changes by this x (1 - cloud) from centre to edge
-    bright_sky: tuple[tuple[int, float], ...] = ()  # (light index, sky factor): moonrise, dawn, car headlights
+    bright_sky: tuple[tuple[int, float], ...] = ()  # (light index, sky factor): dawn, car headlights
+    moon: tuple[tuple[int, float], ...] = ()  # (light index, added sky / base sky): moonlight with a steep gradient
     # transients
     trails: tuple[int, ...] = ()  # lights with a satellite trail
     aircraft: tuple[int, ...] = ()  # lights with an aircraft (two blinking wing lights)
@@ -235,7 +237,7 @@ class SimulationSpec:
         if self.gain_e_per_adu <= 0 or self.exposure_s <= 0:
             raise StackwatchError("simulation gain and exposure must be > 0")
         n = self.total_lights
-        for name in ("trails", "aircraft", "clouds", "elongated", "blurred", "bright_sky"):
+        for name in ("trails", "aircraft", "clouds", "elongated", "blurred", "bright_sky", "moon"):
             for item in getattr(self, name):
                 idx = item if isinstance(item, int) else item[0]
                 if not 0 <= int(idx) < n:
@@ -521,6 +523,8 @@ def make_truth(spec: SimulationSpec) -> Truth:
     elong = {i: (e, a) for i, e, a in spec.elongated}
     blur = dict(spec.blurred)
     bright = dict(spec.bright_sky)
+    moon = dict(spec.moon)
+    moon_dir = float(_rng(spec, 8).uniform(0, 2 * math.pi))
     z = 0.0
     theta = 0.0
     drift = np.zeros(2)
@@ -582,6 +586,13 @@ def make_truth(spec: SimulationSpec) -> Truth:
         gx, gy = g * math.cos(phi), g * math.sin(phi)
         c2 = 0.25 * g
         poly = (1.0, gx, gy, c2 * math.cos(phi) ** 2, 2 * c2 * math.cos(phi) * math.sin(phi), c2 * math.sin(phi) ** 2)
+        sky_poly = tuple(float(v) * sky for v in poly)
+        if i in moon:  # scattered moonlight, brighter towards the moon (a fixed direction on the sky)
+            extra = moon[i] * sky
+            mphi = moon_dir - (theta + (math.pi if flipped else 0.0))
+            sky_poly = tuple(a + b for a, b in zip(sky_poly, (extra, 0.3 * extra * math.cos(mphi),
+                                                               0.3 * extra * math.sin(mphi), 0.0, 0.0, 0.0)))
+            sky += extra
         trails = []
         if i in spec.trails:
             trails.append(_trail(rng_l, spec, "satellite", fwhm))
@@ -598,7 +609,7 @@ def make_truth(spec: SimulationSpec) -> Truth:
             altitude_deg=alt, airmass=airmass, pier_side="East" if flipped else "West", cloud=cloud,
             transparency=transparency, transparency_grad=(tg * math.cos(tphi), tg * math.sin(tphi)),
             scale=first_transparency[filt] / transparency, sky_e=sky,
-            sky_poly=tuple(float(v) * sky for v in poly), trails=tuple(trails)))
+            sky_poly=sky_poly, trails=tuple(trails)))
         dithers_next = spec.dither_every > 0 and (i + 1) % spec.dither_every == 0
         t += _dt.timedelta(seconds=spec.exposure_s + spec.overhead_s + (spec.settle_s if dithers_next else 0.0))
     frames.extend(light_records)

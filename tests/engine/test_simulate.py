@@ -578,3 +578,16 @@ def test_uncooled_camera_follows_the_night_air(tmp_path: Path) -> None:
     first, last = S.light_components(truth, 0).dark, S.light_components(truth, 3).dark
     assert np.median(last) / np.median(first) == pytest.approx(0.5, rel=1e-4)  # 6 C colder: half the current
     assert truth.frame("flat", 0).sensor_temp_c == pytest.approx(9.0)
+
+
+def test_moonlight_adds_a_steep_gradient() -> None:
+    spec = _spec(n_lights=2, moon=((1, 2.0),), target="none", stars_per_mpix=100.0, cosmics=False)
+    truth = S.make_truth(spec)
+    f0, f1 = truth.lights()
+    assert f1.sky_e is not None and f0.sky_e is not None and f1.sky_e == pytest.approx(3 * f0.sky_e, rel=0.01)
+    assert f1.sky_poly is not None and f0.sky_poly is not None
+    g0, g1 = math.hypot(*f0.sky_poly[1:3]) / f0.sky_poly[0], math.hypot(*f1.sky_poly[1:3]) / f1.sky_poly[0]
+    assert g1 > 1.5 * g0  # the moon's gradient dominates the town's
+    raw = S.render_light(truth, 1).astype(np.float64) - truth.bias_adu - truth.dark_e_per_s * 120 / 0.25
+    sky = S.sky_model_e(truth, f1) / spec.gain_e_per_adu
+    assert np.median(raw / truth.response - sky) == pytest.approx(0.0, abs=3.0)
