@@ -227,3 +227,34 @@ def test_real_frames_register_consistently(real_data, folder: str, count: int, m
         odd = register(ref0, m.stars.select(np.arange(1, n, 2)))
         assert even.ok and odd.ok, (even.reason, odd.reason)
         assert transform_error(even.matrix, odd.matrix, shape) < 0.15
+
+
+@pytest.mark.slow
+def test_full_frame_26mp_measure_register_warp() -> None:
+    """A 6248 x 4176 frame end to end: detection, matching (triangles, 180° flip) and Lanczos warp."""
+    from stackwatch.engine.resample import warp
+
+    from tests.conftest import slow_count
+
+    h, w = 4176, 6248
+    rng = np.random.default_rng(8)
+    n = 20000
+    xy = np.column_stack([rng.uniform(-100, w + 100, n), rng.uniform(-100, h + 100, n)])
+    flux = 10 ** (rng.uniform(0, 1, n) ** 0.6 * 2.6 + 2.6)
+
+    def frame(truth: np.ndarray, seed: int) -> np.ndarray:
+        f = apply_transform(np.linalg.inv(truth), xy)
+        img = np.full((h, w), 800.0, dtype=np.float32)
+        render_stars(img, f[:, 0], f[:, 1], flux, fwhm_px=3.0, beta=4.0)
+        r = np.random.default_rng(seed)
+        return ((r.poisson(img) + r.normal(0, 5.0, img.shape)) / 65535.0).astype(np.float32)
+
+    ref = ReferenceCatalog.from_stars(measure(frame(np.eye(3), 1)).stars, shape=(h, w))
+    for k in range(slow_count(1)):
+        truth = _sim(math.pi + 0.01 * k, 1.0, 15.0, -8.0, about=(w / 2, h / 2))
+        img = frame(truth, 2 + k)
+        reg = register(ref, measure(img).stars)
+        assert reg.ok, reg.reason
+        assert transform_error(reg.matrix, truth, (h, w), step_px=256) <= 0.05
+        out = warp(img, reg.matrix, (h, w))
+        assert out.data.shape == (h, w) and 0.9 < out.footprint.mean() <= 1.0
