@@ -79,11 +79,12 @@ def main() -> None:
     # stars only: numba kernel vs numpy baseline, same stars, mono, round PSF
     st = truth.stars
     keep = (st.x > 0) & (st.x < spec.width) & (st.y > 0) & (st.y < spec.height)
-    xs, ys, fl = st.x[keep], st.y[keep], st.flux_e[keep].sum(axis=1)
+    # the same subset for both (the numpy loop over all 300k stars of a 26 MP field takes minutes)
+    xs, ys, fl = st.x[keep][:20000], st.y[keep][:20000], st.flux_e[keep][:20000].sum(axis=1)
     out = np.zeros(spec.shape, dtype=np.float32)
     _, t_nb, _ = _timed(lambda: K.render_stars(out, xs, ys, fl, fwhm_px=spec.fwhm_px, beta=spec.moffat_beta))
     base, t_np, _ = _timed(lambda: _numpy_stars(spec.shape, xs, ys, fl, spec.fwhm_px, spec.moffat_beta))
-    res["stars"] = {"n": int(keep.sum()), "numba_s": t_nb, "numpy_point_sampled_s": t_np,
+    res["stars"] = {"n": int(xs.size), "numba_s": t_nb, "numpy_point_sampled_s": t_np,
                     "speedup_vs_numpy": t_np / t_nb, "flux_ratio_numba_vs_numpy": float(out.sum() / base.sum())}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for k, v in res.items():
