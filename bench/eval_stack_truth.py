@@ -48,7 +48,7 @@ def main() -> None:
                            seed=args.seed, trails=(0, 3), clouds=((5, 0.6),), osc=args.osc,
                            stars_per_mpix=20000.0)
     t0 = time.perf_counter()
-    truth = simulate.simulate_night(spec, work / "night")
+    simulate.simulate_night(spec, work / "night")
     t_sim = time.perf_counter() - t0
     t0 = time.perf_counter()
     code = cli(["stack", str(work / "night"), "--out", str(work / "stack.fits"), "--report",
