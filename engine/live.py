@@ -1142,7 +1142,7 @@ class LiveStack:
     def _arrays(self) -> dict[str, np.ndarray]:
         rej_all = [np.concatenate(v) for v in self._rej.values() if v]
         rej_slots = [np.full(sum(len(c) for c in v), s, np.uint16) for s, v in self._rej.items() if v]
-        out = {
+        out: dict[str, np.ndarray] = {
             "S": self._S,
             "W": self._Wt,
             "n": self._N,
@@ -1176,7 +1176,7 @@ class LiveStack:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, d / fn)
-            files[name] = {"file": fn, "crc32": zlib.crc32(memoryview(a).cast("B")), "shape": list(a.shape)}
+            files[name] = {"file": fn, "crc32": zlib.crc32(a.data.cast("B")), "shape": list(a.shape)}
         manifest = {
             "format": _FORMAT,
             "generation": gen,
@@ -1234,7 +1234,7 @@ class LiveStack:
                 a = np.load(fp, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise StackwatchError(f"{fp}: cannot read checkpoint array ({exc})") from None
-            if zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) != info["crc32"]:
+            if zlib.crc32(np.ascontiguousarray(a).data.cast("B")) != info["crc32"]:
                 raise StackwatchError(f"{fp}: checksum mismatch (checkpoint corrupt)")
             arrays[name] = a
         st = cls(

@@ -344,7 +344,7 @@ def _bad_plane(mask: np.ndarray | None, shape2: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape2, np.bool_)
     mk = np.asarray(mask, np.bool_)
     if mk.ndim == 3:
-        mk = mk.any(axis=0)
+        mk = np.asarray(mk.any(axis=0), np.bool_)
     if mk.shape != shape2:
         raise StackwatchError(f"mask shape {mk.shape} does not match image {shape2}")
     return np.ascontiguousarray(mk)
