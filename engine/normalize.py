@@ -580,7 +580,9 @@ def _global_channel(xc: np.ndarray, rc: np.ndarray, sig: float, sig_ref: float, 
     loc_r, sc_r = _robust_loc_scale(rv)
     s = sc_r / sc_i if sc_i > 0 else 1.0
     off = np.full(gshape, loc_r - s * loc_i, np.float32)
-    wgt = (sig_ref / (s * sig)) ** 2 if sig > 0 and s > 0 else float("nan")
+    # the dispersion ratio is not a photometric scale (gradients and sky noise dominate it), so a
+    # fallback frame is never weighted above the reference
+    wgt = min(1.0, (sig_ref / (s * sig)) ** 2) if sig > 0 and s > 0 else float("nan")
     return ChannelNorm(scale=s, scale_err=float("nan"), n_pairs=0, noise=sig, weight=wgt, offset=off)
 
 
