@@ -204,9 +204,12 @@ def _integrate_band(
     cov_out: np.ndarray,
     w_out: np.ndarray,
     record: np.ndarray,
+    cand_kappa: float,
 ) -> None:
     """Integrate one band (N, h, W). pre: (N, h, W) uint8 pre-rejections (2 = high) or shape (0,0,0).
-    record: (N, h, W) uint8 receiving each sample's code, or shape (0,0,0)."""
+    record: (N, h, W) uint8 receiving each sample's code, or shape (0,0,0); with cand_kappa > 0 a kept
+    sample more than cand_kappa standard deviations above the mean of the kept samples is recorded
+    as CANDIDATE (large-scale rejection's low threshold)."""
     n, h, w = band.shape
     has_pre = pre.shape[0] == n
     has_rec = record.shape[0] == n
@@ -283,6 +286,21 @@ def _integrate_band(
             if has_rec:
                 for i in range(n):
                     record[i, y, x] = mask[i]
+                if cand_kappa > 0.0 and kept >= 3:
+                    m1 = 0.0
+                    for i in range(n):
+                        if mask[i] == KEEP:
+                            m1 += values[i]
+                    m1 /= kept
+                    ss = 0.0
+                    for i in range(n):
+                        if mask[i] == KEEP:
+                            d = values[i] - m1
+                            ss += d * d
+                    lim = m1 + cand_kappa * math.sqrt(ss / (kept - 1))
+                    for i in range(n):
+                        if mask[i] == KEEP and values[i] > lim:
+                            record[i, y, x] = CANDIDATE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,12 +347,29 @@ def _read_band(sources: Sequence[BandSource], y0: int, y1: int, shape: tuple[int
 
 
 _EMPTY_U8 = np.zeros((0, 0, 0), dtype=np.uint8)
+CANDIDATE = 4  # record code: kept, but above the large-scale candidate threshold
+_TRAIL_ELONGATION = 3.0  # major/minor axis ratio for a candidate-extended structure to count as a trail
 
 
 def _large_scale_maps(
-    high_idx: list[list[np.ndarray]], height: int, width: int, *, min_area_px: int, min_length_px: int, growth_px: int
+    high_idx: list[list[np.ndarray]],
+    cand_bits: list[list[tuple[np.ndarray, int]]] | None,
+    height: int,
+    width: int,
+    *,
+    min_area_px: int,
+    min_length_px: int,
+    growth_px: int,
 ) -> list[np.ndarray]:
-    """Per frame: sorted flat indices of pixels to pre-reject (grown large high-rejection structures)."""
+    """Per frame: sorted flat indices of pixels to pre-reject (grown large high-rejection structures).
+
+    Components are 8-connected over high rejections and, when given, candidate pixels (hysteresis:
+    a component must hold at least one high rejection). A component of high rejections only is kept
+    when area >= min_area_px or extent >= min_length_px (§7.4); one extended by candidates when it
+    holds >= min_area_px high rejections, or is long (extent >= min_length_px) and thin (axis ratio
+    >= 3) like a trail, so the brighter wings of the blurriest frame's stars are not taken. Kept
+    components are dilated by a disc of radius growth_px.
+    """
     from scipy import ndimage
 
     out: list[np.ndarray] = []
@@ -342,26 +377,48 @@ def _large_scale_maps(
     r = int(growth_px)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     disk = (xx * xx + yy * yy) <= r * r + 0.5
-    for parts in high_idx:
+    for f, parts in enumerate(high_idx):
         idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         if idx.size == 0:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        flat = np.zeros(height * width, dtype=bool)
+        if cand_bits is not None:
+            flat = np.concatenate([np.unpackbits(bits, count=count) for bits, count in cand_bits[f]]).astype(bool)
+        else:
+            flat = np.zeros(height * width, dtype=bool)
         flat[idx] = True
         bitmap = flat.reshape(height, width)
         labels, nlab = ndimage.label(bitmap, structure=structure)
         if nlab == 0:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        areas = np.bincount(labels.ravel(), minlength=nlab + 1)
+        lab = labels.ravel()
+        areas = np.bincount(lab, minlength=nlab + 1)
+        seeds = np.bincount(lab[idx], minlength=nlab + 1)
+        # second moments of each component: elongation = major/minor axis ratio
+        nz = np.flatnonzero(lab)
+        ln = lab[nz]
+        py, px = np.divmod(nz, width)
+        cnt = np.maximum(areas, 1).astype(np.float64)
+        mx = np.bincount(ln, weights=px, minlength=nlab + 1) / cnt
+        my = np.bincount(ln, weights=py, minlength=nlab + 1) / cnt
+        dx = px - mx[ln]
+        dy = py - my[ln]
+        sxx = np.bincount(ln, weights=dx * dx, minlength=nlab + 1) / cnt + 1.0 / 12.0
+        syy = np.bincount(ln, weights=dy * dy, minlength=nlab + 1) / cnt + 1.0 / 12.0
+        sxy = np.bincount(ln, weights=dx * dy, minlength=nlab + 1) / cnt
+        half_tr = 0.5 * (sxx + syy)
+        root = np.sqrt(np.maximum(half_tr * half_tr - (sxx * syy - sxy * sxy), 0.0))
+        elong = np.sqrt((half_tr + root) / np.maximum(half_tr - root, 1e-12))
         keep = np.zeros(nlab + 1, dtype=bool)
         for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None:
+            if sl is None or seeds[k] == 0:
                 continue
             extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
-            if areas[k] >= min_area_px or extent >= min_length_px:
-                keep[k] = True
+            if areas[k] == seeds[k]:  # high rejections only (PI-like rule)
+                keep[k] = areas[k] >= min_area_px or extent >= min_length_px
+            else:  # with hysteresis candidates: enough rejections, or a long thin (trail-like) shape
+                keep[k] = seeds[k] >= min_area_px or (extent >= min_length_px and elong[k] >= _TRAIL_ELONGATION)
         keep[0] = False
         big = keep[labels]
         if r > 0 and big.any():
@@ -381,6 +438,7 @@ def integrate(
     large_scale_min_area_px: int = 25,
     large_scale_min_length_px: int = 15,
     large_scale_growth_px: int = 2,
+    large_scale_candidate_kappa: float = 2.0,
     band_budget_bytes: int = 1 << 30,
     band_rows: int | None = None,
     prefetch: bool = True,
@@ -397,6 +455,11 @@ def integrate(
     large_scale : two-pass large-scale (high-side) rejection, §7.4. Default is False.
     large_scale_min_area_px, large_scale_min_length_px, large_scale_growth_px : structures of at least
         this area or extent are grown by this many pixels. Defaults 25, 15, 2.
+    large_scale_candidate_kappa : hysteresis threshold: kept samples more than this many standard
+        deviations (of the kept samples) above their mean join the high rejections when the
+        structures are built, so faint trail segments and wings connected to rejected cores are
+        removed too; components without any high rejection are ignored. 0 disables. Default is 2.0.
+        Costs N*H*W/8 bytes of bitmaps during the large-scale passes.
     band_budget_bytes : memory for the bands of all frames. Default is 1 GiB. With ``prefetch`` the
         budget is split between two bands (one being read while the other is integrated).
     band_rows : force the band height (tests); default None = from the budget.
@@ -431,8 +494,8 @@ def integrate(
     packed = spec.pack(user_params, n_max=n)
     wts = _weights_array(weights, n, channels)
     per_band = band_budget_bytes // 2 if prefetch else band_budget_bytes
-    if large_scale:  # pass 1 also holds a uint8 record and a bool union per sample: 7 bytes instead of 5
-        per_band = per_band * 5 // 7
+    if large_scale:  # pass 1 also holds a uint8 record and two bool maps per sample: 8 bytes instead of 5
+        per_band = per_band * 5 // 8
     h = band_rows if band_rows is not None else band_rows_for(n, width, height, channels=channels, budget_bytes=per_band)
     h = max(1, min(int(h), height))
 
@@ -442,6 +505,9 @@ def integrate(
     cov = np.empty((channels, height, width), dtype=np.uint16)
     wsum = np.empty((channels, height, width), dtype=np.float32)
     median = combination == "median"
+
+    cand_kappa = float(large_scale_candidate_kappa) if large_scale else 0.0
+    cands: list[list[tuple[np.ndarray, int]]] = [[] for _ in range(n)]  # packed bits per band
 
     def run_pass(pre_idx: list[np.ndarray] | None, record_high: bool) -> list[list[np.ndarray]]:
         highs: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -471,6 +537,7 @@ def integrate(
                 pre[i].reshape(-1)[sel] = HIGH
         rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
         union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
+        cand = np.zeros((n, y1 - y0, width), dtype=bool) if (record_high and cand_kappa > 0) else None
         for c in range(channels):
             _integrate_band(
                 band[c],
@@ -485,18 +552,25 @@ def integrate(
                 cov[c, y0:y1],
                 wsum[c, y0:y1],
                 rec,
+                cand_kappa if record_high else 0.0,
             )
             if union is not None:
                 union |= rec == HIGH
+            if cand is not None:
+                cand |= rec == CANDIDATE
         if union is not None:
             for i in range(n):
                 highs[i].append(np.flatnonzero(union[i]) + y0 * width)
+        if cand is not None:
+            for i in range(n):
+                cands[i].append((np.packbits(cand[i].reshape(-1)), cand[i].size))
 
     ls_counts: tuple[int, ...] = ()
     if large_scale:
         highs = run_pass(None, True)
         pre_idx = _large_scale_maps(
             highs,
+            cands if cand_kappa > 0 else None,
             height,
             width,
             min_area_px=large_scale_min_area_px,

@@ -167,15 +167,15 @@ def _trail(h: int, w: int, x0: float, y0: float, angle: float, width: float) -> 
     return np.exp(-0.5 * (d / width) ** 2)
 
 
-@pytest.mark.parametrize("amp_sigma", [2.0, 5.0])
-def test_large_scale_rejection_removes_faint_trail(amp_sigma: float) -> None:
-    """A trail of a few sigma per pixel: pixel-wise rejection only catches its core; large-scale
-    rejection grows the detected core into the whole trail."""
+@pytest.mark.parametrize("peak_sigma", [3.0, 5.0, 12.5])
+def test_large_scale_rejection_removes_faint_trail(peak_sigma: float) -> None:
+    """A trail of a few sigma per pixel: pixel-wise rejection only catches part of its core; large-scale
+    rejection (with the 2-sigma hysteresis candidates) grows it into the whole trail."""
     rng = np.random.default_rng(7)
     n, h, w, sigma = 12, 160, 200, 0.01
     fr = [(0.2 + rng.normal(0, sigma, (h, w))).astype(np.float32) for _ in range(n)]
-    trail = _trail(h, w, 100, 80, 0.3, 1.5)
-    fr[5] = fr[5] + (amp_sigma * 2.5 * sigma * trail).astype(np.float32)
+    trail = _trail(h, w, 100, 80, 0.3, 2.5)
+    fr[5] = fr[5] + (peak_sigma * sigma * trail).astype(np.float32)
     truth = 0.2
     plain = I.integrate(fr, rejection="winsorized")
     grown = I.integrate(fr, rejection="winsorized", large_scale=True)
@@ -186,6 +186,9 @@ def test_large_scale_rejection_removes_faint_trail(amp_sigma: float) -> None:
     assert resid_grown < 0.3 * sigma_stack, (resid_plain, resid_grown)
     assert resid_grown < resid_plain
     assert grown.large_scale_pixels[5] > 0
+    if peak_sigma == 3.0:  # without the candidates the 3-sigma trail is not found at all
+        off = I.integrate(fr, rejection="winsorized", large_scale=True, large_scale_candidate_kappa=0)
+        assert off.large_scale_pixels[5] == 0
     # trail-free frames get (almost) no extra rejections
     extra = sum(grown.large_scale_pixels) - grown.large_scale_pixels[5]
     assert extra / (n * h * w) < 1e-4
@@ -225,3 +228,39 @@ def test_ccdproc_combine_parity() -> None:
     rel = np.abs(ours.image - ref.data) / np.abs(ref.data)
     assert float(rel.max()) < 1e-5
     assert ours.rej_low[:, 20].sum() + ours.rej_high[10:13].sum() > 0  # the clipping did something
+
+
+def test_large_scale_leaves_stars_with_seeing_changes_alone() -> None:
+    """Stars whose FWHM changes 2-4 px between frames (sharp cores are high in the best frames):
+    no structure is grown, the image equals plain integration."""
+    rng = np.random.default_rng(3)
+    h, w, n, sig = 160, 200, 16, 0.003
+    yy, xx = np.mgrid[0:h, 0:w]
+    stars = [(rng.uniform(5, w - 5), rng.uniform(5, h - 5), rng.uniform(0.01, 0.6)) for _ in range(60)]
+    fr = []
+    for _ in range(n):
+        fwhm = rng.uniform(2.0, 4.0)
+        s = fwhm / 2.355
+        img = np.full((h, w), 0.1)
+        for x, y, a in stars:
+            img += a * (2.5 / fwhm) ** 2 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+        fr.append((img + rng.normal(0, sig, (h, w))).astype(np.float32))
+    plain = I.integrate(fr, rejection="winsorized")
+    grown = I.integrate(fr, rejection="winsorized", large_scale=True)
+    assert sum(grown.large_scale_pixels) == 0
+    assert np.array_equal(grown.image, plain.image)
+
+
+def test_large_scale_grows_compact_bright_blob() -> None:
+    """A compact bright blob (aircraft light, meteor head) with faint wings is grown as a whole."""
+    rng = np.random.default_rng(10)
+    n, h, w, sigma = 12, 100, 120, 0.01
+    fr = [(0.2 + rng.normal(0, sigma, (h, w))).astype(np.float32) for _ in range(n)]
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = np.exp(-((xx - 60) ** 2 + (yy - 50) ** 2) / (2 * 4.0**2))
+    fr[3] = fr[3] + (0.5 * blob).astype(np.float32)
+    grown = I.integrate(fr, rejection="winsorized", large_scale=True)
+    assert grown.large_scale_pixels[3] > 100
+    wing = (blob > 0.01) & (blob < 0.1)  # 0.5-5 sigma above the sky: mostly not rejected pixel-wise
+    plain = I.integrate(fr, rejection="winsorized")
+    assert abs(float(np.mean(grown.image[wing])) - 0.2) < abs(float(np.mean(plain.image[wing])) - 0.2)
