@@ -11,7 +11,7 @@ Steps:
    same height, read the band, ``astropy.stats.sigma_clip(axis=0, sigma=3, maxiters=5)`` and a
    weighted ``np.nanmean``-style average; ours with sigma clipping in astropy mode on the same
    bands for a like-for-like ratio; times are extrapolated per row to the full frame.
-Writes bench/results/integrate.json. Budget (design.md): 100 frames of 26 MP, memory < 3 GB.
+Writes bench/results/integrate_<N>x<H>x<W>[_ls].json. Budget (design.md): 100 frames of 26 MP, memory < 3 GB.
 
     .venv/bin/python bench/bench_integrate.py [--frames 100] [--width 6248 --height 4176]
         [--rejection auto] [--budget-mb 1024] [--baseline-bands 1] [--keep DIR]
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--rejection", default="auto")
     ap.add_argument("--budget-mb", type=float, default=1024.0)
     ap.add_argument("--baseline-bands", type=int, default=1)
+    ap.add_argument("--large-scale", action="store_true", help="two-pass large-scale rejection (§7.4)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", default=None, help="write/reuse frames in this folder and do not delete it")
     ap.add_argument("--generate-only", default=None, help=argparse.SUPPRESS)
@@ -109,7 +110,9 @@ def run(paths: list[Path], args: argparse.Namespace, t_gen: float) -> None:
     tracemalloc.start()
     t0 = time.perf_counter()
     c0 = time.process_time()
-    res = integrate(sources, weights=weights, rejection=args.rejection, band_budget_bytes=budget)
+    res = integrate(
+        sources, weights=weights, rejection=args.rejection, band_budget_bytes=budget, large_scale=args.large_scale
+    )
     t_ours = time.perf_counter() - t0
     cpu_ours = time.process_time() - c0
     _, traced_peak = tracemalloc.get_traced_memory()
@@ -125,6 +128,7 @@ def run(paths: list[Path], args: argparse.Namespace, t_gen: float) -> None:
         "frames": n, "height": h, "width": w, "cpus": os.cpu_count(),
         "loadavg_1min_start": os.getloadavg()[0],
         "rejection": res.rejection, "params": res.params, "band_rows": res.band_rows,
+        "large_scale": args.large_scale, "large_scale_pixels": sum(res.large_scale_pixels),
         "budget_mb": args.budget_mb, "write_s": t_gen,
         "ours_s": t_ours, "ours_cpu_s": cpu_ours, "ours_us_per_pixel": t_ours / (h * w) * 1e6,
         "peak_rss_mb": rss_after, "rss_before_mb": rss_before, "traced_peak_mb": traced_peak / 2**20,
@@ -188,8 +192,9 @@ def run(paths: list[Path], args: argparse.Namespace, t_gen: float) -> None:
     )
     dest = Path(__file__).resolve().parent / "results"
     dest.mkdir(exist_ok=True)
-    (dest / "integrate.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {dest / 'integrate.json'}")
+    name = f"integrate_{n}x{h}x{w}{'_ls' if args.large_scale else ''}.json"
+    (dest / name).write_text(json.dumps(out, indent=2))
+    print(f"wrote {dest / name}")
 
 
 class _Rows:
