@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=6248)
     ap.add_argument("--height", type=int, default=4176)
     ap.add_argument("--skip-normalize", action="store_true")
+    ap.add_argument("--exact-frames", type=int, default=0, help="also time an exact pass over this many .npy frames")
     args = ap.parse_args()
     h, w, nfr = args.height, args.width, args.frames
     rng = np.random.default_rng(3)
@@ -153,6 +154,35 @@ def main() -> None:
         _ = fr * np.float32(1.25)
         results["numpy_scale_only_s"] = time.perf_counter() - t0
         del out
+    if args.exact_frames:
+        import tempfile
+
+        from stackwatch.engine.integrate import NpySource
+
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            st = LiveStack((h, w), background=0.1)
+            paths = []
+            for i in range(args.exact_frames):
+                y = frame(i)
+                p = Path(tmp) / f"f{i}.npy"
+                np.save(p, y)
+                paths.append(p)
+                st.update(f"f{i}", y, weight=1.0, noise=0.002)
+                del y
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = st.exact_pass([NpySource(p) for p in paths])
+            results["exact_pass_s"] = time.perf_counter() - t0
+            results["exact_pass_cpu_s"] = time.process_time() - c0
+            results["exact_pass_frames"] = args.exact_frames
+            results["exact_pass_rejection"] = res.rejection
+            from stackwatch.engine.integrate import integrate
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            integrate([NpySource(p) for p in paths], weights=np.ones(len(paths)), rejection=res.rejection,
+                      params=res.params)
+            results["batch_integrate_only_s"] = time.perf_counter() - t0
+            results["batch_integrate_only_cpu_s"] = time.process_time() - c0
+            del st
     results["rss_peak_mb_end"] = _rss_mb()
     for k, v in results.items():
         print(f"{k:32s} {v}")
