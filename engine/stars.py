@@ -3,6 +3,10 @@
 `measure(image)` works on a calibrated frame: mono (H, W), or debayered colour (3, H, W) measured on
 its luminance (R+G+B)/3. It returns a frozen `Measurement` with
 
+Hot pixels and cosmic-ray hits (a peak more than 4x its brightest edge neighbour, §4.2; or moments
+narrower than 0.7 px) are dropped before anything is counted: on uncalibrated frames they would
+otherwise pass as stars that do not move with the sky.
+
 - ``stars``: a `StarTable` (x, y, flux, peak, fwhm, a, b, theta, flags, snr, npix, hfr), brightest
   first, at most ``max_stars`` rows; x, y are 0-based pixel centres (x = column, y = row), windowed
   (SExtractor XWIN) positions; ``fwhm`` is the PSF-fit FWHM where the star was fitted, else NaN;
@@ -434,6 +438,27 @@ def _gauss_kernel(fwhm: float) -> np.ndarray:
     return np.asarray(k / k.sum(), dtype=np.float32)
 
 
+def _single_pixel(sub: np.ndarray, objs: np.ndarray) -> np.ndarray:
+    """True for detections whose peak stands alone: a hot pixel or a cosmic-ray hit, not a star.
+
+    §4.2's star-core test: (peak - sky) > 4 (n4 - sky), n4 = the brightest of the 4 edge-adjacent pixels.
+    A PSF with FWHM >= 1.5 px has a centre/adjacent ratio <= 3.43, so no star is ever taken; an
+    uncalibrated frame's hot pixels (which do not move with the sky and would pull registration
+    towards the identity) are.
+    """
+    h, w = sub.shape
+    if len(objs) == 0:
+        return np.zeros(0, dtype=bool)
+    xp = np.clip(np.asarray(objs["xpeak"], dtype=np.int64), 0, w - 1)
+    yp = np.clip(np.asarray(objs["ypeak"], dtype=np.int64), 0, h - 1)
+    centre = sub[yp, xp]
+    n4 = np.maximum.reduce([
+        sub[yp, np.clip(xp - 1, 0, w - 1)], sub[yp, np.clip(xp + 1, 0, w - 1)],
+        sub[np.clip(yp - 1, 0, h - 1), xp], sub[np.clip(yp + 1, 0, h - 1), xp],
+    ])
+    return np.asarray(centre > 4.0 * np.maximum(n4, 0.0))
+
+
 def _extract(data: np.ndarray, thresh: float, mask: np.ndarray | None, minarea: int, kernel: np.ndarray) -> tuple[np.ndarray, float, str]:
     """sep.extract with retries on buffer overflow (threshold x1.5, up to 3 times)."""
     note = ""
@@ -595,7 +620,7 @@ def measure(
     b = np.asarray(objs["b"], dtype=np.float64)
     mom_fwhm = _FWHM_GAUSS * np.sqrt(np.maximum(a * b, 0.0))
     npix = np.asarray(objs["npix"], dtype=np.int64)
-    hot = (mom_fwhm < 0.7) | (npix < minarea)
+    hot = (mom_fwhm < 0.7) | (npix < minarea) | _single_pixel(sub, objs)
     typical = float(np.median(mom_fwhm[~hot])) if np.any(~hot) else fw_guess
     artefact = (a > 3.0 * np.maximum(b, 1e-3)) | (npix > max(2000.0, 400.0 * typical * typical))
     keep_all = ~hot

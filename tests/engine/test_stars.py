@@ -228,3 +228,17 @@ def test_sep_overflow_retries_with_higher_threshold() -> None:
         assert m.metrics.stars == 0 and "gave up" in m.metrics.reason
     finally:
         sep.set_extract_pixstack(2_000_000)
+
+
+def test_hot_pixels_are_not_stars() -> None:
+    """An uncalibrated frame's hot pixels never count as stars (they would not move with the sky)."""
+    img, *_ = _field(seed=12)
+    clean = measure(img).metrics.stars
+    rng = np.random.default_rng(3)
+    hot = img.copy()
+    ys, xs = rng.integers(0, H, 300), rng.integers(0, W, 300)
+    hot[ys, xs] += rng.uniform(0.01, 0.2, 300).astype(np.float32)
+    m = measure(hot)
+    assert abs(m.metrics.stars - clean) <= 0.06 * clean  # a few faint stars hit by a hot pixel are lost
+    near_hot = np.min(np.hypot(m.stars.x[:, None] - xs[None, :], m.stars.y[:, None] - ys[None, :]), axis=1) < 0.5
+    assert near_hot.sum() <= 3  # only where a hot pixel landed on a star
