@@ -413,7 +413,7 @@ def _poly_fit_robust(u: np.ndarray, v: np.ndarray, z: np.ndarray, deg: int) -> n
     a = _poly_terms(u, v, deg)
     wt = np.ones_like(z)
     coef = np.zeros(a.shape[1])
-    for _ in range(10):
+    for _ in range(6):
         sw = np.sqrt(wt)
         coef = np.linalg.lstsq(a * sw[:, None], z * sw, rcond=None)[0]
         r = z - a @ coef
@@ -698,7 +698,12 @@ def normalize(
     bad_r = _bad_plane(ref_mask, shape2)
     bad = bad_f | bad_r
     step = int(bin_px)
-    gshape = ((shape2[0] - 1) // step + 2, (shape2[1] - 1) // step + 2)
+    if step < 4:
+        raise StackwatchError(f"normalisation: gradient bins of {step} px are too small (need ≥ 4)")
+    # gradient nodes: the bin size, coarsened on large frames (~100 nodes across: the surface is
+    # smooth on that scale and evaluating the spline at 25 000 nodes dominated the time at 26 MP)
+    node = max(step, -(-max(shape2) // 100))
+    gshape = ((shape2[0] - 1) // node + 2, (shape2[1] - 1) // node + 2)
 
     fw_r = float(fwhm_px)
     fw_f = float(frame_fwhm_px) if frame_fwhm_px is not None else fw_r
@@ -803,7 +808,7 @@ def normalize(
     if use == "nsg":
         for c in range(nc):
             m, sm, ne = scales[c]
-            grid, lam = _gradient_grid(rch[c], fch[c], m, star_mask, bad, gmask, step, max_samples, shape2)
+            grid, lam = _gradient_grid(rch[c], fch[c], m, star_mask, bad, gmask, step, node, max_samples, shape2)
             wgt = (sig_r[c] / (m * sig_f[c])) ** 2 if sig_f[c] > 0 else float("nan")
             chans.append(
                 ChannelNorm(scale=m, scale_err=sm, n_pairs=ne, noise=sig_f[c], weight=wgt, offset=grid, smoothing=lam)
@@ -815,11 +820,11 @@ def normalize(
         cell = int(local_cell_px)
         for c in range(nc):
             chans.append(_local_channel(fch[c], rch[c], gmask, sig_f[c], sig_r[c], cell))
-        step = cell
+        node = cell
     return Normalization(
         channels=tuple(chans),
         shape=tuple(int(v) for v in fr.shape),
-        step_px=step,
+        step_px=node,
         method=use,
         reason=reason,
         reference_id=reference_id,
@@ -846,6 +851,7 @@ def _gradient_grid(
     bad: np.ndarray,
     gmask: np.ndarray,
     step: int,
+    node: int,
     max_samples: int,
     shape2: tuple[int, int],
 ) -> tuple[np.ndarray, float]:
@@ -855,7 +861,7 @@ def _gradient_grid(
     bw = (w + step - 1) // step
     med = np.empty((bh, bw), np.float64)
     _bin_medians(np.ascontiguousarray(rc), np.ascontiguousarray(xc), float(m), gmask, bad, step, 0.3, 0.01, med)
-    gshape = ((h - 1) // step + 2, (w - 1) // step + 2)
+    gshape = ((h - 1) // node + 2, (w - 1) // node + 2)
     valid = np.isfinite(med)
     if np.count_nonzero(valid) < 3:
         lvl = float(np.nanmedian(med)) if valid.any() else float(np.nanmedian(rc - m * xc))
@@ -911,7 +917,7 @@ def _gradient_grid(
         iy, ix = np.nonzero(valid)
         z, py, px = med[iy, ix], yy[iy, ix], xx[iy, ix]
         sg = np.full(z.shape, sig0)
-    grid, lam, _model = _fit_surface(py, px, z, sg, shape2, step)
+    grid, lam, _model = _fit_surface(py, px, z, sg, shape2, node)
     return grid, lam
 
 
