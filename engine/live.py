@@ -1139,6 +1139,25 @@ class LiveStack:
         self._rej.update(new_rej)
 
     # ---------------------------------------------------------------- checkpoints
+    def snapshot(self) -> LiveStack:
+        """An independent copy of the whole state (a memcpy of the planes, ~0.2 s at 26 MP): take it
+        between updates, then `save` the copy from a background thread while updates continue."""
+        new = LiveStack.__new__(LiveStack)
+        for k, v in self.__dict__.items():
+            if isinstance(v, np.ndarray):
+                new.__dict__[k] = v.copy()
+            elif k == "_rej":
+                new.__dict__[k] = {s: list(c) for s, c in v.items()}  # chunks are never mutated in place
+            elif k in ("_frames",):
+                new.__dict__[k] = list(v)
+            elif k == "_by_id":
+                new.__dict__[k] = dict(v)
+            elif k in ("_arrival", "_events"):
+                new.__dict__[k] = None  # scratch buffers, reallocated on the next update
+            else:
+                new.__dict__[k] = v
+        return new
+
     def _arrays(self) -> dict[str, np.ndarray]:
         rej_all = [np.concatenate(v) for v in self._rej.values() if v]
         rej_slots = [np.full(sum(len(c) for c in v), s, np.uint16) for s, v in self._rej.items() if v]

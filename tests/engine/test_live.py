@@ -333,3 +333,19 @@ def test_specialised_kernel_matches_generic_and_overflow_keeps_arrival_lists() -
         assert np.array_equal(arr, b._arrays()[name], equal_nan=True), name
     # deferred retroactive removals are marked dirty, never lost silently
     assert c.dirty_rows().any()
+
+
+def test_snapshot_is_independent(tmp_path) -> None:
+    night = _night(7)
+    a = _stack(night)
+    for i in range(5):
+        _add(a, night, i)
+    snap = a.snapshot()
+    before = a.image()
+    _add(a, night, 5)  # the original moves on
+    np.testing.assert_array_equal(snap.image(), before)
+    snap.save(tmp_path / "s")
+    b = LiveStack.load(tmp_path / "s")
+    assert b.frame_ids == tuple(f"f{i}" for i in range(5))
+    _add(b, night, 5)
+    np.testing.assert_array_equal(b.image(), a.image())
