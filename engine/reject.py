@@ -626,6 +626,15 @@ def _core_range(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]
 
 @njit(cache=True, nogil=True)
 def _run(code: int, values: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
+    if code == 0:  # no rejection: no need to sort
+        kept = 0
+        for i in range(values.shape[0]):
+            if mask[i] == KEEP:
+                if math.isfinite(values[i]):
+                    kept += 1
+                else:
+                    mask[i] = INVALID
+        return kept
     n = _gather(values, mask, work)
     if n == 0:
         return 0
