@@ -178,3 +178,17 @@ def test_mrs_noise_background_near_zero() -> None:
     assert abs(est.sigma / sigma - 1) < 0.01, est
     pcl = stats.mrs_noise(img, valid_range=(2e-5, 0.99998))  # PCL's rule drops the negative half
     assert pcl.sigma < 0.9 * sigma, pcl
+
+
+def test_sn_qn_scales() -> None:
+    rng = np.random.default_rng(13)
+    for n in (3, 8, 25):
+        x = rng.normal(0, 1, n)
+        assert stats.sn_scale(x) == pytest.approx(naive.sn(sorted(x.tolist())), rel=1e-12)
+    big = rng.normal(5.0, 2.0, 3000)
+    assert stats.sn_scale(big) == pytest.approx(2.0, rel=0.05)
+    assert stats.qn_scale(big) == pytest.approx(2.0, rel=0.05)
+    big[:300] = 100.0  # 10 % gross one-sided outliers: bounded bias (like the MAD), std is useless
+    assert 2.0 < stats.sn_scale(big) < 2.5 and 2.0 < stats.qn_scale(big) < 2.5
+    assert float(np.std(big)) > 10
+    assert math.isnan(stats.qn_scale(np.array([1.0]))) and math.isnan(stats.sn_scale(np.array([np.nan])))
