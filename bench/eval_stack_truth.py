@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--lights", type=int, default=16)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--osc", action="store_true")
+    ap.add_argument("--config", help="TOML configuration passed to stackwatch stack")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval-stack-"))
     spec = simulate.preset(args.preset, n_lights=args.lights, n_darks=8, n_flats=8, n_darkflats=8, n_biases=8,
@@ -52,7 +53,7 @@ def main() -> None:
     t_sim = time.perf_counter() - t0
     t0 = time.perf_counter()
     code = cli(["stack", str(work / "night"), "--out", str(work / "stack.fits"), "--report",
-                str(work / "report.json"), "--quiet"])
+                str(work / "report.json"), "--quiet", *(["--config", args.config] if args.config else [])])
     t_stack = time.perf_counter() - t0
     assert code == 0
     report = json.loads((work / "report.json").read_text())
