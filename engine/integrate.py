@@ -410,15 +410,23 @@ def _large_scale_maps(
         half_tr = 0.5 * (sxx + syy)
         root = np.sqrt(np.maximum(half_tr * half_tr - (sxx * syy - sxy * sxy), 0.0))
         elong = np.sqrt((half_tr + root) / np.maximum(half_tr - root, 1e-12))
-        keep = np.zeros(nlab + 1, dtype=bool)
-        for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None or seeds[k] == 0:
-                continue
-            extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
-            if areas[k] == seeds[k]:  # high rejections only (PI-like rule)
-                keep[k] = areas[k] >= min_area_px or extent >= min_length_px
-            else:  # with hysteresis candidates: enough rejections, or a long thin (trail-like) shape
-                keep[k] = seeds[k] >= min_area_px or (extent >= min_length_px and elong[k] >= _TRAIL_ELONGATION)
+        # bounding-box extent per component, vectorised (there can be 1e5 small components per frame)
+        order = np.argsort(ln, kind="stable")
+        sl_ = ln[order]
+        starts = np.flatnonzero(np.r_[True, sl_[1:] != sl_[:-1]])
+        labs = sl_[starts]
+        extent = np.zeros(nlab + 1, dtype=np.int64)
+        pxs = px[order]
+        pys = py[order]
+        extent[labs] = np.maximum(
+            np.maximum.reduceat(pxs, starts) - np.minimum.reduceat(pxs, starts),
+            np.maximum.reduceat(pys, starts) - np.minimum.reduceat(pys, starts),
+        ) + 1
+        pure = areas == seeds  # high rejections only (PI-like rule)
+        big_or_long = (areas >= min_area_px) | (extent >= min_length_px)
+        # with hysteresis candidates: enough rejections, or a long thin (trail-like) shape
+        trail = (seeds >= min_area_px) | ((extent >= min_length_px) & (elong >= _TRAIL_ELONGATION))
+        keep = (seeds > 0) & np.where(pure, big_or_long, trail)
         keep[0] = False
         big = keep[labels]
         if r > 0 and big.any():
