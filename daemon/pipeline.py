@@ -373,15 +373,17 @@ class Pipeline:
             image=np.load(ref_path, mmap_mode="r"),
             saturated=np.load(sat_path),
         )
-        stack.live = LiveStack(
-            tuple(prep.data.shape),
-            kappa_low=self.config.live.kappa_low,
-            kappa_high=self.config.live.kappa_high,
-            n_min=self.config.live.n_min,
-            background=float(meas.metrics.background) if math.isfinite(meas.metrics.background) else 0.0,
-        )
+        stack.live = self._new_live(tuple(prep.data.shape), float(meas.metrics.background))
         stack.last_matrix = None
         stack.history = []
+
+    def _new_live(self, shape: tuple[int, ...], background: float) -> LiveStack:
+        live = self.config.live
+        return LiveStack(
+            shape, k_high=live.k_high, k_low=live.k_low, kappa_low=live.kappa_low, kappa_high=live.kappa_high,
+            n_min=live.n_min, epsilon=live.noise_epsilon_frac,
+            background=background if math.isfinite(background) else 0.0,
+        )
 
     def _process_next(self, stack: _Stack, prep: _Prepared | None = None) -> None:
         """Process members[processed_upto] against the stack's reference (setting it if none)."""
@@ -455,6 +457,11 @@ class Pipeline:
             ref_noise=ref.noise, frame_mask=footprint_sat, ref_mask=ref.saturated, fwhm_px=ref.fwhm_px,
             frame_fwhm_px=_finite(meas.metrics.fwhm_px), method=cfg.normalization.method,
             bin_px=cfg.normalization.gradient_bin_px, min_pairs=cfg.normalization.min_star_pairs,
+            min_snr=cfg.normalization.min_star_snr, max_scale_err_frac=cfg.normalization.max_scale_err_frac,
+            max_samples=cfg.normalization.max_gradient_samples, star_mask_cap_px=cfg.normalization.star_mask_cap_px,
+            local_cell_px=cfg.normalization.local_cell_px,
+            # Moffat β of both PSFs: the photometric scale is corrected for the seeing difference
+            ref_beta=_finite(ref.metrics.get("beta")), frame_beta=_finite(meas.metrics.beta),
             reference_id=ref.frame_id,
         )
         metrics = gates.frame_metrics(meas, reg, scale=norm.scale, weight=norm.weight)
@@ -883,9 +890,7 @@ class Pipeline:
             except StackwatchError as exc:
                 _log.warning("%s: %s; re-applying frames from the store", stack.id, exc)
         if live_stack is None:
-            live_stack = LiveStack(shape, kappa_low=self.config.live.kappa_low,
-                                   kappa_high=self.config.live.kappa_high, n_min=self.config.live.n_min,
-                                   background=float(r["background"]) if math.isfinite(float(r["background"])) else 0.0)
+            live_stack = self._new_live(shape, float(r["background"]))
         stack.live = live_stack
         # frames stacked after the last live checkpoint are re-applied from the frame store
         have = set(live_stack.frame_ids)
