@@ -171,7 +171,7 @@ def _calibrate(
                 if f > dead * s:  # False for NaN and for f <= 0
                     v = v * s / f
                 else:
-                    v = np.nan
+                    v = np.float64(np.nan)
             out[y, x] = v
 
 

@@ -364,7 +364,7 @@ def _collect(flags: np.ndarray, counts: np.ndarray, code: int) -> np.ndarray:  #
 @njit(cache=True, nogil=True)
 def _in_sorted(idx: np.ndarray, p: int) -> bool:  # pragma: no cover - numba
     i = np.searchsorted(idx, p)
-    return i < idx.size and idx[i] == p
+    return bool(i < idx.size and idx[i] == p)
 
 
 @njit(cache=True, nogil=True)
