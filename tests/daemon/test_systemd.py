@@ -140,7 +140,7 @@ async def test_service_reports_ready_status_watchdog_stopping(tmp_path: Path) ->
         drain()
         sock.close()
     # the watchdog is fed during start-up too (loading the pipeline can take a while)
-    assert [m for m in messages if m != "WATCHDOG=1"][0].startswith("READY=1")
+    assert next(m for m in messages if m != "WATCHDOG=1").startswith("READY=1")
     assert any(m.startswith("STATUS=1 stacked, 0 rejected, 0 failed, 0 pending") for m in messages), messages
     assert sum(m == "WATCHDOG=1" for m in messages) >= 2
     assert any(m.startswith("STOPPING=1") for m in messages)
