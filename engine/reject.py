@@ -918,7 +918,8 @@ def reject(
     """Rejection codes (uint8, same shape as ``values``) for a stack (N,) or cube (N, ...) along axis 0.
 
     0 keep, 1 low, 2 high, 3 invalid (non-finite or ``invalid`` True). Convenience for tests and
-    small callers; the integrator calls the kernels directly.
+    small callers; the integrator calls the kernels directly. Values are cast to float32 (the
+    pixel type) before rejection, as in the integrator.
     """
     spec = get_rejection(name)
     arr = np.asarray(values, dtype=np.float32)
