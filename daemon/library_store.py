@@ -467,7 +467,10 @@ class CalibrationLibrary:
         flat: MasterRecord | None,
         hot_sigma: float,
     ) -> DefectMap:
-        tag = "_".join(Path(r.path).stem for r in (bias, flat) if r is not None) or "alone"
+        # the tag names the exact versions of bias and flat (a master is re-integrated in place as
+        # members arrive): a defect map from an earlier flat must not outlive it
+        tag = "_".join(f"{Path(r.path).stem}@{r.created or ''}#{r.ncombine}" for r in (bias, flat)
+                       if r is not None) or "alone"
         cache = Path(base.path).with_name(f"{Path(base.path).stem}.defects.fits")
         bayer = base.key.bayer
         shape = (int(base.key.shape[-2]), int(base.key.shape[-1]))

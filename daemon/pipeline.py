@@ -417,7 +417,10 @@ class Pipeline:
             reg = register.Registration(True, np.eye(3), 0.0, len(meas.stars), 1.0, "reference", "similarity")
         else:
             reg = register.register(
-                ref.catalog, meas.stars, previous=stack.last_matrix, model=cfg.registration.model,
+                # no prediction from the previous frame: the transform is then a function of this frame and
+                # the reference alone, whatever order or restarts the frames went through (the triangle
+                # fallback costs milliseconds), so the service and `stackwatch stack` agree exactly
+                ref.catalog, meas.stars, previous=None, model=cfg.registration.model,
                 allow_mirror=cfg.registration.allow_mirror, max_rms_px=cfg.registration.max_rms_px,
                 min_matched_fraction=cfg.registration.min_matched_fraction,
             )
