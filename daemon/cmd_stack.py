@@ -130,6 +130,17 @@ def _stack(args: argparse.Namespace, pipeline: Any, files: list[Any], out: Path,
                 except StackwatchError as one:
                     c["status"], c["reason"] = "failed", str(one)
         pipeline.flush_masters()
+    # the same content twice (a copied or re-saved file) is stacked once, as the service does
+    unique, seen = [], {}
+    for path, info in lights:
+        digest = _sha1(path)
+        if digest in seen:
+            frames.append({"path": str(path), "kind": "light", "status": "rejected",
+                           "reason": f"rejected: duplicate of {seen[digest]}"})
+            continue
+        seen[digest] = str(path)
+        unique.append((path, info))
+    lights = unique
     stack_ids: list[str] = []
     for path, info in lights:
         sid = pipeline.add_member(path, info)
@@ -174,6 +185,16 @@ def _stack(args: argparse.Namespace, pipeline: Any, files: list[Any], out: Path,
         reasons = sorted({f.get("reason", "") for f in frames if f.get("status") != "stacked"})
         raise StackwatchError("nothing could be stacked: " + "; ".join(r for r in reasons if r)[:500])
     return 0
+
+
+def _sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_maps(pipeline: Any, sid: str, out: Path, fitsio: Any) -> None:

@@ -390,6 +390,12 @@ class Pipeline:
         member = stack.members[stack.processed_upto]
         stack.processed_upto += 1
         t0 = time.perf_counter()
+        if member.get("excluded"):
+            member["status"] = "rejected"
+            member["record"] = {**member.get("record", {}), "path": member["path"], "kind": "light",
+                                "status": "rejected", "reason": "rejected: excluded by the user", "excluded": True,
+                                "stack_id": stack.id, "target": stack.target, "filter": stack.filter}
+            return
         try:
             if prep is None:
                 prep = self._prepare(member["path"])
@@ -580,6 +586,8 @@ class Pipeline:
             for m in stack.members:
                 if usable >= self.config.normalization.reference_candidates:
                     break
+                if m.get("excluded"):
+                    continue
                 try:
                     prep = self._prepare(m["path"])
                 except (StackwatchError, OSError, ValueError) as exc:
@@ -674,6 +682,36 @@ class Pipeline:
             self._rebuild(stack, progress)
             self._save_stack(stack)
             return [dict(m["record"]) for m in stack.members]
+
+    def exclude_frame(self, path: Path | str, excluded: bool) -> dict[str, Any]:
+        """Exclude a light from its stack (or include it again). A stacked frame leaves the live sums at
+        once (its data from the frame store); the reference, or a frame included again, makes the stack
+        rebuild. The next exact pass gives the batch result without it."""
+        with self._lock:
+            apath = os.path.abspath(str(path))
+            for stack in self._stacks.values():
+                member = next((m for m in stack.members if m["path"] == apath), None)
+                if member is None:
+                    continue
+                if bool(member.get("excluded")) == bool(excluded):
+                    return {"path": apath, "excluded": bool(excluded), "stack_id": stack.id}
+                member["excluded"] = bool(excluded)
+                is_ref = stack.reference is not None and stack.reference.path == apath
+                store = self.frames_dir / stack.id / f"{member['frame_id']}.npy"
+                live = stack.live
+                if (excluded and not is_ref and member.get("status") == "stacked" and live is not None
+                        and member["frame_id"] in live.frame_ids and store.exists()):
+                    live.exclude(member["frame_id"], np.load(store))
+                    member["status"] = "rejected"
+                    member["record"] = {**member["record"], "status": "rejected",
+                                        "reason": "rejected: excluded by the user", "excluded": True}
+                    stack.version += 1
+                    stack.final = None
+                else:
+                    stack.dirty = True
+                self._save_stack(stack)
+                return {"path": apath, "excluded": bool(excluded), "stack_id": stack.id, "rebuild": stack.dirty}
+            raise KeyError(apath)
 
     def set_reference(self, stack_id: str, path: str | None) -> None:
         """Fix the reference of a stack to a light (None: back to automatic) and rebuild."""

@@ -127,3 +127,59 @@ def test_nothing_to_stack_is_a_clear_error(tmp_path: Path, night: tuple[Path, si
     assert code == 1
     err = capsys.readouterr().err
     assert "no light frames" in err and "Traceback" not in err
+
+
+def test_duplicate_content_is_stacked_once(tmp_path: Path, night: tuple[Path, simulate.Truth]) -> None:
+    folder, _ = night
+    sub = tmp_path / "sub"
+    shutil.copytree(folder / "lights", sub / "lights")
+    first = sorted((sub / "lights").iterdir())[0]
+    shutil.copyfile(first, sub / "lights" / "copy.fits")
+    report = tmp_path / "r.json"
+    assert main(["stack", str(sub), "--out", str(tmp_path / "s.fits"), "--report", str(report), "--quiet"]) == 0
+    rep = json.loads(report.read_text())
+    dup = [f for f in rep["frames"] if "duplicate" in (f.get("reason") or "")]
+    assert len(dup) == 1 and dup[0]["status"] == "rejected"
+    assert rep["stacks"][0]["ncombine"] <= 8
+    # no calibration frames: each light says what it lacked
+    lights = [f for f in rep["frames"] if f["status"] == "stacked"]
+    assert lights and all(f["masters"]["missing"] for f in lights)
+
+
+def test_excluding_a_frame_equals_batch_without_it(tmp_path: Path, night: tuple[Path, simulate.Truth],
+                                                   stacked: tuple[Path, dict]) -> None:
+    """The service's exclusion path: live removal, then the exact pass equals a batch without the frame."""
+    from stackwatch.daemon.config import Config
+    from stackwatch.daemon.pipeline import Pipeline, classify_paths
+
+    folder, _ = night
+    _, report = stacked
+    ref = report["stacks"][0]["reference"]
+    pipe = Pipeline(Config(), tmp_path / "state")
+    try:
+        for path, info, _err in classify_paths([folder]):
+            assert info is not None
+            if info.kind == "light":
+                pipe.process_light(path, info)
+            else:
+                pipe.add_calibration(path, info)
+        (sid,) = [s["id"] for s in pipe.stacks()]
+        pipe.finalize(sid)
+        members = [m for m in pipe.members(sid) if m["status"] == "stacked" and m["path"] != ref]
+        victim = members[1]["path"]
+        before = pipe.stacks()[0]["ncombine"]
+        pipe.exclude_frame(victim, True)
+        assert pipe.stacks()[0]["ncombine"] == before - 1
+        image = pipe.finalize(sid, out_path=tmp_path / "live.fits")["path"]
+    finally:
+        pipe.close()
+    sub = tmp_path / "sub"
+    shutil.copytree(folder, sub, ignore=shutil.ignore_patterns("truth"))
+    (sub / Path(victim).relative_to(folder)).unlink()
+    assert main(["stack", str(sub), "--out", str(tmp_path / "batch.fits"), "--reference",
+                 str(sub / Path(ref).relative_to(folder)), "--quiet"]) == 0
+    a = fits.getdata(image).astype(np.float64)
+    b = fits.getdata(tmp_path / "batch.fits").astype(np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    ok = np.isfinite(a)
+    assert np.max(np.abs(a[ok] - b[ok])) <= 1e-6 * np.nanmax(np.abs(b))
