@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stackwatch.engine.errors import StackwatchError
+from stackwatch.engine.gates import DEFAULT_RULES
 
 __all__ = [
     "Config",
@@ -113,16 +114,7 @@ class GatesConfig:
 
     enabled: bool = _f(True, "reject frames that fail a gate (false: report only)")
     rules: dict[str, str] = _f(
-        {
-            "few_stars": "stars < 15",
-            "no_psf": "not finite(fwhm_px)",
-            "blurred": "fwhm_px > 1.5 * median(fwhm_px)",
-            "trailed": "eccentricity > 0.7 or eccentricity > median(eccentricity) + 0.2",
-            "cloud": "stars < 0.5 * median(stars) or scale > 2.0",
-            "bright_sky": "background > 2.0 * median(background)",
-            "low_weight": "weight < 0.25 * median(weight)",
-            "bad_match": "reg_rms_px > 0.5 or matched_fraction < 0.3",
-        },
+        dict(DEFAULT_RULES),
         "gate name = reject-if expression (names: metrics; median/min/max over accepted frames of the night)",
     )
 

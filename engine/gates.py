@@ -66,7 +66,9 @@ DEFAULT_RULES: dict[str, str] = {
     "cloud": "stars < 0.5 * median(stars) or scale > 2.0",
     "bright_sky": "background > 2.0 * median(background)",
     "low_weight": "weight < 0.25 * median(weight)",
-    "bad_match": "reg_rms_px > 0.5 or matched_fraction < 0.3",
+    # partial overlap is fine (the registration itself refuses another field); §6.4's
+    # matched_fraction < 0.3 would reject a frame that shares a third of the reference's field
+    "bad_match": "reg_rms_px > 0.5 or n_inliers < 8",
 }
 
 _FUNCS = ("min", "max", "median")
