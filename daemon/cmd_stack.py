@@ -131,7 +131,8 @@ def _stack(args: argparse.Namespace, pipeline: Any, files: list[Any], out: Path,
                     c["status"], c["reason"] = "failed", str(one)
         pipeline.flush_masters()
     # the same content twice (a copied or re-saved file) is stacked once, as the service does
-    unique, seen = [], {}
+    unique: list[tuple[Path, Any]] = []
+    seen: dict[str, str] = {}
     for path, info in lights:
         digest = _sha1(path)
         if digest in seen:
