@@ -145,6 +145,7 @@ class _Stack:
     processed_upto: int = 0  # members[:processed_upto] went through the current reference
     final: dict[str, Any] | None = None  # the last exact pass (products)
     dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
+    closed: bool = False  # a newer stack of the same target and filter takes the new lights
     checked_library: str = ""  # library state under which every processed member had its best masters
 
 
@@ -217,7 +218,7 @@ class Pipeline:
     def add_member(self, path: Path, info: FrameInfo) -> str:
         """Assign a light to its stack without processing it (batch: everything is known first)."""
         with self._lock:
-            stack = self._stack_for(info)
+            stack = self._stack_for(info, path)
             self._member(stack, path, info)
             stack.dirty = True
             return stack.id
@@ -226,7 +227,7 @@ class Pipeline:
         """Process one new light into its stack; returns its JSON-ready record."""
         with self._lock:
             self.flush_masters()
-            stack = self._stack_for(info)
+            stack = self._stack_for(info, path)
             member, is_new = self._member(stack, path, info)
             if not is_new and member.get("status") in ("stacked", "rejected", "failed") and not stack.dirty:
                 return dict(member["record"])  # idempotent: the frame in flight before a restart
@@ -258,13 +259,38 @@ class Pipeline:
         stack.members.sort(key=_sort_key)
         return member, True
 
-    def _stack_for(self, info: FrameInfo) -> _Stack:
-        sid = stack_id_for(info.object, info.filter)
-        stack = self._stacks.get(sid)
-        if stack is None:
-            stack = _Stack(id=sid, target=info.object, filter=info.filter)
-            self._stacks[sid] = stack
+    def _stack_for(self, info: FrameInfo, path: Path | str | None = None) -> _Stack:
+        """The stack a light belongs to: the one already holding it, else the open stack of its
+        target and filter (created when there is none)."""
+        if path is not None:
+            apath = os.path.abspath(str(path))
+            for stack in self._stacks.values():
+                if any(m["path"] == apath for m in stack.members):
+                    return stack
+        base = stack_id_for(info.object, info.filter)
+        family = [s for s in self._stacks.values() if s.id == base or s.id.startswith(base + "~")]
+        open_ = [s for s in family if not s.closed]
+        if open_:
+            return max(open_, key=lambda s: len(s.id))
+        sid = base if not family else f"{base}~{len(family) + 1}"
+        stack = _Stack(id=sid, target=info.object, filter=info.filter)
+        self._stacks[sid] = stack
         return stack
+
+    def new_stack(self, target: str, filter_name: str) -> dict[str, Any]:
+        """Start a new stack for a target and filter: the current one is closed (kept, finished as it
+        is) and the next lights of that target and filter go to the new one."""
+        with self._lock:
+            base = stack_id_for(target, filter_name)
+            family = [s for s in self._stacks.values() if s.id == base or s.id.startswith(base + "~")]
+            for s in family:
+                s.closed = True
+                self._save_stack(s)
+            sid = base if not family else f"{base}~{len(family) + 1}"
+            stack = _Stack(id=sid, target=target, filter=filter_name.strip().lower())
+            self._stacks[sid] = stack
+            self._save_stack(stack)
+            return self._stack_summary(stack)
 
     # ------------------------------------------------------------------ one frame
 
@@ -755,6 +781,7 @@ class Pipeline:
             "version": s.version,
             "final": s.final is not None,
             "stale": s.dirty,
+            "closed": s.closed,
         }
 
     def members(self, stack_id: str) -> list[dict[str, Any]]:
@@ -878,6 +905,7 @@ class Pipeline:
             "target": stack.target,
             "filter": stack.filter,
             "fixed_reference": stack.fixed_reference,
+            "closed": stack.closed,
             "version": stack.version,
             "processed_upto": stack.processed_upto,
             "dirty": stack.dirty,
@@ -901,6 +929,7 @@ class Pipeline:
                        members=state["members"], fixed_reference=state.get("fixed_reference"),
                        version=int(state.get("version", 0)), processed_upto=int(state.get("processed_upto", 0)),
                        final=state.get("final"), dirty=bool(state.get("dirty", False)),
+                       closed=bool(state.get("closed", False)),
                        history=list(state.get("history") or []))
         lm = state.get("last_matrix")
         stack.last_matrix = None if lm is None else np.asarray(lm, np.float64)

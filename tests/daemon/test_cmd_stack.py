@@ -183,3 +183,26 @@ def test_excluding_a_frame_equals_batch_without_it(tmp_path: Path, night: tuple[
     assert np.array_equal(np.isnan(a), np.isnan(b))
     ok = np.isfinite(a)
     assert np.max(np.abs(a[ok] - b[ok])) <= 1e-6 * np.nanmax(np.abs(b))
+
+
+def test_new_stack_takes_the_next_lights(tmp_path: Path, night: tuple[Path, simulate.Truth]) -> None:
+    from stackwatch.daemon.config import Config
+    from stackwatch.daemon.pipeline import Pipeline, classify_paths
+
+    folder, _ = night
+    lights = [(p, i) for p, i, _ in classify_paths([folder / "lights"]) if i is not None]
+    pipe = Pipeline(Config(), tmp_path / "state")
+    try:
+        first = pipe.process_light(*lights[0])
+        created = pipe.new_stack(lights[0][1].object, lights[0][1].filter)
+        assert created["id"] != first["stack_id"] and created["ncombine"] == 0
+        second = pipe.process_light(*lights[1])
+        assert second["stack_id"] == created["id"]
+        assert pipe.process_light(*lights[0])["stack_id"] == first["stack_id"]  # idempotent, stays put
+    finally:
+        pipe.close()
+    reopened = Pipeline(Config(), tmp_path / "state")  # the choice survives a restart
+    try:
+        assert {s["id"]: s["closed"] for s in reopened.stacks()} == {first["stack_id"]: True, created["id"]: False}
+    finally:
+        reopened.close()
