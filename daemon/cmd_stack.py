@@ -180,12 +180,56 @@ def _stack(args: argparse.Namespace, pipeline: Any, files: list[Any], out: Path,
     if args.report:
         report = {"frames": frames, "stacks": stacks, "calibration": calibration,
                   "masters": pipeline.masters()}
-        text = json.dumps(_clean(report), indent=1, default=_json_default, allow_nan=False)
+        from stackwatch.daemon.pipeline import json_default
+
+        text = json.dumps(_clean(report), indent=1, default=json_default, allow_nan=False)
         Path(args.report).write_text(text, encoding="utf-8")
     if not stacks:
         reasons = sorted({f.get("reason", "") for f in frames if f.get("status") != "stacked"})
         raise StackwatchError("nothing could be stacked: " + "; ".join(r for r in reasons if r)[:500])
     return 0
+
+
+def _sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_maps(pipeline: Any, sid: str, out: Path, fitsio: Any) -> None:
+    """The rejection maps and coverage beside the stack, as their own files."""
+    import numpy as np
+
+    products = pipeline.stack_products(sid)
+    if products is None:
+        return
+    stem = out.name
+    for ext in (".fits", ".fit", ".fts"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    for key, suffix in (("rej_low", "rejlow"), ("rej_high", "rejhigh"), ("coverage", "coverage")):
+        arr = products.get(key)
+        if arr is not None:
+            fitsio.write_image(out.with_name(f"{stem}_{suffix}.fits"), np.asarray(arr, np.float32),
+                               history=[f"stackwatch: {key} of {out.name}"])
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become null (the report is strict JSON)."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _sha1(path: Path) -> str:

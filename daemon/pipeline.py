@@ -47,7 +47,7 @@ from stackwatch.engine.integrate import NpySource
 from stackwatch.engine.library import MasterSet, MatchRules
 from stackwatch.engine.live import LiveStack
 
-__all__ = ["Pipeline", "stack_id_for"]
+__all__ = ["Pipeline", "classify_paths", "json_default", "stack_id_for"]
 
 _log = logging.getLogger("stackwatch.pipeline")
 
@@ -87,10 +87,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def _atomic_save_npy(path: Path, array: np.ndarray, dtype: Any = np.float32) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32))
+        np.save(fh, np.ascontiguousarray(array, dtype=dtype))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -381,7 +381,7 @@ class Pipeline:
         ref_path = store / f"{member['frame_id']}.npy"
         _atomic_save_npy(ref_path, prep.data)
         sat_path = store / f"{member['frame_id']}.sat.npy"
-        _atomic_write_npy_bool(sat_path, prep.saturated)
+        _atomic_save_npy(sat_path, prep.saturated, dtype=bool)
         meas = prep.measurement
         xy = np.column_stack([meas.stars.x, meas.stars.y]) if len(meas.stars) else np.zeros((0, 2))
         fwhm = _finite(meas.metrics.fwhm_px) or 3.0
@@ -919,7 +919,7 @@ class Pipeline:
                 "metrics": ref.metrics,
             },
         }
-        _atomic_write_bytes(folder / "stack.json", json.dumps(state, default=_json_default).encode())
+        _atomic_write_bytes(folder / "stack.json", json.dumps(state, default=json_default).encode())
 
     def _load_stack(self, path: Path) -> None:
         state = json.loads(path.read_text())
@@ -985,16 +985,8 @@ def _usable_reference(meas: stars.Measurement) -> bool:
     return meas.metrics.stars >= _MIN_REFERENCE_STARS and _finite(meas.metrics.fwhm_px) is not None
 
 
-def _atomic_write_npy_bool(path: Path, mask: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(mask, dtype=bool))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """json.dumps ``default`` for numpy scalars and arrays (non-finite floats become null)."""
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):
