@@ -537,6 +537,10 @@ class Pipeline:
                                  scale=None if norm is None else norm.scale,
                                  weight=None if norm is None else norm.weight)
         rec["reason"] = reason
+        # the metrics also as one mapping: the catalogue stores it as a column
+        rec["metrics"] = {k: rec.get(k) for k in ("stars", "fwhm_px", "fwhm_arcsec", "eccentricity", "hfr",
+                                                  "background", "noise", "psf_snr", "reg_rms_px",
+                                                  "matched_fraction", "n_inliers")}
         rec["stack_id"] = stack.id
         rec["target"] = stack.target
         rec["filter"] = stack.filter
@@ -766,14 +770,12 @@ class Pipeline:
 
     def _stack_summary(self, s: _Stack) -> dict[str, Any]:
         stacked = [m for m in s.members if m.get("status") == "stacked"]
-        exposure = 0.0
-        for m in stacked:
-            exposure += float(m.get("exposure_s") or 0.0)
         return {
             "id": s.id,
             "target": s.target,
             "filter": s.filter,
             "ncombine": len(stacked),
+            "exposure_s": self._total_exposure(s),
             "frames": len(s.members),
             "rejected": sum(1 for m in s.members if m.get("status") == "rejected"),
             "failed": sum(1 for m in s.members if m.get("status") == "failed"),
