@@ -111,6 +111,7 @@ class _Prepared:
     masters: MasterSet
     notes: tuple[str, ...]
     timings: dict[str, float]
+    dark_scale: float = 1.0  # k actually used (optimised when the dark was scaled)
 
 
 @dataclass
@@ -360,13 +361,20 @@ class Pipeline:
             "noise_debayer_s": t_deb - t_cal,
             "measure_s": t_meas - t_deb,
         }
-        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings)
+        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings, float(cal.dark_scale))
 
     def _explain_masters(self, ms: MasterSet) -> dict[str, Any]:
-        out: dict[str, Any] = {"explanations": list(ms.explanations), "missing": list(ms.missing)}
-        for kind in ("bias", "dark", "flat"):
-            rec = getattr(ms, kind)
-            out[kind] = None if rec is None else Path(rec.path).stem
+        """Which master of each kind was used and why: kind -> explanation (with the master's id), e.g.
+        ``{"dark": "120 s, -10.0 °C (frame -10.0 °C, Δ0.0 ≤ 2), 5 frames, k=1 [dark_120s_...]",
+        "flat": "none for filter Ha within 30 days", "missing": "flat"}``."""
+        out: dict[str, Any] = {}
+        for line in ms.explanations:
+            kind, _, text = line.partition(": ")
+            rec = getattr(ms, kind, None) if kind in ("bias", "dark", "flat", "darkflat") else None
+            text = f"{text} [{Path(rec.path).stem}]" if rec is not None else text
+            out[kind] = f"{out[kind]}; {text}" if kind in out else text
+        if ms.missing:
+            out["missing"] = ", ".join(ms.missing)
         return out
 
     def _masters_signature(self, ms: MasterSet) -> list[Any]:
@@ -433,6 +441,8 @@ class Pipeline:
             return
         member["masters_sig"] = self._masters_signature(prep.masters)
         masters = self._explain_masters(prep.masters)
+        if "dark" in masters and prep.masters.dark is not None and abs(prep.dark_scale - prep.masters.dark_scale) > 1e-6:
+            masters["dark"] += f", optimised k={prep.dark_scale:.3f}"
         meas = prep.measurement
         if stack.reference is None:
             if _usable_reference(meas):
