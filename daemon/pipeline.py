@@ -522,7 +522,10 @@ class Pipeline:
         stack.last_matrix = reg.matrix
         prep.timings.update({"register_s": t_reg - t0 - sum(prep.timings.values()), "resample_s": t_warp - t_reg,
                              "normalize_s": t_norm - t_warp, "store_integrate_s": t_live - t_norm})
-        member["norm"] = norm.to_dict()
+        # the normalisation (with its gradient grid) beside the frame in the store, not in stack.json:
+        # stack.json is rewritten after every frame and must stay small
+        _atomic_write_bytes(self.frames_dir / stack.id / f"{member['frame_id']}.norm.json",
+                            json.dumps(norm.to_dict(), default=json_default).encode())
         self._finish(stack, member, meas, reg, norm, "stacked", "; ".join(n for n in (norm.reason,) if n),
                      masters, prep, t0)
 
