@@ -175,11 +175,31 @@ def _median_small(buf: np.ndarray, n: int) -> float:  # pragma: no cover - numba
     return 0.5 * (buf[n // 2 - 1] + buf[n // 2])
 
 
+@njit(cache=True, nogil=True)
+def _neighbours(img: np.ndarray, y: int, x: int, step: int, buf: np.ndarray) -> int:  # pragma: no cover - numba
+    """The finite same-colour neighbours of (y, x) (``step`` 2 for CFA, 1 for mono) into ``buf``;
+    returns how many (at most 8)."""
+    h, w = img.shape
+    n = 0
+    for dy in range(-step, step + 1, step):
+        yy = y + dy
+        if yy < 0 or yy >= h:
+            continue
+        for dx in range(-step, step + 1, step):
+            xx = x + dx
+            if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
+                continue
+            u = img[yy, xx]
+            if u == u:
+                buf[n] = u
+                n += 1
+    return n
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _residual_sample(img: np.ndarray, step: int, row_stride: int, col_stride: int, out: np.ndarray) -> None:  # pragma: no cover
     """x - median(8 same-colour neighbours) at every ``row_stride``-th row and ``col_stride``-th
     column (out[r, c] for pixel (r * row_stride, c * col_stride)); NaN where undefined."""
-    h, w = img.shape
     nrows = out.shape[0]
     ncols = out.shape[1]
     for r in prange(nrows):
@@ -191,19 +211,7 @@ def _residual_sample(img: np.ndarray, step: int, row_stride: int, col_stride: in
             out[r, c] = np.nan
             if v != v:
                 continue
-            n = 0
-            for dy in range(-step, step + 1, step):
-                yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                for dx in range(-step, step + 1, step):
-                    xx = x + dx
-                    if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
-                        continue
-                    u = img[yy, xx]
-                    if u == u:
-                        buf[n] = u
-                        n += 1
+            n = _neighbours(img, y, x, step, buf)
             if n >= 3:
                 out[r, c] = v - _median_small(buf, n)
 
@@ -256,33 +264,19 @@ def _classify_pixel(
     buf: np.ndarray, ring: np.ndarray,
 ) -> int:  # pragma: no cover - numba
     """1 hot, 2 cold, 0 neither (full test with border handling)."""
-    h, w = img.shape
     v = img[y, x]
     if v != v:
         return 0
     c = cmap[y & 1, x & 1]
     t = thr[c]
-    lo = np.inf
-    hi = -np.inf
-    n = 0
-    for dy in range(-step, step + 1, step):
-        yy = y + dy
-        if yy < 0 or yy >= h:
-            continue
-        for dx in range(-step, step + 1, step):
-            xx = x + dx
-            if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
-                continue
-            u = img[yy, xx]
-            if u == u:
-                buf[n] = u
-                n += 1
-                if u < lo:
-                    lo = u
-                if u > hi:
-                    hi = u
+    n = _neighbours(img, y, x, step, buf)
     if n < 3:
         return 0
+    lo = buf[0]
+    hi = buf[0]
+    for i in range(1, n):
+        lo = min(lo, buf[i])
+        hi = max(hi, buf[i])
     if v - lo <= t and hi - v <= t:
         return 0
     m8 = _median_small(buf, n)
