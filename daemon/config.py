@@ -93,6 +93,7 @@ class CalibrationConfig:
     debayer: str = _f("bilinear", "debayer method for one-shot-colour frames: bilinear, vng, superpixel")
     overscan: list[list[int]] = _f([], "overscan correction: [sx0, sy0, sx1, sy1, tx0, ty0, tx1, ty1] per pair, the median of source rectangle s is subtracted from target t (pixels, exclusive ends; empty: none); most CMOS have none")
     overscan_image_rect: list[int] = _f([], "after overscan correction crop to this [x0, y0, x1, y1] rectangle (empty: no crop)")
+    overscan_frame_px: list[int] = _f([], "apply the overscan correction only to raw frames of this [width, height] in pixels (empty: every frame containing all the rectangles)")
     dark_optimization_method: str = _f("fast", "dark scale search when optimisation runs: fast (Huber slope on warm pixels) or golden (golden-section search)")
 
 

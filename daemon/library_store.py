@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 from stackwatch.engine import fitsio
-from stackwatch.engine.calibrate import FlatScale, flat_scale
+from stackwatch.engine.calibrate import FlatScale, Overscan, flat_scale
 from stackwatch.engine.classify import FrameInfo, classify
 from stackwatch.engine.cosmetic import DefectMap, defect_map
 from stackwatch.engine.errors import FrameError, StackwatchError
@@ -113,6 +113,7 @@ def record_dict(r: MasterRecord) -> dict[str, Any]:
         "noise": r.noise,
         "members": list(r.members),
         "warnings": list(r.warnings),
+        "overscan": r.overscan,
         "describe": r.describe(),
     }
 
@@ -132,6 +133,7 @@ def _record_from_dict(d: dict[str, Any]) -> MasterRecord:
         noise=d.get("noise"),
         members=tuple(d.get("members") or ()),
         warnings=tuple(d.get("warnings") or ()),
+        overscan=str(d.get("overscan") or ""),
     )
 
 
@@ -148,6 +150,10 @@ class CalibrationLibrary:
         Memory for one band of all members during master integration. Default is 256 MiB.
     clock : callable, optional
         Time source for debouncing (tests). Default is ``time.monotonic``.
+    overscan : Overscan, optional
+        Overscan correction of the members (and of the lights calibrated with the masters) for the
+        frames whose geometry it applies to. Masters built under another overscan setting are
+        re-integrated (marked dirty here) and not matched meanwhile. Default is None.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class CalibrationLibrary:
         rules: MatchRules | None = None,
         band_budget_bytes: int = 1 << 28,
         clock: Any = time.monotonic,
+        overscan: Overscan | None = None,
     ) -> None:
         self.root = Path(root)
         self.masters_dir = self.root / "masters"
@@ -174,6 +181,8 @@ class CalibrationLibrary:
         self._cache: dict[str, tuple[float, np.ndarray]] = {}
         self._derived: dict[tuple[Any, ...], Any] = {}  # flat scales and defect maps, by file versions
         self.last_errors: list[str] = []  # masters that could not be built by the last rebuild()
+        self.overscan = overscan
+        self._dirty_stale_overscan()
 
     def close(self) -> None:
         with self._lock:
@@ -184,6 +193,32 @@ class CalibrationLibrary:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- geometry -----------------------------------------------------------------------------------
+
+    def overscan_for(self, shape: Sequence[int]) -> Overscan | None:
+        """The overscan correction frames of this raw shape get (None: none)."""
+        ov = self.overscan
+        return ov if ov is not None and ov.applies(shape) else None
+
+    def _overscan_text(self, key: MasterKey) -> str:
+        ov = self.overscan_for(key.shape)
+        return "" if ov is None else ov.describe()
+
+    def bayer_of(self, record: MasterRecord) -> str | None:
+        """CFA pattern of the master's pixels (the raw one shifted by an odd overscan crop)."""
+        ov = self.overscan_for(record.key.shape)
+        return record.key.bayer if ov is None else ov.pattern(record.key.bayer)
+
+    def _dirty_stale_overscan(self) -> None:
+        """Masters integrated under another overscan setting have another geometry than the lights
+        now get: re-integrate them (their members are still listed)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, record FROM masters WHERE record IS NOT NULL AND frozen = 0").fetchall()
+            for mid, text in rows:
+                rec = _record_from_dict(json.loads(text))
+                if rec.overscan != self._overscan_text(rec.key):
+                    self._mark_dirty(str(mid), count=False)
 
     # -- members ------------------------------------------------------------------------------------
 
@@ -330,15 +365,17 @@ class CalibrationLibrary:
                 arr, note = self._flat_calibration(info)
                 subtract.append(arr)
                 notes.append(note)
+        ov = self.overscan_for(key.shape)
+        bayer = key.bayer if ov is None else ov.pattern(key.bayer)
         result = integrate_master(
-            key.kind, paths, subtract=subtract, bayer=key.bayer, band_budget_bytes=self.band_budget_bytes
+            key.kind, paths, subtract=subtract, bayer=bayer, band_budget_bytes=self.band_budget_bytes, overscan=ov
         )
         header = master_header(result, key, infos)
         used = [i for i in infos if i.path in set(result.members)]
         temps = [i.temperature_c for i in used if i.temperature_c is not None]
         exps = [i.exposure_s for i in used if i.exposure_s is not None]
         dates = sorted(i.date_obs for i in used if i.date_obs)
-        median, noise = _stats(result.image, key.bayer)
+        median, noise = _stats(result.image, bayer)
         header["NOISE"] = (noise, "MRS noise of the master (central window)")
         out_path = self.masters_dir / f"{mid}.fits"
         distinct = sorted(set(notes))
@@ -361,6 +398,7 @@ class CalibrationLibrary:
             noise=noise,
             members=result.members,
             warnings=tuple(result.warnings) + tuple(n for n in distinct if "none" in n),
+            overscan=result.overscan,
         )
         with self._lock:
             self._db.execute(
@@ -371,7 +409,7 @@ class CalibrationLibrary:
         return rec
 
     def _flat_calibration(self, info: FrameInfo) -> tuple[np.ndarray | None, str]:
-        ms = match(info, self.masters(), rules=self.rules)
+        ms = self.match(info)
         if ms.darkflat is not None:
             return self.load(ms.darkflat), f"flats calibrated with flat-dark {Path(ms.darkflat.path).stem}"
         if ms.bias is not None:
@@ -391,8 +429,10 @@ class CalibrationLibrary:
         return recs
 
     def match(self, info: FrameInfo) -> MasterSet:
-        """The masters for a light or flat, with explanations (:func:`stackwatch.engine.library.match`)."""
-        return match(info, self.masters(), rules=self.rules)
+        """The masters for a light or flat, with explanations (:func:`stackwatch.engine.library.match`);
+        masters integrated under another overscan setting than the current one are left out."""
+        usable = [r for r in self.masters() if r.overscan == self._overscan_text(r.key)]
+        return match(info, usable, rules=self.rules)
 
     def load(self, record: MasterRecord) -> np.ndarray:
         """The master's pixels (cached while the file is unchanged)."""
@@ -427,7 +467,7 @@ class CalibrationLibrary:
         with self._lock:
             hit = self._derived.get(key)
         if hit is None:
-            hit = flat_scale(self.load(flat), flat.key.bayer)
+            hit = flat_scale(self.load(flat), self.bayer_of(flat))
             with self._lock:
                 if len(self._derived) > 32:
                     self._derived.clear()
@@ -472,8 +512,10 @@ class CalibrationLibrary:
         tag = "_".join(f"{Path(r.path).stem}@{r.created or ''}#{r.ncombine}" for r in (bias, flat)
                        if r is not None) or "alone"
         cache = Path(base.path).with_name(f"{Path(base.path).stem}.defects.fits")
-        bayer = base.key.bayer
-        shape = (int(base.key.shape[-2]), int(base.key.shape[-1]))
+        bayer = self.bayer_of(base)
+        ov = self.overscan_for(base.key.shape)
+        out_shape = base.key.shape if ov is None else ov.output_shape(base.key.shape)
+        shape = (int(out_shape[-2]), int(out_shape[-1]))
         if cache.exists() and cache.stat().st_mtime >= os.stat(base.path).st_mtime:
             try:
                 from astropy.io import fits

@@ -40,7 +40,7 @@ import numpy as np
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
 from stackwatch.engine import cfa, cosmetic, fitsio, gates, normalize, register, resample, stars, stats
-from stackwatch.engine.calibrate import calibrate_light
+from stackwatch.engine.calibrate import Overscan, calibrate_light
 from stackwatch.engine.classify import FrameInfo, classify
 from stackwatch.engine.errors import FrameError, StackwatchError
 from stackwatch.engine.integrate import NpySource
@@ -175,6 +175,9 @@ class Pipeline:
                 allow_scaled_darks=lib.allow_scaled_darks,
                 optimize_darks=lib.optimize_darks,
                 flat_max_age_days=lib.flat_max_age_days,
+            ),
+            overscan=Overscan.from_config(
+                config.calibration.overscan, config.calibration.overscan_image_rect, config.calibration.overscan_frame_px
             ),
         )
         self._gates = gates.parse_rules(config.gates.rules) if config.gates.enabled else ()
@@ -317,7 +320,9 @@ class Pipeline:
             dark_scale=ms.dark_scale,
             optimize_dark=optimize,
             flat_scale_override=self.library.flat_scale(ms.flat) if ms.flat else None,
+            overscan=self.library.overscan,
         )
+        bayer = cal.bayer  # an odd overscan crop shifts the pattern
         data = cal.data
         notes = list(cal.notes)
         if cfg.calibration.cosmetic:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
-from stackwatch.engine.cfa import channel_map
+from stackwatch.engine.cfa import channel_map, shift_pattern
 from stackwatch.engine.errors import StackwatchError
 from stackwatch.engine.fitsio import Image
 
@@ -35,6 +35,7 @@ __all__ = [
     "CalibratedFrame",
     "DarkOptimization",
     "FlatScale",
+    "Overscan",
     "calibrate_light",
     "flat_scale",
     "optimize_dark_scale",
@@ -86,6 +87,12 @@ class CalibratedFrame:
         s0 per CFA channel (R, G, B) or one value for mono; empty without flat.
     notes : tuple of str
         What was done and what was missing, one short line each.
+    dark_optimization : DarkOptimization or None
+        The §3.2 result when optimisation ran.
+    bayer : str or None
+        CFA pattern of ``data`` (differs from the raw one after an odd overscan crop).
+    overscan_levels : tuple of float
+        Median of each overscan source subtracted (empty without overscan correction).
     """
 
     data: np.ndarray
@@ -94,6 +101,8 @@ class CalibratedFrame:
     flat_scale: tuple[float, ...]
     notes: tuple[str, ...]
     dark_optimization: DarkOptimization | None = None
+    bayer: str | None = None
+    overscan_levels: tuple[float, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +204,7 @@ def calibrate_light(
     dark_scale: float = 1.0,
     optimize_dark: str = "none",
     flat_scale_override: FlatScale | None = None,
+    overscan: Overscan | None = None,
 ) -> CalibratedFrame:
     """Calibrate one light frame.
 
@@ -219,6 +229,10 @@ def calibrate_light(
         golden-section search); both need a bias. Default is "none".
     flat_scale_override : FlatScale, optional
         Precomputed s0 of ``flat`` (the library caches it per master). Default None (computed).
+    overscan : Overscan, optional
+        Overscan correction and crop applied to the raw light first when its geometry matches
+        (masters must have had the same); saturation is still judged on the raw values. Default is
+        None.
     """
     if isinstance(raw, Image):
         bayer = raw.bayer if bayer is None else bayer
@@ -230,12 +244,28 @@ def calibrate_light(
         saturation = 0.999
     if raw_data.ndim != 2:
         raise StackwatchError(f"calibrate_light needs a 2-D raw frame (mono or CFA), got shape {raw_data.shape}")
-    light = np.ascontiguousarray(raw_data, dtype=np.float32)
+    notes: list[str] = []
+    raw_sat: np.ndarray | None = None
+    levels: tuple[float, ...] = ()
+    if overscan is not None and overscan.applies(raw_data.shape):
+        lv = overscan.levels(raw_data)
+        light = overscan.correct(raw_data, lv)
+        if overscan.image_rect is not None:
+            x0, y0, x1, y1 = overscan.image_rect
+            raw_sat = raw_data[y0:y1, x0:x1] >= saturation
+        else:
+            raw_sat = raw_data >= saturation
+        bayer = overscan.pattern(bayer)
+        levels = tuple(float(v) for v in lv)
+        notes.append(overscan.describe() + " (levels " + ", ".join(f"{v * 65535:.1f}" for v in lv) + " DN)")
+    else:
+        if overscan is not None:
+            notes.append(f"overscan: not applied to this {raw_data.shape[1]}x{raw_data.shape[0]} frame")
+        light = np.ascontiguousarray(raw_data, dtype=np.float32)
     shape = light.shape
     b = _as_master("bias", bias, shape)
     d = _as_master("dark", dark, shape)
     f = _as_master("flat", flat, shape)
-    notes: list[str] = []
     opt: DarkOptimization | None = None
     k = 0.0
     if d is not None:
@@ -265,7 +295,10 @@ def calibrate_light(
         flat_tuple = ()
     dummy = np.zeros((1, 1), dtype=np.float32)
     flags = np.array([b is not None, d is not None, f is not None], dtype=np.uint8)
-    coef = np.array([k, float(saturation), _DEAD_FLAT_FRAC], dtype=np.float64)
+    # after an overscan correction the kernel's saturation test would see shifted values: the raw test
+    # above stands and the kernel's is switched off
+    satlevel = math.inf if raw_sat is not None else float(saturation)
+    coef = np.array([k, satlevel, _DEAD_FLAT_FRAC], dtype=np.float64)
     out = np.empty(shape, dtype=np.float32)
     sat = np.empty(shape, dtype=np.bool_)
     _calibrate(
@@ -281,11 +314,13 @@ def calibrate_light(
     )
     return CalibratedFrame(
         data=out,
-        saturated=sat,
+        saturated=sat if raw_sat is None else np.ascontiguousarray(raw_sat),
         dark_scale=k,
         flat_scale=flat_tuple,
         notes=tuple(notes),
         dark_optimization=opt,
+        bayer=bayer,
+        overscan_levels=levels,
     )
 
 
@@ -513,6 +548,126 @@ def overscan_regions(pairs: Sequence[Sequence[int]]) -> list[tuple[Rect, Rect]]:
         v = [int(x) for x in p]
         out.append(((v[0], v[1], v[2], v[3]), (v[4], v[5], v[6], v[7])))
     return out
+
+
+def _inside(r: Rect, w: int, h: int) -> bool:
+    x0, y0, x1, y1 = r
+    return 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+
+
+@dataclass(frozen=True)
+class Overscan:
+    """Overscan correction of one sensor geometry (§3.3), applied alike to calibration frames (before
+    integration) and lights (before calibration), so masters and lights keep the same geometry.
+
+    Attributes
+    ----------
+    regions : tuple of (source, target) rectangle pairs
+        (x0, y0, x1, y1), exclusive ends, raw array coordinates; the median of each source is
+        subtracted from its target.
+    image_rect : Rect or None
+        Crop to this rectangle afterwards (None: no crop).
+    frame_shape : (H, W) or None
+        The raw geometry the rectangles describe; frames of another size are left alone (another
+        camera, or a frame the capture program already trimmed). None: every frame that contains all
+        the rectangles.
+    """
+
+    regions: tuple[tuple[Rect, Rect], ...] = ()
+    image_rect: Rect | None = None
+    frame_shape: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(
+        cls, pairs: Sequence[Sequence[int]], image_rect: Sequence[int], frame_px: Sequence[int] = ()
+    ) -> Overscan | None:
+        """From the configuration's lists (``calibration.overscan``, ``overscan_image_rect``,
+        ``overscan_frame_px`` = [width, height]); None when nothing is configured."""
+        regions = tuple(overscan_regions(pairs))
+        rect: Rect | None = None
+        if len(image_rect):
+            if len(image_rect) != 4:
+                raise StackwatchError(f"calibration.overscan_image_rect: expected 4 integers, got {list(image_rect)}")
+            x0, y0, x1, y1 = (int(v) for v in image_rect)
+            rect = (x0, y0, x1, y1)
+        frame: tuple[int, int] | None = None
+        if len(frame_px):
+            if len(frame_px) != 2:
+                raise StackwatchError(f"calibration.overscan_frame_px: expected [width, height], got {list(frame_px)}")
+            frame = (int(frame_px[1]), int(frame_px[0]))
+        if not regions and rect is None:
+            return None
+        ov = cls(regions, rect, frame)
+        if frame is not None and not ov._fits(frame[1], frame[0]):
+            raise StackwatchError(
+                f"calibration.overscan: a rectangle lies outside the {frame[1]}x{frame[0]} frame of overscan_frame_px"
+            )
+        return ov
+
+    def _rects(self) -> list[Rect]:
+        rects = [r for pair in self.regions for r in pair]
+        return [*rects, self.image_rect] if self.image_rect is not None else rects
+
+    def _fits(self, w: int, h: int) -> bool:
+        return all(_inside(r, w, h) for r in self._rects())
+
+    def applies(self, shape: Sequence[int]) -> bool:
+        """Whether a raw frame of this shape gets the correction."""
+        h, w = int(shape[-2]), int(shape[-1])
+        if self.frame_shape is not None and (h, w) != self.frame_shape:
+            return False
+        return self._fits(w, h)
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of a corrected frame (the raw shape when the correction does not apply)."""
+        if self.image_rect is None or not self.applies(shape):
+            return tuple(int(v) for v in shape)
+        x0, y0, x1, y1 = self.image_rect
+        return (*(int(v) for v in shape[:-2]), y1 - y0, x1 - x0)
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """(x0, y0) of the image rectangle in the raw frame."""
+        return (0, 0) if self.image_rect is None else (self.image_rect[0], self.image_rect[1])
+
+    def pattern(self, bayer: str | None) -> str | None:
+        """The Bayer pattern of the corrected frame (an odd crop offset changes it, §5.1)."""
+        return None if bayer is None else shift_pattern(bayer, *self.origin)
+
+    def levels(self, raw: np.ndarray) -> np.ndarray:
+        """Median of each source rectangle (float64, one per pair)."""
+        out = np.empty(len(self.regions), dtype=np.float64)
+        for i, ((x0, y0, x1, y1), _) in enumerate(self.regions):
+            out[i] = float(np.nanmedian(raw[..., y0:y1, x0:x1]))
+        return out
+
+    def correct_rows(self, rows: np.ndarray, y0: int, levels: np.ndarray) -> np.ndarray:
+        """Raw rows [y0, y0 + n) of the full width, corrected with ``levels`` and cropped to the image
+        columns (the caller chooses rows inside the image rectangle). New float32 array."""
+        out = np.array(rows, dtype=np.float32, copy=True)
+        n = out.shape[-2]
+        for ((_, _, _, _), (tx0, ty0, tx1, ty1)), level in zip(self.regions, levels, strict=True):
+            a, b = max(ty0, y0), min(ty1, y0 + n)
+            if a < b:
+                out[..., a - y0 : b - y0, tx0:tx1] -= np.float32(level)
+        if self.image_rect is not None:
+            out = np.ascontiguousarray(out[..., self.image_rect[0] : self.image_rect[2]])
+        return out
+
+    def correct(self, raw: np.ndarray, levels: np.ndarray | None = None) -> np.ndarray:
+        """The corrected, cropped frame (new float32 array)."""
+        lv = self.levels(raw) if levels is None else levels
+        if self.image_rect is None:
+            return self.correct_rows(raw, 0, lv)
+        _, y0, _, y1 = self.image_rect
+        return self.correct_rows(raw[..., y0:y1, :], y0, lv)
+
+    def describe(self) -> str:
+        """One line for provenance, e.g. ``overscan [0,0,8,96]->[8,0,136,96]; crop [8,0,136,96]``."""
+        bits = [f"overscan {list(s)}->{list(t)}".replace(" ", "") for s, t in self.regions]
+        if self.image_rect is not None:
+            bits.append(f"crop {list(self.image_rect)}".replace(", ", ","))
+        return "; ".join(bits)
 
 
 def output_pedestal(data: np.ndarray, *, quantile: float = 1e-4) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "channel_offsets",
     "debayer",
     "luminance",
+    "shift_pattern",
     "validate_pattern",
 ]
 
@@ -52,6 +53,14 @@ def channel_map(bayer: str) -> np.ndarray:
     pattern = validate_pattern(bayer)
     return np.array([[CHANNELS.index(pattern[0]), CHANNELS.index(pattern[1])],
                      [CHANNELS.index(pattern[2]), CHANNELS.index(pattern[3])]], dtype=np.int8)
+
+
+def shift_pattern(bayer: str, dx: int, dy: int) -> str:
+    """The pattern of ``data[dy:, dx:]`` (a crop starting at column ``dx``, row ``dy``): an odd column
+    offset swaps the columns of the tile, an odd row offset its rows (§5.1)."""
+    p = validate_pattern(bayer)
+    tile = [[p[0], p[1]], [p[2], p[3]]]
+    return "".join(tile[(r + dy) % 2][(c + dx) % 2] for r in range(2) for c in range(2))
 
 
 def channel_offsets(bayer: str) -> dict[str, list[tuple[int, int]]]:

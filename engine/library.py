@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 from stackwatch.engine import fitsio
-from stackwatch.engine.calibrate import FlatScale, flat_scale
+from stackwatch.engine.calibrate import FlatScale, Overscan, flat_scale
 from stackwatch.engine.cfa import channel_map
 from stackwatch.engine.classify import FrameInfo
 from stackwatch.engine.errors import StackwatchError
@@ -213,6 +213,7 @@ class MasterRecord:
     noise: float | None = None
     members: tuple[str, ...] = field(default=(), repr=False)
     warnings: tuple[str, ...] = ()
+    overscan: str = ""  # how the members were overscan-corrected (Overscan.describe()), "" if not
 
     @property
     def kind(self) -> str:
@@ -507,22 +508,49 @@ def master_rejection(n: int) -> tuple[str, dict[str, float]]:
     return "winsorized", {"kappa_low": 3.0, "kappa_high": 3.0, "cutoff": 5.0}
 
 
+def _overscan_levels(path: str, overscan: Overscan) -> np.ndarray:
+    """Median of each overscan source of a member, reading only the rows the sources span."""
+    ys = [r[0][1] for r in overscan.regions] + [r[0][3] for r in overscan.regions]
+    y0, y1 = min(ys), max(ys)
+    rows = fitsio.read_rows(path, y0, y1)
+    shifted = Overscan(tuple(((sx0, sy0 - y0, sx1, sy1 - y0), t) for (sx0, sy0, sx1, sy1), t in overscan.regions))
+    return shifted.levels(rows)
+
+
 class _FileSource:
-    """BandSource over a FITS member: rows via fitsio.read_rows, minus ``subtract`` rows, times the
+    """BandSource over a FITS member: rows via fitsio.read_rows, overscan-corrected and cropped when
+    ``overscan`` is given (``shape`` is then the cropped shape), minus ``subtract`` rows, times the
     per-CFA-position factor ``q`` (2x2). Values are float32 like fitsio's."""
 
     def __init__(
-        self, path: str, shape: tuple[int, ...], subtract: np.ndarray | None = None, q: np.ndarray | None = None
+        self,
+        path: str,
+        shape: tuple[int, ...],
+        subtract: np.ndarray | None = None,
+        q: np.ndarray | None = None,
+        overscan: Overscan | None = None,
+        levels: np.ndarray | None = None,
     ) -> None:
         self.path = path
         self.shape = shape
         self._sub = subtract
         self._q = None if q is None else np.asarray(q, dtype=np.float32)
+        self._ov = overscan
+        self._levels = levels if overscan is None or levels is not None else _overscan_levels(path, overscan)
 
-    def read_band(self, y0: int, y1: int) -> np.ndarray:
-        rows = fitsio.read_rows(self.path, y0, y1)
+    def _rows(self, y0: int, y1: int) -> np.ndarray:
+        if self._ov is None:
+            rows = fitsio.read_rows(self.path, y0, y1)
+        else:
+            oy = self._ov.origin[1]
+            raw = fitsio.read_rows(self.path, y0 + oy, y1 + oy)
+            rows = self._ov.correct_rows(raw, y0 + oy, self._levels)  # type: ignore[arg-type]
         if rows.shape[-2:] != (y1 - y0, self.shape[-1]):
             raise StackwatchError(f"{self.path}: {rows.shape[-1]} columns, the master expects {self.shape[-1]}")
+        return rows
+
+    def read_band(self, y0: int, y1: int) -> np.ndarray:
+        rows = self._rows(y0, y1)
         if self._sub is not None:
             rows = rows - self._sub[..., y0:y1, :]
         if self._q is not None:
@@ -553,6 +581,7 @@ class MasterResult:
     flat_scale: FlatScale | None
     member_levels: tuple[tuple[float, ...], ...]
     warnings: tuple[str, ...]
+    overscan: str = ""  # Overscan.describe() when the members were overscan-corrected, else ""
 
 
 def _levels(data: np.ndarray, bayer: str | None) -> tuple[float, ...]:
@@ -611,6 +640,7 @@ def integrate_master(
     check_levels: bool = True,
     rejection: str | None = None,
     params: Mapping[str, float] | None = None,
+    overscan: Overscan | None = None,
 ) -> MasterResult:
     """Integrate the members of one master (§2.1, §2.2) over row bands.
 
@@ -632,6 +662,10 @@ def integrate_master(
     rejection, params : optional
         Override the §2.1 choice (:func:`master_rejection`) with any
         :data:`stackwatch.engine.reject.REJECTIONS` name and its parameters. Default is None.
+    overscan : Overscan, optional
+        Overscan correction and crop applied to every member before anything else when the members'
+        geometry matches it (``bayer`` and ``subtract`` then describe the cropped frame, as for the
+        lights calibrated with the master). Default is None.
     """
     from stackwatch.engine.integrate import integrate  # H3's band integrator
 
@@ -649,43 +683,58 @@ def integrate_master(
     order = sorted(range(len(spaths)), key=lambda i: spaths[i])
     spaths = [spaths[i] for i in order]
     subs = [subs[i] for i in order]
-    shape = tuple(int(v) for v in fitsio.image_shape(fitsio.read_header(spaths[0])))
+    raw_shape = tuple(int(v) for v in fitsio.image_shape(fitsio.read_header(spaths[0])))
+    if overscan is not None and not overscan.applies(raw_shape):
+        overscan = None
+    shape = raw_shape if overscan is None else overscan.output_shape(raw_shape)
     warnings: list[str] = []
     levels: list[tuple[float, ...]] = []
     sources: list[_FileSource] = []
     if kind == "flat":
         if bayer is not None:
             channel_map(bayer)
-        kept: list[tuple[str, np.ndarray | None, tuple[float, ...]]] = []
+        kept: list[tuple[str, np.ndarray | None, tuple[float, ...], np.ndarray | None]] = []
         for p, sub in zip(spaths, subs, strict=True):
             img = fitsio.read_image(p)
-            if img.data.shape != shape:
-                raise StackwatchError(f"{p}: shape {img.data.shape}, the other flats {shape}")
+            if img.data.shape != raw_shape:
+                raise StackwatchError(f"{p}: shape {img.data.shape}, the other flats {raw_shape}")
+            data = img.data
+            levels_ov = None
+            if overscan is not None:
+                levels_ov = overscan.levels(data)
+                if overscan.image_rect is not None:
+                    x0, y0, x1, y1 = overscan.image_rect
+                    raw_in = data[..., y0:y1, x0:x1]
+                else:
+                    raw_in = data
+                data = overscan.correct(data, levels_ov)
+            else:
+                raw_in = data
             if check_levels:
-                problem = flat_level_problem(img.data, saturation=img.saturation, bayer=bayer)
+                problem = flat_level_problem(raw_in, saturation=img.saturation, bayer=bayer)
                 if problem:
                     warnings.append(f"{os.path.basename(p)} not used: {problem}")
                     continue
-            cal = img.data if sub is None else img.data - sub
+            cal = data if sub is None else data - sub
             lv = _levels(cal, bayer)
             if not all(np.isfinite(lv)) or min(lv) <= 0:
                 warnings.append(f"{os.path.basename(p)} not used: non-positive level after calibration")
                 continue
-            kept.append((p, sub, lv))
+            kept.append((p, sub, lv, levels_ov))
         if not kept:
             raise StackwatchError(f"no usable flat among {len(spaths)} (" + "; ".join(warnings) + ")")
         m0 = np.array(kept[0][2], dtype=np.float64)
-        for p, sub, lv in kept:
+        for p, sub, lv, lov in kept:
             ratio = m0 / np.array(lv, dtype=np.float64)
             q = np.full((2, 2), ratio[0]) if len(ratio) == 1 else ratio.reshape(2, 2)
-            sources.append(_FileSource(p, shape, sub, q))
+            sources.append(_FileSource(p, shape, sub, q, overscan, lov))
             levels.append(lv)
     else:
         for p in spaths:
             hdr_shape = tuple(int(v) for v in fitsio.image_shape(fitsio.read_header(p)))
-            if hdr_shape != shape:
-                raise StackwatchError(f"{p}: shape {hdr_shape}, the other {kind} frames {shape}")
-            sources.append(_FileSource(p, shape))
+            if hdr_shape != raw_shape:
+                raise StackwatchError(f"{p}: shape {hdr_shape}, the other {kind} frames {raw_shape}")
+            sources.append(_FileSource(p, shape, overscan=overscan))
     if rejection is None:
         name, params = master_rejection(len(sources))
     else:
@@ -721,6 +770,7 @@ def integrate_master(
         flat_scale=fs,
         member_levels=tuple(levels),
         warnings=tuple(warnings),
+        overscan="" if overscan is None else overscan.describe(),
     )
 
 
@@ -762,6 +812,10 @@ def master_header(result: MasterResult, key: MasterKey, infos: Sequence[FrameInf
     h["REJLOW"] = (round(result.rej_low_frac, 6), "fraction of samples rejected low")
     h["REJHIGH"] = (round(result.rej_high_frac, 6), "fraction of samples rejected high")
     h["NORMALIZ"] = "MULTIPLICATIVE" if result.kind == "flat" else "NONE"
+    if result.overscan:
+        # the rectangle list can exceed a card: the keyword says it was done, HISTORY says how
+        h["OVERSCAN"] = (True, "members overscan-corrected and cropped")
+        h.add_history(f"members corrected: {result.overscan}")
     finite = result.image[np.isfinite(result.image)]
     if finite.size:
         h["MEDIAN"] = (float(np.median(finite[:: max(1, finite.size // 1_000_000)])), "median (subsampled)")

@@ -203,3 +203,132 @@ def test_osc_end_to_end_calibration_is_flat_per_channel(tmp_path: Path) -> None:
                 # and no colour cast: each channel's level is the true one
                 assert abs(float(np.nanmedian(r)) / sky) < 0.003, (i, "RGB"[cmap[dy, dx]])
     print(f"OSC end to end: worst binned residual {worst * 100:.3f} % of the channel's sky")
+
+
+# ------------------------------------------------------------------------------------------------
+# Overscan (algorithms.md §3.3): a CCD whose bias level drifts from frame to frame; the overscan
+# strip (columns 96-103, no light) follows the drift.
+
+_OV_H, _OV_W, _OV_IMG_W = 72, 104, 96
+
+
+def _overscan_night(folder: Path) -> dict[str, object]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(33)
+    yy, xx = np.mgrid[0:_OV_H, 0:_OV_IMG_W]
+    pattern = 900.0 + 4.0 * np.sin(xx / 5.0) + rng.normal(0, 3.0, (_OV_H, _OV_IMG_W))  # fixed bias structure, ADU
+    dark_rate = rng.exponential(0.02, (_OV_H, _OV_IMG_W))  # ADU/s
+    vign = 1.0 - 0.3 * (((xx - 48) ** 2 + (yy - 36) ** 2) / 48.0**2)
+    sky = 800.0 + 2.0 * xx
+    files: dict[str, list[str]] = {"bias": [], "dark": [], "flat": [], "light": []}
+    n = 0
+
+    def write(kind: str, exposure: float, signal: np.ndarray) -> None:
+        nonlocal n
+        drift = rng.uniform(-60.0, 60.0)  # the whole readout shifts, overscan included
+        raw = np.empty((_OV_H, _OV_W))
+        raw[:, :_OV_IMG_W] = pattern + signal + rng.normal(0, 2.0, signal.shape)
+        raw[:, _OV_IMG_W:] = 880.0 + rng.normal(0, 2.0, (_OV_H, _OV_W - _OV_IMG_W))
+        raw += drift
+        hdr = fits.Header()
+        hdr["IMAGETYP"] = {"bias": "Bias Frame", "dark": "Dark Frame", "flat": "Flat Field", "light": "Light Frame"}[kind]
+        hdr["EXPTIME"] = exposure
+        hdr["DATE-OBS"] = f"2026-11-21T22:{n // 60:02d}:{n % 60:02d}"
+        hdr["INSTRUME"] = "CCD with overscan"
+        hdr["GAIN"] = 1.0
+        hdr["CCD-TEMP"] = -20.0
+        hdr["XBINNING"] = 1
+        hdr["YBINNING"] = 1
+        if kind in ("flat", "light"):
+            hdr["FILTER"] = "L"
+        if kind == "light":
+            hdr["OBJECT"] = "M 1"
+        p = folder / f"{kind}_{n:03d}.fits"
+        fits.PrimaryHDU(np.clip(np.rint(raw), 0, 65535).astype(np.uint16), hdr).writeto(p)
+        files[kind].append(str(p))
+        n += 1
+
+    for _ in range(7):
+        write("bias", 0.0, np.zeros_like(pattern))
+    for _ in range(7):
+        write("dark", 300.0, dark_rate * 300.0)
+    for _ in range(7):
+        write("flat", 2.0, 20000.0 * vign)
+    write("light", 300.0, sky * vign + dark_rate * 300.0)
+    return {"files": files, "pattern": pattern, "sky": sky, "vign": vign}
+
+
+def test_overscan_masters_and_lights_share_the_cropped_geometry(tmp_path: Path) -> None:
+    from stackwatch.engine.calibrate import Overscan, calibrate_light
+
+    ov_night = _overscan_night(tmp_path / "raw")
+    files = ov_night["files"]
+    ov = Overscan.from_config([[_OV_IMG_W, 0, _OV_W, _OV_H, 0, 0, _OV_IMG_W, _OV_H]], [0, 0, _OV_IMG_W, _OV_H])
+    assert ov is not None
+    lib = CalibrationLibrary(tmp_path / "lib", overscan=ov)
+    lib.add_frames(files["bias"] + files["dark"] + files["flat"])
+    recs = {r.kind: r for r in lib.masters()}
+    assert set(recs) == {"bias", "dark", "flat"}
+    for r in recs.values():
+        assert r.key.shape == (_OV_H, _OV_W)  # the key keeps the raw geometry lights are matched on
+        assert fitsio.read_image(r.path).data.shape == (_OV_H, _OV_IMG_W)
+        h = fits.getheader(r.path)
+        assert h["OVERSCAN"] is True and r.overscan == ov.describe() and record_dict(r)["overscan"] == ov.describe()
+        assert "members corrected: overscan" in "".join(str(v) for v in h["HISTORY"])
+    # master bias = pattern - overscan level, whatever each frame's drift (7 frames: noise 2/sqrt(7) ADU)
+    bias = lib.load(recs["bias"]) * 65535.0
+    resid = bias - (ov_night["pattern"] - 880.0)
+    assert abs(float(np.mean(resid))) < 0.5 and float(np.std(resid)) < 1.6
+
+    light = fitsio.read_image(files["light"][0])
+    info = classify(light.header, files["light"][0])
+    ms = lib.match(info)
+    assert ms.bias is not None and ms.dark is not None and ms.flat is not None and ms.dark_scale == 1.0
+    kw = {"bias": lib.load(ms.bias), "dark": lib.load(ms.dark), "flat": lib.load(ms.flat),
+          "flat_scale_override": lib.flat_scale(ms.flat)}
+    cal = calibrate_light(light, overscan=lib.overscan, **kw)
+    assert cal.data.shape == (_OV_H, _OV_IMG_W) and cal.saturated.shape == cal.data.shape
+    assert cal.overscan_levels and any(n.startswith("overscan") for n in cal.notes)
+    s0 = cal.flat_scale[0]
+    truth = ov_night["sky"] / 65535.0 * s0 / (20000.0 / 65535.0)  # sky in the flat's units: C = sky * s0 / F_level
+    err = float(np.median(np.abs(cal.data / truth - 1.0)))
+    assert err < 0.01, err  # without the correction the light's drift (up to 120 ADU on 800) stays
+
+    # a light of another geometry is left alone and says so
+    other = calibrate_light(np.full((10, 12), 0.1, np.float32), overscan=lib.overscan)
+    assert other.data.shape == (10, 12) and any("not applied" in n for n in other.notes)
+
+    # another overscan setting: the masters are re-integrated, not matched in their old geometry
+    lib.close()
+    plain = CalibrationLibrary(tmp_path / "lib")
+    assert plain.match(info).dark is None and set(plain.pending()) == {r.path.rsplit("/", 1)[1][:-5] for r in recs.values()}
+    plain.rebuild()
+    assert {fitsio.read_image(r.path).data.shape for r in plain.masters()} == {(_OV_H, _OV_W)}
+    assert all(r.overscan == "" for r in plain.masters()) and plain.match(info).dark is not None
+    ms = plain.match(info)
+    uncorrected = calibrate_light(light, bias=plain.load(ms.bias), dark=plain.load(ms.dark), flat=plain.load(ms.flat))
+    err_plain = float(np.median(np.abs(uncorrected.data[:, :_OV_IMG_W] / truth - 1.0)))
+    print(f"overscan: median error {err:.4f} corrected, {err_plain:.4f} without")
+    assert err_plain > 3 * err  # the drift this seed draws is what the correction removes
+    plain.close()
+
+
+def test_pipeline_passes_the_overscan_configuration(tmp_path: Path) -> None:
+    from stackwatch.daemon.config import config_from_mapping
+    from stackwatch.daemon.pipeline import Pipeline
+
+    files = _overscan_night(tmp_path / "raw")["files"]
+    cfg = config_from_mapping({"calibration": {
+        "overscan": [[_OV_IMG_W, 0, _OV_W, _OV_H, 0, 0, _OV_IMG_W, _OV_H]],
+        "overscan_image_rect": [0, 0, _OV_IMG_W, _OV_H], "overscan_frame_px": [_OV_W, _OV_H]}})
+    pipe = Pipeline(cfg, tmp_path / "state")
+    try:
+        for p in files["bias"] + files["dark"] + files["flat"]:
+            pipe.add_calibration(Path(p))
+        assert {m["overscan"] for m in pipe.flush_masters() + pipe.masters()} == {pipe.library.overscan.describe()}
+        prep = pipe._prepare(files["light"][0])
+        assert prep.data.shape == (_OV_H, _OV_IMG_W) and prep.saturated.shape == prep.data.shape
+        assert prep.masters.dark is not None and prep.masters.flat is not None
+        assert any(n.startswith("overscan") for n in prep.notes), prep.notes
+    finally:
+        pipe.close()

@@ -206,6 +206,47 @@ def test_overscan_regions_from_config() -> None:
         calibrate.overscan_regions([[1, 2, 3, 4]])
 
 
+def test_overscan_object_bands_geometry_and_pattern() -> None:
+    rng = np.random.default_rng(5)
+    raw = rng.normal(0.1, 0.001, (30, 44)).astype(np.float32)
+    raw[:, 40:] = rng.normal(0.02, 0.001, (30, 4))  # a column strip
+    raw[28:, :] = rng.normal(0.03, 0.001, (2, 44))  # a row strip for the bottom rows only
+    ov = calibrate.Overscan.from_config(
+        [[40, 0, 44, 28, 0, 0, 40, 28], [0, 28, 40, 30, 0, 27, 40, 28]], [1, 1, 39, 27], [44, 30]
+    )
+    assert ov is not None and ov.applies((30, 44)) and not ov.applies((30, 46))
+    assert ov.output_shape((30, 44)) == (26, 38) and ov.output_shape((8, 8)) == (8, 8)
+    lv = ov.levels(raw)
+    np.testing.assert_allclose(lv, [np.median(raw[:28, 40:]), np.median(raw[28:, :40])])
+    full = ov.correct(raw, lv)
+    ref = calibrate.subtract_overscan(raw, regions=ov.regions, image_rect=ov.image_rect)
+    np.testing.assert_array_equal(full, ref)
+    # band by band (as the master integrator reads members) equals the whole frame
+    bands = [ov.correct_rows(raw[1 + y0 : 1 + y1], 1 + y0, lv) for y0, y1 in ((0, 7), (7, 20), (20, 26))]
+    np.testing.assert_array_equal(np.concatenate(bands), full)
+    # an odd crop offset changes the CFA pattern (§5.1: odd x and odd y -> DC/BA)
+    assert ov.pattern("RGGB") == "BGGR" and ov.pattern(None) is None
+    cal = calibrate.calibrate_light(raw, bayer="RGGB", overscan=ov, saturation=0.1005)
+    assert cal.bayer == "BGGR" and cal.data.shape == (26, 38)
+    np.testing.assert_array_equal(cal.saturated, raw[1:27, 1:39] >= 0.1005)  # judged on raw values
+    with pytest.raises(StackwatchError, match="overscan_image_rect"):
+        calibrate.Overscan.from_config([], [1, 2, 3])
+    with pytest.raises(StackwatchError, match="outside the 20x30 frame"):
+        calibrate.Overscan.from_config([[40, 0, 44, 28, 0, 0, 40, 28]], [], [20, 30])
+    assert calibrate.Overscan.from_config([], []) is None
+
+
+@pytest.mark.parametrize(
+    ("dx", "dy", "expected"),
+    [(1, 0, ("GRBG", "GBRG", "RGGB", "BGGR")), (0, 1, ("GBRG", "GRBG", "BGGR", "RGGB")),
+     (1, 1, ("BGGR", "RGGB", "GBRG", "GRBG")), (2, 4, ("RGGB", "BGGR", "GRBG", "GBRG"))],
+)
+def test_shift_pattern_follows_the_orientation_table(dx: int, dy: int, expected: tuple[str, ...]) -> None:
+    from stackwatch.engine.cfa import shift_pattern
+
+    assert tuple(shift_pattern(p, dx, dy) for p in ("RGGB", "BGGR", "GRBG", "GBRG")) == expected
+
+
 def test_w1_at_matches_scipy_starlet_layer() -> None:
     from scipy import ndimage
 
