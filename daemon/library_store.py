@@ -24,6 +24,7 @@ SQLite is used only here (the engine never imports sqlite3); one connection guar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from stackwatch.engine import fitsio
-from stackwatch.engine.calibrate import FlatScale, Overscan, flat_scale
+from stackwatch.engine.calibrate import DarkStructure, FlatScale, Overscan, dark_structure, flat_scale
 from stackwatch.engine.classify import FrameInfo, classify
 from stackwatch.engine.cosmetic import DefectMap, defect_map
 from stackwatch.engine.errors import FrameError, StackwatchError
@@ -432,7 +433,41 @@ class CalibrationLibrary:
         """The masters for a light or flat, with explanations (:func:`stackwatch.engine.library.match`);
         masters integrated under another overscan setting than the current one are left out."""
         usable = [r for r in self.masters() if r.overscan == self._overscan_text(r.key)]
-        return match(info, usable, rules=self.rules)
+        ms = match(info, usable, rules=self.rules)
+        if ms.optimize_dark and ms.dark is not None and ms.bias is not None:
+            ms = self._check_glow(ms)
+        return ms
+
+    def _check_glow(self, ms: MasterSet) -> MasterSet:
+        """§3.2: with ``optimize_darks = "auto"`` a dark with amp glow is scaled by t_L/t_D, not
+        optimised (glow does not scale like warm pixels); with "always" the optimisation runs and the
+        explanation warns."""
+        assert ms.dark is not None and ms.bias is not None
+        st = self.dark_structure(ms.dark, ms.bias)
+        if not st.glow:
+            return ms
+        auto = self.rules.optimize_darks == "auto"
+        tail = f"optimisation off: {st.reason}" if auto else f"warning: {st.reason} (optimisation forced by optimize_darks = always)"
+        notes = [
+            (n.replace(" (to be optimised)", "").replace(" (optimised)", "") + f"; {tail}" if auto else f"{n}; {tail}")
+            if n.startswith("dark: ")
+            else n
+            for n in ms.explanations
+        ]
+        return dataclasses.replace(ms, optimize_dark=ms.optimize_dark and not auto, explanations=tuple(notes))
+
+    def dark_structure(self, dark: MasterRecord, bias: MasterRecord) -> DarkStructure:
+        """Amp-glow check of a master dark against its bias (§3.2), once per file versions."""
+        key = ("glow", self._version(dark), self._version(bias))
+        with self._lock:
+            hit = self._derived.get(key)
+        if hit is None:
+            hit = dark_structure(self.load(dark), self.load(bias))
+            with self._lock:
+                if len(self._derived) > 32:
+                    self._derived.clear()
+                self._derived[key] = hit
+        return hit  # type: ignore[no-any-return]
 
     def load(self, record: MasterRecord) -> np.ndarray:
         """The master's pixels (cached while the file is unchanged)."""

@@ -93,8 +93,10 @@ def test_match_light_through_the_library(night: dict, tmp_path: Path) -> None:
     info = classify(fitsio.read_header(files["light"][0]), files["light"][0])
     ms = lib.match(info)
     assert ms.bias is not None and ms.dark is not None and ms.flat is not None
-    assert ms.dark_scale == pytest.approx(0.4) and ms.optimize_dark
-    assert any(e.startswith("dark: 300 s for 120 s") for e in ms.explanations), ms.explanations
+    # the simulator's CMOS has amp glow: §3.2 keeps the nominal k = t_L/t_D and says why
+    assert ms.dark_scale == pytest.approx(0.4) and not ms.optimize_dark
+    dark_line = next(e for e in ms.explanations if e.startswith("dark: 300 s for 120 s"))
+    assert "optimisation off: amp glow" in dark_line and "to be optimised" not in dark_line, dark_line
     flat_hist = " ".join(str(v) for v in fits.getheader(ms.flat.path)["HISTORY"])
     assert "flat-dark" in flat_hist
     dm = lib.defects(ms.dark, bias=ms.bias, flat=ms.flat)
@@ -332,3 +334,31 @@ def test_pipeline_passes_the_overscan_configuration(tmp_path: Path) -> None:
         assert any(n.startswith("overscan") for n in prep.notes), prep.notes
     finally:
         pipe.close()
+
+
+def test_clean_dark_is_optimised_and_always_mode_warns_about_glow(night: dict, tmp_path: Path) -> None:
+    from stackwatch.engine.library import MatchRules
+
+    spec = sim.SimulationSpec(width=128, height=96, n_lights=1, n_darks=7, n_biases=7, n_flats=0, n_darkflats=0,
+                              exposure_s=120.0, dark_exposure_s=300.0, amp_glow_e_per_s=0.0, seed=22)
+    truth = sim.make_truth(spec)
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    paths: dict[str, list[str]] = {"bias": [], "dark": [], "light": []}
+    for fr in sim.iter_night(truth, kinds=("bias", "dark", "light")):
+        p = folder / fr.filename
+        sim.write_fits(p, fr.data, fr.header)
+        paths[fr.kind].append(str(p))
+    lib = CalibrationLibrary(tmp_path / "lib")
+    lib.add_frames(paths["bias"] + paths["dark"])
+    light = paths["light"][0]
+    ms = lib.match(classify(fitsio.read_header(light), light))
+    assert ms.optimize_dark and not any("glow" in e for e in ms.explanations), ms.explanations
+    lib.close()
+    # the glowing night with optimisation forced: it runs, with a warning
+    files = night["files"]
+    forced = CalibrationLibrary(tmp_path / "forced", rules=MatchRules(optimize_darks="always"))
+    forced.add_frames(files["bias"] + files["dark"])
+    ms = forced.match(classify(fitsio.read_header(files["light"][0]), files["light"][0]))
+    assert ms.optimize_dark and any("warning: amp glow" in e for e in ms.explanations), ms.explanations
+    forced.close()

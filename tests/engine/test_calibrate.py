@@ -178,6 +178,35 @@ def test_fast_and_golden_agree_and_golden_minimises_noise(night: dict) -> None:
     assert abs(fast.k / gold.k - 1) < 0.01
 
 
+def _masters_of(spec: object) -> tuple[np.ndarray, np.ndarray]:
+    truth = sim.make_truth(spec)
+    frames: dict[str, list[np.ndarray]] = {"bias": [], "dark": []}
+    for f in truth.frames:
+        if f.kind in frames:
+            frames[f.kind].append(sim.render_frame(truth, f).astype(np.float32) / np.float32(FS))
+    return _clipped_mean(np.stack(frames["dark"])), _clipped_mean(np.stack(frames["bias"]))
+
+
+@pytest.mark.parametrize(("glow_e_per_s", "expected"), [(0.3, True), (0.05, True), (0.0, False)])
+def test_amp_glow_turns_dark_optimisation_off(glow_e_per_s: float, expected: bool) -> None:
+    """§3.2: CMOS amp glow (the simulator's top-right corner) is 64-px structure near an edge; a
+    clean CCD-like dark (warm and hot pixels, no glow) is not."""
+    spec = sim.SimulationSpec(width=256, height=192, n_lights=1, n_darks=9, n_biases=9, n_flats=0, n_darkflats=0,
+                              amp_glow_e_per_s=glow_e_per_s, hot_pixel_frac=1e-3, seed=3)
+    dark, bias = _masters_of(spec)
+    st = calibrate.dark_structure(dark, bias)
+    print(f"amp glow {glow_e_per_s} e/s: peak {st.peak_sigma:.1f} sigma at the {st.where} ({st.block_px}-px blocks)")
+    assert st.glow is expected
+    if expected:
+        assert st.where == "top-right corner" and st.reason.startswith("amp glow:")
+    else:
+        assert st.reason == "" and st.peak_sigma < 4.0
+    # a central warm spot (a CCD's hot amplifier-free region) is not glow
+    spot = dark.copy()
+    spot[80:112, 112:144] += 0.01
+    assert calibrate.dark_structure(spot, bias).glow is expected
+
+
 def test_hot_pixels_removed_by_cosmetic_correction(night: dict) -> None:
     """A simulated hot pixel 'remains' when cosmetic correction left its calibrated value unchanged."""
     truth = night["truth"]
