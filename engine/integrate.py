@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 from stackwatch.engine.errors import StackwatchError
 from stackwatch.engine.reject import (
+    FLOOR_SIZE,
     HIGH,
     INVALID,
     KEEP,
@@ -48,6 +49,7 @@ __all__ = [
     "BandSource",
     "Integration",
     "MaskedSource",
+    "NoiseModel",
     "NpySource",
     "band_rows_for",
     "integrate",
@@ -186,6 +188,78 @@ class Integration:
         return float(self.rej_low.sum(dtype=np.float64)) / total, float(self.rej_high.sum(dtype=np.float64)) / total
 
 
+@dataclass(frozen=True)
+class NoiseModel:
+    """The frames' noise model (§10), a floor under the σ every rejector tests against.
+
+    The variance of a normalised sample of frame i at signal s above the reference background is
+    a_i + b_i·s + (ε·s)² (a_i = ρ_i(m_i σ_i)², b_i = ρ_i m_i / g, see LiveStack). Per pixel the floor
+    uses the mean a and b of the frames with a valid sample; the signal is measured from the
+    rejector's centre. Below the floor a deviation is noise, never an outlier: with few frames the
+    sample σ is often much smaller than the true one, which made PI's clipping reject several times
+    the expected share of clean samples and the bright cores of the sharpest frames.
+
+    a, b : (N,) or (N, C) per frame (and channel).
+    background : reference background: a scalar, or a grid (gh, gw) / (C, gh, gw) with nodes every
+        ``background_step_px`` pixels, interpolated bilinearly (as LiveStack does).
+    epsilon : relative scale-noise term. Default is 0.2.
+    kappa_low, kappa_high : for rejectors without a σ of their own (percentile): a sample is rejected
+        only when it is also beyond κ·σ_floor. Defaults 4 and 3.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    background: Any = 0.0
+    background_step_px: float = 64.0
+    epsilon: float = 0.2
+    kappa_low: float = 4.0
+    kappa_high: float = 3.0
+
+    def per_frame(self, n: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C, N) float64 arrays of a and b."""
+        out = []
+        for name, v in (("a", self.a), ("b", self.b)):
+            arr = np.asarray(v, dtype=np.float64)
+            if arr.ndim == 1:
+                arr = np.repeat(arr[:, None], channels, axis=1)
+            if arr.shape != (n, channels) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise StackwatchError(f"noise model: {name} must be finite, >= 0 and of shape ({n},) or ({n}, {channels})")
+            out.append(np.ascontiguousarray(arr.T))
+        return out[0], out[1]
+
+    def grid(self, channels: int) -> np.ndarray:
+        """(C, gh, gw) float64 background grid."""
+        g = np.asarray(self.background, dtype=np.float64)
+        if g.ndim == 0:
+            g = g.reshape(1, 1)
+        if g.ndim == 2:
+            g = np.broadcast_to(g, (channels, *g.shape))
+        if g.ndim != 3 or g.shape[0] != channels:
+            raise StackwatchError(f"noise model: background grid shape {g.shape} does not fit {channels} channel(s)")
+        return np.ascontiguousarray(g)
+
+
+@njit(cache=True, nogil=True)
+def _background_rows(grid: np.ndarray, ch: int, y0: int, y1: int, width: int, step: float, out: np.ndarray) -> None:
+    """Bilinear interpolation of the background grid on rows [y0, y1) (LiveStack's formula)."""
+    gh = grid.shape[1]
+    gw = grid.shape[2]
+    inv = 1.0 / step
+    for r in range(y1 - y0):
+        yy = (y0 + r) * inv
+        iy = min(int(yy), gh - 1)
+        iy1 = min(iy + 1, gh - 1)
+        fy = yy - iy if iy1 > iy else 0.0
+        for x in range(width):
+            xx = x * inv
+            ix = min(int(xx), gw - 1)
+            ix1 = min(ix + 1, gw - 1)
+            fx = xx - ix if ix1 > ix else 0.0
+            out[r, x] = (1 - fy) * ((1 - fx) * grid[ch, iy, ix] + fx * grid[ch, iy, ix1]) + fy * (
+                (1 - fx) * grid[ch, iy1, ix] + fx * grid[ch, iy1, ix1]
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # kernel
 
@@ -205,15 +279,33 @@ def _integrate_band(
     w_out: np.ndarray,
     record: np.ndarray,
     cand_kappa: float,
+    nm_a: np.ndarray,
+    nm_b: np.ndarray,
+    nm_par: np.ndarray,
+    bg: np.ndarray,
 ) -> None:
     """Integrate one band (N, h, W). pre: (N, h, W) uint8 pre-rejections (2 = high) or shape (0,0,0).
     record: (N, h, W) uint8 receiving each sample's code, or shape (0,0,0); with cand_kappa > 0 a kept
     sample more than cand_kappa standard deviations above the mean of the kept samples is recorded
-    as CANDIDATE (large-scale rejection's low threshold)."""
+    as CANDIDATE (large-scale rejection's low threshold).
+    Noise floor (NoiseModel): nm_a/nm_b (N,) per frame, nm_par = (ε², κ_low, κ_high), bg (h, W) the
+    reference background of the band; nm_a of shape (0,) disables it."""
     n, h, w = band.shape
     has_pre = pre.shape[0] == n
     has_rec = record.shape[0] == n
+    has_nm = nm_a.shape[0] == n
     for y in prange(h):
+        floor = np.empty(FLOOR_SIZE, dtype=np.float64)
+        floor[0] = -1.0
+        floor[1] = 0.0
+        floor[2] = 0.0
+        floor[3] = 0.0
+        floor[4] = 0.0
+        floor[5] = 0.0
+        if has_nm:
+            floor[2] = nm_par[0]
+            floor[4] = nm_par[1]
+            floor[5] = nm_par[2]
         row = np.empty((w, n), dtype=np.float32)
         for i in range(n):
             for x in range(w):
@@ -243,7 +335,17 @@ def _integrate_band(
                     for i in range(n):
                         record[i, y, x] = INVALID
                 continue
-            kept = _run(code, values, params, mask, work)
+            if has_nm:
+                sa = 0.0
+                sb = 0.0
+                for i in range(n):
+                    if mask[i] != INVALID:
+                        sa += nm_a[i]
+                        sb += nm_b[i]
+                floor[0] = sa / nvalid
+                floor[1] = sb / nvalid
+                floor[3] = bg[y, x]
+            kept = _run(code, values, params, mask, work, floor)
             nlo = 0
             nhi = 0
             for i in range(n):
@@ -450,6 +552,7 @@ def integrate(
     band_budget_bytes: int = 1 << 30,
     band_rows: int | None = None,
     prefetch: bool = True,
+    noise_model: NoiseModel | None = None,
 ) -> Integration:
     """Integrate frames with pixel rejection, band by band.
 
@@ -472,6 +575,8 @@ def integrate(
         budget is split between two bands (one being read while the other is integrated).
     band_rows : force the band height (tests); default None = from the budget.
     prefetch : read the next band in a thread while the current one is integrated. Default is True.
+    noise_model : a floor under the rejectors' σ from the frames' noise model (see NoiseModel).
+        Default is None (the algorithms exactly as PixInsight defines them).
 
     Exclusion masks: sources deliver NaN for excluded pixels (``MaskedSource`` wraps a source and a
     bool mask); such samples count neither in coverage nor in rejection.
@@ -513,6 +618,18 @@ def integrate(
     cov = np.empty((channels, height, width), dtype=np.uint16)
     wsum = np.empty((channels, height, width), dtype=np.float32)
     median = combination == "median"
+    if noise_model is not None:
+        nm_a, nm_b = noise_model.per_frame(n, channels)
+        nm_grid = noise_model.grid(channels)
+        nm_step = float(noise_model.background_step_px)
+        if not nm_step > 0:
+            raise StackwatchError("noise model: background_step_px must be > 0")
+        nm_par = np.array(
+            [float(noise_model.epsilon) ** 2, float(noise_model.kappa_low), float(noise_model.kappa_high)], np.float64
+        )
+    else:
+        nm_a = nm_b = np.zeros((channels, 0), np.float64)
+        nm_par = np.zeros(3, np.float64)
 
     cand_kappa = float(large_scale_candidate_kappa) if large_scale else 0.0
     cands: list[list[tuple[np.ndarray, int]]] = [[] for _ in range(n)]  # packed bits per band
@@ -546,7 +663,10 @@ def integrate(
         rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
         union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
         cand = np.zeros((n, y1 - y0, width), dtype=bool) if (record_high and cand_kappa > 0) else None
+        bg = np.zeros((y1 - y0, width) if noise_model is not None else (0, 0), np.float64)
         for c in range(channels):
+            if noise_model is not None:
+                _background_rows(nm_grid, c, y0, y1, width, nm_step, bg)
             _integrate_band(
                 band[c],
                 pre,
@@ -561,6 +681,10 @@ def integrate(
                 wsum[c, y0:y1],
                 rec,
                 cand_kappa if record_high else 0.0,
+                nm_a[c],
+                nm_b[c],
+                nm_par,
+                bg,
             )
             if union is not None:
                 union |= rec == HIGH

@@ -35,11 +35,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numba import njit, prange
 from stackwatch.engine.errors import StackwatchError
+
+if TYPE_CHECKING:
+    from stackwatch.engine.integrate import NoiseModel
 
 __all__ = ["EMPTY", "ExactResult", "FrameRecord", "LiveStack", "UpdateResult"]
 
@@ -826,9 +829,30 @@ class LiveStack:
             self._tab[ch, _T_S, rec.slot] = rec.noise[ch]
             self._tab[ch, _T_RHO, rec.slot] = rec.rho
             self._tab[ch, _T_IG, rec.slot] = 0.0 if not rec.gain else 1.0 / rec.gain
-            m, sg = rec.scale[ch], rec.noise[ch]
-            self._tab[ch, _T_A, rec.slot] = rec.rho * (m * sg) ** 2
-            self._tab[ch, _T_B, rec.slot] = rec.rho * m * self._tab[ch, _T_IG, rec.slot]
+        self._pool_noise(rec)
+
+    def _pool_noise(self, rec: FrameRecord | None = None) -> None:
+        """Noise-model coefficients A = ρ(mσ)², B = ρm/g pooled (averaged) over the included frames.
+
+        The batch rejectors test every sample of a pixel against one σ (the stack's own scatter,
+        floored by the same pooled model: integrate.NoiseModel); testing each live sample against its
+        own frame's σ instead made the two disagree on borderline samples of the sharpest and the
+        noisiest frames (RMS live − batch 0.115σ → 0.10σ on the test night)."""
+        frames = list(self._frames)
+        if rec is not None:  # a frame being added is not in the list yet
+            if rec.slot < len(frames):
+                frames[rec.slot] = rec
+            else:
+                frames.append(rec)
+        incl = [f for f in frames if not f.excluded]
+        if not incl:
+            return
+        slots = [f.slot for f in incl]
+        for ch in range(self._c):
+            a = [f.rho * (f.scale[ch] * f.noise[ch]) ** 2 for f in incl]
+            b = [f.rho * f.scale[ch] * (1.0 / f.gain if f.gain else 0.0) for f in incl]
+            self._tab[ch, _T_A, slots] = float(np.mean(a))
+            self._tab[ch, _T_B, slots] = float(np.mean(b))
 
     def _acc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return (self._S, self._Wt, self._N, self._RLO, self._RHI)
@@ -1029,6 +1053,26 @@ class LiveStack:
         self.generation += 1
 
     # ---------------------------------------------------------------- exact pass
+    def noise_model(self, frame_ids: Sequence[str] | None = None) -> NoiseModel:
+        """The noise model of the given frames (default: the included ones, in order) as an
+        `integrate.NoiseModel`: the same variances, ε, κ and reference background the live
+        rejection uses."""
+        from stackwatch.engine.integrate import NoiseModel
+
+        ids = list(self.frame_ids if frame_ids is None else frame_ids)
+        slots = [self._slot(fid) for fid in ids]
+        a = np.ascontiguousarray(self._tab[:, _T_A, slots].T)
+        b = np.ascontiguousarray(self._tab[:, _T_B, slots].T)
+        return NoiseModel(
+            a=a,
+            b=b,
+            background=self._bgrid.copy(),
+            background_step_px=float(self.background_step_px),
+            epsilon=self.epsilon,
+            kappa_low=self.kappa_low,
+            kappa_high=self.kappa_high,
+        )
+
     def exact_pass(
         self,
         sources: Sequence[_BandSource],
@@ -1038,6 +1082,7 @@ class LiveStack:
         params: dict[str, float] | None = None,
         large_scale: bool = False,
         band_budget_bytes: int = 1 << 30,
+        noise_floor: bool = True,
     ) -> ExactResult:
         """Batch-integrate the included frames and rebuild the live state from its decisions.
 
@@ -1050,6 +1095,8 @@ class LiveStack:
         params : rejection parameters. Default is None (the algorithm's defaults / §7.5's).
         large_scale : large-scale rejection in the batch integrator. Default is False.
         band_budget_bytes : memory for one band of all frames. Default is 1 GiB.
+        noise_floor : floor the batch rejectors' σ by this stack's noise model (`noise_model`), so
+            that batch and live decide alike and star cores survive. Default is True.
         """
         from stackwatch.engine import integrate as _integrate  # owned by H3
         from stackwatch.engine import reject as _reject
@@ -1084,6 +1131,7 @@ class LiveStack:
             params=use_params,
             large_scale=large_scale,
             band_budget_bytes=band_budget_bytes,
+            noise_model=self.noise_model(ids) if noise_floor else None,
         )
         img = np.asarray(res.image, np.float32).reshape(self._c * self._h, self._w)
         ws = np.asarray(res.weight_sum, np.float32).reshape(img.shape)

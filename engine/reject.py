@@ -25,7 +25,7 @@ for one stack (N,) or a cube (N, ...) without numba in the caller. ``auto_reject
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +34,12 @@ from numba import njit, prange
 from stackwatch.engine.errors import StackwatchError
 
 __all__ = [
+    "FLOOR_SIZE",
     "HIGH",
     "INVALID",
     "KEEP",
     "LOW",
+    "NO_FLOOR",
     "REJECTIONS",
     "Rejection",
     "auto_rejection",
@@ -303,12 +305,37 @@ def _clip_ends(s: np.ndarray, lo: int, hi: int, low_lim: float, high_lim: float)
     return lo, hi
 
 
+# Noise floor (stackwatch's improvement on §7.3, see FLOOR_* below): a per-pixel lower bound on the
+# σ a rejector tests against, from the frames' noise model (§10):
+#     σ_floor²(c) = a + (b + ε²·s)·s,   s = max(0, c − background)
+# floor = (a, b, ε², background, κ_low, κ_high); a < 0 disables it. With few frames the sample σ
+# scatters widely (at n = 6 it is below 0.7σ one time in six), so a clean sample beyond κ·(sample σ)
+# is common: PI's winsorized clipping rejects 0.5-1.6 % of clean samples at n = 6-24 where 0.13 % is
+# expected. The floor restores the expected rate, and its ε·s term keeps star cores of the sharpest
+# frames (seeing differences are signal, not outliers) — the same model the live stack uses, so live
+# and batch decide alike. κ_low/κ_high are used only by rejectors without a σ (percentile): they
+# reject a sample only when it is also beyond κ·σ_floor.
+FLOOR_SIZE = 6
+NO_FLOOR = np.array([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _floor_sd(floor: np.ndarray, c: float) -> float:
+    if floor[0] < 0.0:
+        return 0.0
+    sig = c - floor[3]
+    if not (sig > 0.0):
+        sig = 0.0
+    v = floor[0] + (floor[1] + floor[2] * sig) * sig
+    return math.sqrt(v) if v > 0.0 else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # algorithm cores: sorted s = work[0, :n] -> kept range (lo, hi)
 
 
 @njit(cache=True, nogil=True)
-def _core_minmax(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_minmax(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     kl = int(params[0])
     kh = int(params[1])
     if n < kl + kh + 2:
@@ -317,24 +344,25 @@ def _core_minmax(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int
 
 
 @njit(cache=True, nogil=True)
-def _core_percentile(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_percentile(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     s = work[0]
     if n < 2:
         return 0, n
     m = _median_sorted(s, 0, n)
     if not (m > 0.0):
         return 0, n
+    fsd = _floor_sd(floor, m)
     lo = 0
     hi = n
-    while lo < hi and (m - s[lo]) / m > params[0]:
+    while lo < hi and (m - s[lo]) / m > params[0] and m - s[lo] > floor[4] * fsd:
         lo += 1
-    while hi > lo and (s[hi - 1] - m) / m > params[1]:
+    while hi > lo and (s[hi - 1] - m) / m > params[1] and s[hi - 1] - m > floor[5] * fsd:
         hi -= 1
     return lo, hi
 
 
 @njit(cache=True, nogil=True)
-def _core_sigma(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_sigma(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """params: kl, kh, centre (0 median, 1 mean), ddof, maxiters (0 = until stable), min_n."""
     s = work[0]
     kl = params[0]
@@ -351,6 +379,7 @@ def _core_sigma(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]
             break
         mean, sd = _mean_std(s, lo, hi, ddof)
         c = mean if use_mean else _median_sorted(s, lo, hi)
+        sd = max(sd, _floor_sd(floor, c))
         nlo, nhi = _clip_ends(s, lo, hi, c - sd * kl, c + sd * kh)
         it += 1
         if nlo == lo and nhi == hi:
@@ -361,14 +390,14 @@ def _core_sigma(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]
 
 
 @njit(cache=True, nogil=True)
-def _core_mad(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_mad(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """Siril-style MAD clipping: c = median, scale = 1.4826*MAD; iterate while rejecting and n > 3."""
     s = work[0]
     lo = 0
     hi = n
     while hi - lo > 3:
         c = _median_sorted(s, lo, hi)
-        sd = 1.482602218505602 * _mad_sorted(s, lo, hi, c)
+        sd = max(1.482602218505602 * _mad_sorted(s, lo, hi, c), _floor_sd(floor, c))
         if sd <= 0.0:
             break
         nlo, nhi = _clip_ends(s, lo, hi, c - sd * params[0], c + sd * params[1])
@@ -422,7 +451,7 @@ def _winsorize(s: np.ndarray, lo: int, hi: int, cutoff: float, first: bool, work
 
 
 @njit(cache=True, nogil=True)
-def _core_winsorized(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_winsorized(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """params: kl, kh, cutoff. Outer loop as sigma clipping while n >= 3."""
     s = work[0]
     lo = 0
@@ -430,6 +459,7 @@ def _core_winsorized(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int,
     first = True
     while hi - lo >= 3:
         c, sd = _winsorize(s, lo, hi, params[2], first, work)
+        sd = max(sd, _floor_sd(floor, c))
         first = False
         if not (sd > 0.0):
             break
@@ -447,7 +477,7 @@ def _core_winsorized(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int,
 
 
 @njit(cache=True, nogil=True)
-def _core_averaged_sigma(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_averaged_sigma(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """PI averaged sigma clipping: k^2 = sum((x-c)^2)/c/(n-1) once; sigma = k*sqrt(c)."""
     s = work[0]
     if n < 3:
@@ -465,7 +495,7 @@ def _core_averaged_sigma(n: int, params: np.ndarray, work: np.ndarray) -> tuple[
     while hi - lo >= 3:
         if not (c > 0.0):
             break
-        sd = math.sqrt(k2 * c)
+        sd = max(math.sqrt(k2 * c), _floor_sd(floor, c))
         if sd == 0.0:
             break
         nlo, nhi = _clip_ends(s, lo, hi, c - sd * params[0], c + sd * params[1])
@@ -522,14 +552,14 @@ def _lad_fit(s: np.ndarray, lo: int, hi: int, buf: np.ndarray) -> tuple[float, f
 
 
 @njit(cache=True, nogil=True)
-def _core_linear_fit(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_linear_fit(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """PI linear fit clipping: LAD line through the sorted kept values vs rank; s = 2*adev*sqrt(1+b^2)."""
     s = work[0]
     lo = 0
     hi = n
     while hi - lo >= 5:
         a, b, adev = _lad_fit(s, lo, hi, work[4])
-        sd = 2.0 * adev * math.sqrt(1.0 + b * b)
+        sd = max(2.0 * adev * math.sqrt(1.0 + b * b), _floor_sd(floor, _median_sorted(s, lo, hi)))
         if not (sd > 0.0):
             break
         nlo = lo
@@ -546,7 +576,7 @@ def _core_linear_fit(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int,
 
 
 @njit(cache=True, nogil=True)
-def _core_esd(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_esd(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """Generalized ESD (Rosner): largest i with R_i > lambda_i; low deviations divided by rho.
 
     params: f, alpha, rho, n_max, r_max, then lambda[n*(r_max+1) + i] for n <= n_max, i <= r_max.
@@ -577,7 +607,7 @@ def _core_esd(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
     for i in range(1, r + 1):
         m = hi - lo
         mean = c0 + s1 / m
-        var = (s2 - s1 * s1 / m) / (m - 1)
+        var = max((s2 - s1 * s1 / m) / (m - 1), _floor_sd(floor, mean) ** 2)
         if not (var > 0.0):
             break
         sd = math.sqrt(var)
@@ -608,7 +638,7 @@ def _core_esd(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
 
 
 @njit(cache=True, nogil=True)
-def _core_range(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]:
+def _core_range(n: int, params: np.ndarray, work: np.ndarray, floor: np.ndarray) -> tuple[int, int]:
     """Reject x <= low and x >= high."""
     s = work[0]
     lo = 0
@@ -625,7 +655,9 @@ def _core_range(n: int, params: np.ndarray, work: np.ndarray) -> tuple[int, int]
 
 
 @njit(cache=True, nogil=True)
-def _run(code: int, values: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
+def _run(
+    code: int, values: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray, floor: np.ndarray
+) -> int:
     if code == 0:  # no rejection: no need to sort
         kept = 0
         for i in range(values.shape[0]):
@@ -641,23 +673,23 @@ def _run(code: int, values: np.ndarray, params: np.ndarray, mask: np.ndarray, wo
     if code == 0:
         lo, hi = 0, n
     elif code == 1:
-        lo, hi = _core_minmax(n, params, work)
+        lo, hi = _core_minmax(n, params, work, floor)
     elif code == 2:
-        lo, hi = _core_percentile(n, params, work)
+        lo, hi = _core_percentile(n, params, work, floor)
     elif code == 3:
-        lo, hi = _core_sigma(n, params, work)
+        lo, hi = _core_sigma(n, params, work, floor)
     elif code == 4:
-        lo, hi = _core_winsorized(n, params, work)
+        lo, hi = _core_winsorized(n, params, work, floor)
     elif code == 5:
-        lo, hi = _core_averaged_sigma(n, params, work)
+        lo, hi = _core_averaged_sigma(n, params, work, floor)
     elif code == 6:
-        lo, hi = _core_linear_fit(n, params, work)
+        lo, hi = _core_linear_fit(n, params, work, floor)
     elif code == 7:
-        lo, hi = _core_esd(n, params, work)
+        lo, hi = _core_esd(n, params, work, floor)
     elif code == 8:
-        lo, hi = _core_mad(n, params, work)
+        lo, hi = _core_mad(n, params, work, floor)
     elif code == 9:
-        lo, hi = _core_range(n, params, work)
+        lo, hi = _core_range(n, params, work, floor)
     else:
         lo, hi = 0, n
     return _finish(n, lo, hi, mask, work)
@@ -665,22 +697,29 @@ def _run(code: int, values: np.ndarray, params: np.ndarray, mask: np.ndarray, wo
 
 @njit(cache=True, nogil=True)
 def run_rejection(
-    code: int, values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray
+    code: int,
+    values: np.ndarray,
+    weights: np.ndarray,
+    params: np.ndarray,
+    mask: np.ndarray,
+    work: np.ndarray,
+    floor: np.ndarray,
 ) -> int:
-    """Run the algorithm with registry code ``code`` (REJECTIONS[name].code) on one pixel stack."""
-    return _run(code, values, params, mask, work)
+    """Run the algorithm with registry code ``code`` (REJECTIONS[name].code) on one pixel stack,
+    with a noise floor (FLOOR_SIZE values; NO_FLOOR for none)."""
+    return _run(code, values, params, mask, work, floor)
 
 
 @njit(cache=True, nogil=True)
 def reject_none(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """No rejection: every finite candidate is kept."""
-    return _run(0, values, params, mask, work)
+    return _run(0, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
 def reject_minmax(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """Min/max: reject the k_low lowest and k_high highest; keep all if n < k_low + k_high + 2."""
-    return _run(1, values, params, mask, work)
+    return _run(1, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
@@ -688,13 +727,13 @@ def reject_percentile(
     values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray
 ) -> int:
     """Percentile clipping around the median m > 0: (m - x)/m > p_low, (x - m)/m > p_high; one pass."""
-    return _run(2, values, params, mask, work)
+    return _run(2, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
 def reject_sigma(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """Iterative sigma clipping (PI style by default; astropy/ccdproc modes via params)."""
-    return _run(3, values, params, mask, work)
+    return _run(3, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
@@ -702,7 +741,7 @@ def reject_winsorized(
     values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray
 ) -> int:
     """Winsorized sigma clipping (PI 2021: Sn start, Huber winsorization at 1.5 sigma, cutoff)."""
-    return _run(4, values, params, mask, work)
+    return _run(4, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
@@ -710,7 +749,7 @@ def reject_averaged_sigma(
     values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray
 ) -> int:
     """Averaged sigma clipping (PI): Poisson-like sigma = k*sqrt(median)."""
-    return _run(5, values, params, mask, work)
+    return _run(5, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
@@ -718,25 +757,25 @@ def reject_linear_fit(
     values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray
 ) -> int:
     """Linear fit clipping (PI): LAD line through the sorted stack."""
-    return _run(6, values, params, mask, work)
+    return _run(6, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
 def reject_esd(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """Generalized extreme Studentized deviate test (Rosner 1983) with low-side relaxation rho."""
-    return _run(7, values, params, mask, work)
+    return _run(7, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
 def reject_mad(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """MAD clipping (Siril): median centre, 1.4826*MAD scale."""
-    return _run(8, values, params, mask, work)
+    return _run(8, values, params, mask, work, NO_FLOOR)
 
 
 @njit(cache=True, nogil=True)
 def reject_range(values: np.ndarray, weights: np.ndarray, params: np.ndarray, mask: np.ndarray, work: np.ndarray) -> int:
     """Range rejection: x <= low rejected low, x >= high rejected high."""
-    return _run(9, values, params, mask, work)
+    return _run(9, values, params, mask, work, NO_FLOOR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -894,7 +933,7 @@ def auto_rejection(n: int, *, normalization: str = "nsg", raw: bool = False) -> 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _reject_cube(code: int, cube: np.ndarray, params: np.ndarray, mask: np.ndarray) -> None:
+def _reject_cube(code: int, cube: np.ndarray, params: np.ndarray, mask: np.ndarray, floor: np.ndarray) -> None:
     n, m = cube.shape
     for p in prange(m):
         values = np.empty(n, dtype=np.float32)
@@ -903,7 +942,7 @@ def _reject_cube(code: int, cube: np.ndarray, params: np.ndarray, mask: np.ndarr
         for i in range(n):
             values[i] = cube[i, p]
             pm[i] = mask[i, p]
-        _run(code, values, params, pm, work)
+        _run(code, values, params, pm, work, floor)
         for i in range(n):
             mask[i, p] = pm[i]
 
@@ -914,12 +953,14 @@ def reject(
     name: str = "winsorized",
     params: Mapping[str, float] | None = None,
     invalid: np.ndarray | None = None,
+    noise_floor: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Rejection codes (uint8, same shape as ``values``) for a stack (N,) or cube (N, ...) along axis 0.
 
     0 keep, 1 low, 2 high, 3 invalid (non-finite or ``invalid`` True). Convenience for tests and
     small callers; the integrator calls the kernels directly. Values are cast to float32 (the
-    pixel type) before rejection, as in the integrator.
+    pixel type) before rejection, as in the integrator. ``noise_floor``: (a, b, ε², background,
+    κ_low, κ_high), the same floor for every pixel (see FLOOR_SIZE); None for none.
     """
     spec = get_rejection(name)
     arr = np.asarray(values, dtype=np.float32)
@@ -930,7 +971,10 @@ def reject(
     mask = np.zeros(flat.shape, dtype=np.uint8)
     if invalid is not None:
         mask[np.asarray(invalid, dtype=bool).reshape(n, -1)] = INVALID
-    _reject_cube(spec.code, flat, spec.pack(params, n_max=n), mask)
+    floor = NO_FLOOR if noise_floor is None else np.asarray(noise_floor, dtype=np.float64)
+    if floor.shape != (FLOOR_SIZE,):
+        raise StackwatchError(f"reject: noise_floor needs {FLOOR_SIZE} values (a, b, eps², background, κ_low, κ_high)")
+    _reject_cube(spec.code, flat, spec.pack(params, n_max=n), mask, floor)
     return mask.reshape(arr.shape)
 
 

@@ -264,3 +264,31 @@ def test_large_scale_grows_compact_bright_blob() -> None:
     wing = (blob > 0.01) & (blob < 0.1)  # 0.5-5 sigma above the sky: mostly not rejected pixel-wise
     plain = I.integrate(fr, rejection="winsorized")
     assert abs(float(np.mean(grown.image[wing])) - 0.2) < abs(float(np.mean(plain.image[wing])) - 0.2)
+
+
+def test_noise_model_floor_matches_reject_and_interpolates_the_background() -> None:
+    """integrate(noise_model=...) uses, per pixel, the mean a and b of the frames with a valid sample
+    and the bilinearly interpolated reference background: equal to reject.reject with the same
+    floor where those are constant, and band-height invariant."""
+    rng = np.random.default_rng(3)
+    n, h, w = 8, 40, 56
+    frames = _frames(rng, n, h, w, sigma=0.01)
+    frames[2][10:12, :] += 0.2  # a trail
+    frames[5][20, 30] = np.nan
+    a = np.full(n, 0.01**2)
+    nm = I.NoiseModel(a=a, b=np.zeros(n), background=0.2, epsilon=0.2)
+    res = I.integrate(frames, rejection="winsorized", noise_model=nm)
+    codes = R.reject(np.stack(frames), name="winsorized", noise_floor=[1e-4, 0.0, 0.04, 0.2, 4.0, 3.0])
+    assert np.array_equal(res.rej_high, (codes == R.HIGH).sum(0))
+    assert np.array_equal(res.rej_low, (codes == R.LOW).sum(0))
+    assert res.rej_high[10:12].min() >= 1
+    # a grid background, per-frame a: invariant under the band height, and a huge floor rejects nothing
+    grid = 0.2 + 0.01 * rng.random((3, 4))
+    nm2 = I.NoiseModel(a=np.linspace(0.5, 1.5, n) * 1e-4, b=np.full(n, 1e-3), background=grid, background_step_px=20)
+    r1 = I.integrate(frames, rejection="winsorized", noise_model=nm2, band_rows=7)
+    r2 = I.integrate(frames, rejection="winsorized", noise_model=nm2)
+    assert np.array_equal(r1.image, r2.image, equal_nan=True)
+    huge = I.NoiseModel(a=np.ones(n), b=np.zeros(n))
+    assert int(I.integrate(frames, rejection="winsorized", noise_model=huge).rej_high.sum()) == 0
+    with pytest.raises(StackwatchError, match="noise model"):
+        I.integrate(frames, noise_model=I.NoiseModel(a=np.ones(n - 1), b=np.zeros(n - 1)))

@@ -141,9 +141,10 @@ def _sources(frames: list[np.ndarray], integrate_mod) -> list:
     return [_Src(f) for f in frames]
 
 
-def _batch(frames, weights, integrate_mod) -> np.ndarray:
+def _batch(frames, weights, integrate_mod, noise_model=None) -> np.ndarray:
     name, params = reject.auto_rejection(len(frames))
-    res = integrate_mod.integrate(_sources(frames, integrate_mod), weights=weights, rejection=name, params=params)
+    extra = {} if noise_model is None else {"noise_model": noise_model}
+    res = integrate_mod.integrate(_sources(frames, integrate_mod), weights=weights, rejection=name, params=params, **extra)
     return np.asarray(res.image, np.float32)
 
 
@@ -176,19 +177,20 @@ def test_trail_in_frame_1_gone_by_frame_8() -> None:
 def test_live_tracks_batch_after_every_frame(integrate_mod) -> None:
     """Live vs batch of the same frames after every frame, outside the planted outliers (dilated 3 px).
 
-    The issue's target is RMS < 0.1σ and max < 1σ. Measured (see the printout): equal for k ≤ 2,
-    RMS ≈ 0.07σ for k = 3..5, 0.2-0.3σ for k = 6..24 and ≈ 0.12σ for k ≥ 25; max up to ~4σ. The
-    gap is decision mismatch, dominated by the batch: its winsorized clipping at small n rejects
-    0.5-1.1 % of clean Gaussian samples at κ_h = 3 (0.13 % expected), each worth ~3σ_frame/n; the
-    live result is the closer one to the truth (noise 1.00-1.01× ideal vs the batch's 1.02-1.04×).
-    So the assertions are: equal for k ≤ 2, RMS < 0.35σ, max < 5σ, and the live stack no noisier
-    than the batch vs the truth (+1 %). The exact pass makes live = batch (next test)."""
+    The batch is what `stackwatch stack` runs: §7.5's algorithm with the stack's noise model as a
+    floor under its σ (integrate.NoiseModel, from LiveStack.noise_model). The issue's target is RMS
+    < 0.1σ and max < 1σ. Measured (see the printout): equal for k ≤ 2; RMS 0.06-0.07σ for k = 3..5,
+    0.088-0.101σ for k = 6..14; max 2.2-4.3σ, from single borderline decisions (one sample at ~3σ
+    kept by one and rejected by the other moves a pixel by ~3σ_frame/k) and from live's sequential
+    retroactive tests removing two high samples of one pixel. Before the floor the batch rejected
+    0.5-1.1 % of clean samples and RMS was 0.2-0.3σ. Both are as close to the truth as the ideal
+    mean (noise ≤ 1.006×). The exact pass makes live = batch (next test)."""
     night = _night(14)
     st = _stack(night)
     worst_rms, worst_max = 0.0, 0.0
     for k in range(1, 15):
         _add(st, night, k - 1)
-        batch = _batch(night.frames[:k], night.weights[:k], integrate_mod)
+        batch = _batch(night.frames[:k], night.weights[:k], integrate_mod, st.noise_model())
         sig_stack = 1 / np.sqrt(np.sum(1 / night.sigmas[:k] ** 2))
         bad = binary_dilation(np.any(night.trails[:k], axis=0), iterations=3)
         live = st.image()
@@ -200,7 +202,7 @@ def test_live_tracks_batch_after_every_frame(integrate_mod) -> None:
         print(f"k={k:2d} rms(live-batch)/σ={rms:.4f} max/σ={mx:.3f} noise vs truth: live {n_live:.3f} batch {n_batch:.3f}")
         if k <= 2:
             assert rms < 1e-4 and mx < 1e-3
-        assert rms < 0.35, (k, rms)
+        assert rms < 0.12, (k, rms)
         assert mx < 5.0, (k, mx)
         assert n_live < n_batch + 0.01
     print("worst rms/σ", worst_rms, "worst max/σ", worst_max)
@@ -212,7 +214,7 @@ def test_exact_pass_equals_batch_and_updates_continue(integrate_mod) -> None:
     for i in range(10):
         _add(st, night, i)
     res = st.exact_pass(_sources(night.frames[:10], integrate_mod))
-    batch = _batch(night.frames[:10], night.weights[:10], integrate_mod)
+    batch = _batch(night.frames[:10], night.weights[:10], integrate_mod, st.noise_model())
     assert res.n_frames == 10 and res.rejection == reject.auto_rejection(10)[0]
     img = st.image()
     assert np.array_equal(np.isnan(img), np.isnan(batch))
@@ -224,12 +226,12 @@ def test_exact_pass_equals_batch_and_updates_continue(integrate_mod) -> None:
     # continue live from the exact state
     for i in range(10, 14):
         _add(st, night, i)
-    batch = _batch(night.frames[:14], night.weights[:14], integrate_mod)
+    batch = _batch(night.frames[:14], night.weights[:14], integrate_mod, st.noise_model())
     sig_stack = 1 / np.sqrt(np.sum(1 / night.sigmas[:14] ** 2))
     bad = binary_dilation(np.any(night.trails, axis=0), iterations=3)
     d = (st.image() - batch)[~bad] / sig_stack
     print("after exact pass + 4 frames: rms/σ", np.sqrt(np.mean(d**2)), "max/σ", np.abs(d).max())
-    assert np.sqrt(np.mean(d**2)) < 0.35 and np.abs(d).max() < 5.0
+    assert np.sqrt(np.mean(d**2)) < 0.12 and np.abs(d).max() < 5.0
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
@@ -279,7 +281,7 @@ def test_exclusion_then_exact_pass(integrate_mod) -> None:
     idx = [int(f[1:]) for f in ids]
     frames = [night.frames[i] for i in idx]
     st.exact_pass(_sources(frames, integrate_mod))
-    batch = _batch(frames, night.weights[idx], integrate_mod)
+    batch = _batch(frames, night.weights[idx], integrate_mod, st.noise_model(ids))
     np.testing.assert_array_equal(st.image(), batch)
     with pytest.raises(StackwatchError, match="not in the live stack"):
         st.exclude("nope", night.frames[0])
