@@ -102,6 +102,7 @@ class MasterKey:
     temperature_c: float | None = None
     filter: str = ""
     night: str = ""
+    rotator_deg: float | None = None  # flats with ROTATANG: the angle to the nearest degree
 
     @property
     def sensor(self) -> tuple[Any, ...]:
@@ -117,6 +118,8 @@ class MasterKey:
             parts.append(self.filter)
         if self.night:
             parts.append(self.night)
+        if self.rotator_deg is not None:
+            parts.append(f"rot{self.rotator_deg:g}")
         if self.gain is not None:
             parts.append(f"g{self.gain:g}")
         if self.offset is not None:
@@ -133,7 +136,10 @@ class MasterKey:
         return f"{safe}_{digest}"
 
     def as_dict(self) -> dict[str, Any]:
+        # rotator_deg only when present: the ids (digests) of masters without it stay what they were
+        extra = {} if self.rotator_deg is None else {"rotator_deg": self.rotator_deg}
         return {
+            **extra,
             "kind": self.kind,
             "camera": self.camera,
             "gain": self.gain,
@@ -161,6 +167,7 @@ class MasterKey:
             temperature_c=None if d.get("temperature_c") is None else float(d["temperature_c"]),
             filter=str(d.get("filter") or ""),
             night=str(d.get("night") or ""),
+            rotator_deg=None if d.get("rotator_deg") is None else float(d["rotator_deg"]),
         )
 
 
@@ -178,9 +185,13 @@ def master_key(info: FrameInfo) -> MasterKey | None:
             raise StackwatchError(f"{info.path}: {info.kind} without exposure time (EXPTIME/EXPOSURE)")
         exposure = round(float(info.exposure_s), 3)
         temperature = _temp_bucket(info.temperature_c)
-    elif info.kind == "flat":
+    rotator = None
+    if info.kind == "flat":
         filt = info.filter
         night = night_of(info.date_obs)
+        if info.rotator_deg is not None:
+            # dust shadows turn with the camera: flats at another angle are another master
+            rotator = float(round(info.rotator_deg) % 360)
     return MasterKey(
         kind=info.kind,
         camera=info.camera,
@@ -193,6 +204,7 @@ def master_key(info: FrameInfo) -> MasterKey | None:
         temperature_c=temperature,
         filter=filt,
         night=night,
+        rotator_deg=rotator,
     )
 
 
@@ -437,6 +449,28 @@ def _match_flat(
     filt = info.filter
     label = f"filter {filt}" if filt else "no filter"
     flats = [m for m in same if m.kind == "flat" and m.key.filter == filt]
+    # §2.4: same ROTATANG within 1° when both say; a flat at another angle only when there is no
+    # other, with a warning (dust shadows and vignetting turn with the camera)
+    rot = info.rotator_deg
+    turned = [m for m in flats if rot is not None and m.key.rotator_deg is not None and _angle(rot, m.key.rotator_deg) > 1.0]
+    if turned and len(turned) < len(flats):
+        flats = [m for m in flats if m not in turned]
+    chosen = _match_flat_by_date(info, flats, rules, notes, missing, label)
+    if chosen is not None and chosen in turned:
+        notes[-1] += (
+            f"; warning: flat rotator angle {chosen.key.rotator_deg:g}° vs light {rot:.1f}° (dust shadows will not match)"
+        )
+    return chosen
+
+
+def _angle(a: float, b: float) -> float:
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
+
+
+def _match_flat_by_date(
+    info: FrameInfo, flats: list[MasterRecord], rules: MatchRules, notes: list[str], missing: list[str], label: str
+) -> MasterRecord | None:
     night = night_of(info.date_obs)
     tonight = [m for m in flats if night and m.key.night == night]
     if tonight:
@@ -630,6 +664,31 @@ def flat_level_problem(raw: np.ndarray, *, saturation: float, bayer: str | None)
     return None
 
 
+_Kept = tuple[str, np.ndarray | None, tuple[float, ...], np.ndarray | None]  # path, subtract, levels, overscan
+_PANEL_DEVIATION = 0.30  # §2.2: a flat whose level is > 30 % off the group median is refused
+
+
+def _drop_level_outliers(kept: list[_Kept], warnings: list[str]) -> list[_Kept]:
+    """§2.2 group check: flats whose calibrated level (mean of the channel medians) deviates more
+    than 30 % from the median of the group are not used (a panel changed brightness, a light leak, a
+    cover not fully on). Needs 3 flats for a group median."""
+    if len(kept) < 3:
+        return kept
+    level = np.array([float(np.mean(k[2])) for k in kept])
+    group = float(np.median(level))
+    out = []
+    for k, lv in zip(kept, level, strict=True):
+        dev = lv / group - 1.0
+        if abs(dev) > _PANEL_DEVIATION:
+            warnings.append(
+                f"{os.path.basename(k[0])} not used: level {dev * 100:+.0f} % from the group median "
+                f"(flats of one master should agree within {_PANEL_DEVIATION * 100:.0f} %)"
+            )
+        else:
+            out.append(k)
+    return out
+
+
 def integrate_master(
     kind: str,
     paths: Sequence[str | os.PathLike[str]],
@@ -693,7 +752,7 @@ def integrate_master(
     if kind == "flat":
         if bayer is not None:
             channel_map(bayer)
-        kept: list[tuple[str, np.ndarray | None, tuple[float, ...], np.ndarray | None]] = []
+        kept: list[_Kept] = []
         for p, sub in zip(spaths, subs, strict=True):
             img = fitsio.read_image(p)
             if img.data.shape != raw_shape:
@@ -721,6 +780,7 @@ def integrate_master(
                 warnings.append(f"{os.path.basename(p)} not used: non-positive level after calibration")
                 continue
             kept.append((p, sub, lv, levels_ov))
+        kept = _drop_level_outliers(kept, warnings)
         if not kept:
             raise StackwatchError(f"no usable flat among {len(spaths)} (" + "; ".join(warnings) + ")")
         m0 = np.array(kept[0][2], dtype=np.float64)

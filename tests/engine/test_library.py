@@ -302,3 +302,38 @@ def test_flat_band_source_factors_follow_row_parity(tmp_path: Path) -> None:
     expected = (data - sub) * q[yy % 2, xx % 2]
     for y0, y1 in [(0, 21), (1, 4), (3, 10), (7, 8), (20, 21)]:
         np.testing.assert_allclose(src.read_band(y0, y1), expected[y0:y1], rtol=1e-6)
+
+
+def test_flat_deviating_from_the_group_is_not_used(tmp_path: Path) -> None:
+    """§2.2: a panel flat 40 % brighter than the others (panel brightness changed) is refused by
+    name; one 20 % brighter is kept (multiplicative normalisation handles it)."""
+    from stackwatch.engine import fitsio
+
+    rng = np.random.default_rng(31)
+    yy, xx = np.mgrid[0:48, 0:64]
+    vign = 1 - 0.2 * (((xx - 32) ** 2 + (yy - 24) ** 2) / 32.0**2)
+    paths = []
+    for i, level in enumerate((20000, 20500, 19800, 20200, 24000, 28000)):
+        data = (level * vign + rng.normal(0, 60, vign.shape)) / FS
+        p = tmp_path / f"flat_{i}.fits"
+        fitsio.write_image(p, data.astype(np.float32))
+        paths.append(str(p))
+    res = library.integrate_master("flat", paths)
+    assert res.ncombine == 5 and paths[5] not in res.members and paths[4] in res.members
+    assert any(w.startswith("flat_5.fits not used: level +") and "30 %" in w for w in res.warnings), res.warnings
+
+
+def test_flat_rotator_angle_is_matched_and_a_turned_flat_warned() -> None:
+    at0 = _rec("flat", 20, rotator_deg=0.2)
+    at90 = _rec("flat", 10, rotator_deg=90.0)
+    assert at0.key.rotator_deg == 0.0 and at90.key.id != at0.key.id and "rot90" in at90.key.id
+    assert _rec("flat").key.id == library.master_key(_info("flat", date_obs="2026-11-21T15:00:00")).id
+    ms = library.match(_info("light", rotator_deg=90.4), [at0, at90])
+    assert ms.flat is at90 and not any("warning" in e for e in ms.explanations)
+    ms = library.match(_info("light", rotator_deg=359.5), [at0, at90])
+    assert ms.flat is at0  # 359.5° is 0.5° from 0°
+    ms = library.match(_info("light", rotator_deg=45.0), [at90])
+    flat_line = next(e for e in ms.explanations if e.startswith("flat:"))
+    assert ms.flat is at90 and "warning: flat rotator angle 90° vs light 45.0°" in flat_line
+    ms = library.match(_info("light"), [at90])  # the light does not say: no warning
+    assert ms.flat is at90 and not any("warning" in e for e in ms.explanations)
