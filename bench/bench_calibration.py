@@ -10,10 +10,17 @@ Cases (each runs in a fresh subprocess so that its peak RSS is its own):
 - ``master``: a master dark from N uint16 FITS files (default 50; ``--frames``) through
   ``library.integrate_master`` (winsorized 3/3, band budget 256 MiB). Baseline: numpy mean of the
   same frames (float64 accumulation, no rejection) read whole, one at a time.
+- ``members_open``: many members, few rows each (``--members``, default 200 frames of W x 320 rows,
+  budget scaled so bands are as thin as for 26 MP frames): master integration with the member files
+  kept open across bands vs re-opened for every band (the library before the open-member cache),
+  in the same run.
+
+``--quick`` runs everything at 2048 x 1536 with 10 frames and 1 repeat (a smoke run; the figures
+are not the budget's).
 
 Budget (design.md): calibrate + cosmetic <= 0.5 s; debayer <= 0.4 s.
 
-    .venv/bin/python bench/bench_calibration.py [--frames 50] [--width 6248 --height 4176] [--repeat 3]
+    .venv/bin/python bench/bench_calibration.py [--frames 50] [--width 6248 --height 4176] [--repeat 3] [--quick]
 
 Writes bench/results/calibration.json. Peak memory is the process's maximum RSS (ru_maxrss), which
 includes the inputs the case allocates (``inputs_rss_mb``). ``*_cpu_s`` is process CPU time (all
@@ -116,6 +123,11 @@ def case_calibrate(args: argparse.Namespace, osc: bool) -> dict[str, Any]:
     opt = calibrate.optimize_dark_scale(f["light"], f["dark"], f["bias"], nominal=1.0, method="fast", bayer=bayer)
     out["dark_optimisation_fast_s"] = time.perf_counter() - t0
     out["dark_optimisation_k"] = opt.k
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    calibrate.dark_structure(f["dark"], f["bias"])
+    out["amp_glow_check_s"] = time.perf_counter() - t0  # once per master dark (cached by the library)
+    out["amp_glow_check_cpu_s"] = time.process_time() - c0
     if osc:
         c = calibrate.calibrate_light(f["light"], dark=f["dark"], flat=f["flat"], bayer=bayer).data
         def bil() -> None:
@@ -166,10 +178,18 @@ def case_master(args: argparse.Namespace) -> dict[str, Any]:
             paths.append(p)
             del frame, hdu
         out["write_inputs_s"] = time.perf_counter() - t0
+        # warm-up on 6 small frames (same rejection): loads the numba cache, which the timing must not hold
+        small = [os.path.join(tmp, f"warm_{i}.fits") for i in range(6)]
+        for p in small:
+            fits.PrimaryHDU(rng.integers(800, 900, (64, 64), dtype=np.uint16)).writeto(p)
+        library.integrate_master("dark", small)
         rss0 = _rss_mb()
         t0 = time.perf_counter()
+        c0 = time.process_time()
         res = library.integrate_master("dark", paths, band_budget_bytes=args.band_mb << 20)
         out["master_s"] = time.perf_counter() - t0
+        out["master_cpu_s"] = time.process_time() - c0
+        out["ns_per_sample_wall"] = out["master_s"] / (n * h * w) * 1e9
         out["master_peak_rss_mb"] = _rss_mb()
         out["rss_before_master_mb"] = rss0
         out["rejection"] = res.rejection
@@ -184,6 +204,49 @@ def case_master(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def case_members_open(args: argparse.Namespace) -> dict[str, Any]:
+    from astropy.io import fits
+    from stackwatch.engine import integrate, library
+
+    n, w, h = args.members, args.width, 320
+    # the band height of a 26 MP master of n frames at the full budget (band_rows_for, 16-row floor)
+    budget = (args.band_mb << 20) * h // args.height
+    rows = integrate.band_rows_for(n, w, h, budget_bytes=budget // 2)
+    rng = np.random.default_rng(5)
+    out: dict[str, Any] = {"members": n, "member_shape": [h, w], "band_rows": rows, "band_reads": n * -(-h // rows)}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        paths = []
+        for i in range(n):
+            p = os.path.join(tmp, f"dark_{i:03d}.fits")
+            fits.PrimaryHDU(rng.integers(800, 900, (h, w), dtype=np.uint16)).writeto(p)
+            paths.append(p)
+        small = [os.path.join(tmp, f"warm_{i}.fits") for i in range(6)]
+        for p in small:
+            fits.PrimaryHDU(rng.integers(800, 900, (64, 64), dtype=np.uint16)).writeto(p)
+        library.integrate_master("dark", small)  # numba cache load, outside the timings
+        images = {}
+        for label, capacity in (("reopen_per_band", 0), ("kept_open", None), ("reopen_per_band_again", 0)):
+            saved = library._open_file_budget
+            if capacity is not None:
+                library._open_file_budget = lambda c=capacity: c  # type: ignore[assignment]
+            try:
+                t0 = time.perf_counter()
+                c0 = time.process_time()
+                res = library.integrate_master("dark", paths, band_budget_bytes=budget)
+                out[f"{label}_s"] = time.perf_counter() - t0
+                out[f"{label}_cpu_s"] = time.process_time() - c0
+                images[label] = res.image
+            finally:
+                library._open_file_budget = saved
+        out["identical"] = bool(np.array_equal(images["kept_open"], images["reopen_per_band"]))
+        base = min(out["reopen_per_band_s"], out["reopen_per_band_again_s"])
+        base_cpu = min(out["reopen_per_band_cpu_s"], out["reopen_per_band_again_cpu_s"])
+        out["ratio_reopen_over_open_wall"] = base / out["kept_open_s"]
+        out["ratio_reopen_over_open_cpu"] = base_cpu / out["kept_open_cpu_s"]
+        out["saved_ms_per_band_read_cpu"] = (base_cpu - out["kept_open_cpu_s"]) / out["band_reads"] * 1e3
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=50)
@@ -192,11 +255,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--band-mb", type=int, default=256)
     parser.add_argument("--tmp", default=None, help="folder for the master's input files")
-    parser.add_argument("--case", choices=("calibrate", "calibrate_osc", "master"), default=None)
+    parser.add_argument("--members", type=int, default=200, help="members_open case: number of thin members")
+    parser.add_argument("--case", choices=("calibrate", "calibrate_osc", "master", "members_open"), default=None)
+    parser.add_argument("--cases", default="calibrate,calibrate_osc,master,members_open", help="comma-separated cases to run")
     parser.add_argument("--skip-master", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2048 x 1536, 10 frames, 1 repeat: a smoke run")
     args = parser.parse_args()
+    if args.quick:
+        args.width, args.height, args.frames, args.repeat, args.members = 2048, 1536, 10, 1, 40
     if args.case:
-        if args.case == "master":
+        if args.case == "members_open":
+            res = case_members_open(args)
+        elif args.case == "master":
             res = case_master(args)
         else:
             res = case_calibrate(args, args.case == "calibrate_osc")
@@ -204,10 +274,11 @@ def main() -> None:
         return
     results: dict[str, Any] = {"shape": [args.height, args.width], "cpus": os.cpu_count(),
                                "loadavg_start": os.getloadavg()[0]}
-    cases = ["calibrate", "calibrate_osc"] + ([] if args.skip_master else ["master"])
+    cases = [c for c in args.cases.split(",") if c and not (args.skip_master and c == "master")]
     for case in cases:
         cmd = [sys.executable, __file__, "--case", case, "--frames", str(args.frames), "--width", str(args.width),
-               "--height", str(args.height), "--repeat", str(args.repeat), "--band-mb", str(args.band_mb)]
+               "--height", str(args.height), "--repeat", str(args.repeat), "--band-mb", str(args.band_mb),
+               "--members", str(args.members)]
         if args.tmp:
             cmd += ["--tmp", args.tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -221,7 +292,8 @@ def main() -> None:
     print(f"load average: {results['loadavg_start']:.1f} at start, {results['loadavg_end']:.1f} at end (2 cores)")
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(results, indent=1))
+    name = "calibration_quick.json" if args.quick else "calibration.json"
+    (out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from stackwatch.engine import fitsio
 from stackwatch.engine.calibrate import FlatScale, Overscan, flat_scale
 from stackwatch.engine.cfa import channel_map
 from stackwatch.engine.classify import FrameInfo
-from stackwatch.engine.errors import StackwatchError
+from stackwatch.engine.errors import FrameError, StackwatchError
 
 __all__ = [
     "MASTER_KINDS",
@@ -551,6 +551,77 @@ def _overscan_levels(path: str, overscan: Overscan) -> np.ndarray:
     return shifted.levels(rows)
 
 
+class _OpenMember:
+    """One member file held open (memory map, or the tile-compressed HDU) for the whole integration:
+    rows exactly as :func:`stackwatch.engine.fitsio.read_rows` gives them, without re-opening the file
+    and re-parsing its header for every band. The steps are read_rows' own, with fitsio's helpers
+    (fitsio has no public row reader that stays open)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._hdul = fitsio._open(path)
+        try:
+            index = fitsio._find_image_hdu(path, self._hdul)
+            hdu = self._hdul[index]
+            self._shape = fitsio._validate_shape(path, hdu.header, float("inf"))
+            fitsio._check_truncated(path, self._hdul, index, self._shape)
+            self._flip = fitsio._bottom_up(hdu.header)
+            self._hdu = hdu
+            self._compressed = isinstance(hdu, fits.CompImageHDU) and fitsio._header_int(hdu.header, "NAXIS") == len(
+                self._shape
+            )
+            self._data = None if self._compressed else hdu.data.reshape(self._shape)
+            self._scaling = fitsio._scaling(hdu.header, hdu.data.reshape(self._shape))
+        except BaseException:
+            self._hdul.close()
+            raise
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        height = self._shape[-2]
+        if not (0 <= y0 <= y1 <= height):
+            raise FrameError(self.path, f"rows [{y0}, {y1}) outside the image height {height}")
+        fy0, fy1 = (height - y1, height - y0) if self._flip else (y0, y1)
+        try:
+            if self._data is None:
+                lead = (slice(None),) * (len(self._shape) - 2)
+                band = np.asarray(self._hdu.section[(*lead, slice(fy0, fy1), slice(None))])
+                band = band.reshape((*self._shape[:-2], fy1 - fy0, self._shape[-1]))
+            else:
+                band = self._data[..., fy0:fy1, :]
+            return fitsio._convert(np.ascontiguousarray(band), self._scaling, self._flip)
+        except (OSError, ValueError, EOFError, TypeError, MemoryError) as exc:
+            raise FrameError(self.path, fitsio._data_problem(self.path, exc)) from None
+
+    def close(self) -> None:
+        self._data = None
+        self._hdul.close()
+
+
+class _MemberFiles:
+    """The member files of one integration, kept open up to ``capacity`` (file descriptors are
+    finite; members beyond it are opened per band as before). Not an LRU: the integrator reads every
+    member in the same order for each band, which would make an LRU smaller than the member count
+    miss every time. Close at the end (:meth:`close`)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = int(capacity)
+        self._open: dict[str, _OpenMember] = {}
+
+    def rows(self, path: str, y0: int, y1: int) -> np.ndarray:
+        member = self._open.get(path)
+        if member is None:
+            if len(self._open) >= self.capacity or path.lower().endswith((".gz", ".xisf")):
+                return fitsio.read_rows(path, y0, y1)
+            member = _OpenMember(path)
+            self._open[path] = member
+        return member.rows(y0, y1)
+
+    def close(self) -> None:
+        for member in self._open.values():
+            member.close()
+        self._open.clear()
+
+
 class _FileSource:
     """BandSource over a FITS member: rows via fitsio.read_rows, overscan-corrected and cropped when
     ``overscan`` is given (``shape`` is then the cropped shape), minus ``subtract`` rows, times the
@@ -564,20 +635,25 @@ class _FileSource:
         q: np.ndarray | None = None,
         overscan: Overscan | None = None,
         levels: np.ndarray | None = None,
+        files: _MemberFiles | None = None,
     ) -> None:
         self.path = path
+        self._files = files
         self.shape = shape
         self._sub = subtract
         self._q = None if q is None else np.asarray(q, dtype=np.float32)
         self._ov = overscan
         self._levels = levels if overscan is None or levels is not None else _overscan_levels(path, overscan)
 
+    def _read(self, y0: int, y1: int) -> np.ndarray:
+        return fitsio.read_rows(self.path, y0, y1) if self._files is None else self._files.rows(self.path, y0, y1)
+
     def _rows(self, y0: int, y1: int) -> np.ndarray:
         if self._ov is None:
-            rows = fitsio.read_rows(self.path, y0, y1)
+            rows = self._read(y0, y1)
         else:
             oy = self._ov.origin[1]
-            raw = fitsio.read_rows(self.path, y0 + oy, y1 + oy)
+            raw = self._read(y0 + oy, y1 + oy)
             rows = self._ov.correct_rows(raw, y0 + oy, self._levels)  # type: ignore[arg-type]
         if rows.shape[-2:] != (y1 - y0, self.shape[-1]):
             raise StackwatchError(f"{self.path}: {rows.shape[-1]} columns, the master expects {self.shape[-1]}")
@@ -728,6 +804,42 @@ def integrate_master(
     """
     from stackwatch.engine.integrate import integrate  # H3's band integrator
 
+    files = _MemberFiles(_open_file_budget())
+    try:
+        return _integrate_master(
+            kind, paths, subtract, bayer, band_budget_bytes, check_levels, rejection, params, overscan, files, integrate
+        )
+    finally:
+        files.close()
+
+
+def _open_file_budget() -> int:
+    """How many member files one integration keeps open: a quarter of the descriptor limit, at most 512."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(0, min(512, int(soft) // 4))
+
+
+def _integrate_master(
+    kind: str,
+    paths: Sequence[str | os.PathLike[str]],
+    subtract: Sequence[np.ndarray | None] | np.ndarray | None,
+    bayer: str | None,
+    band_budget_bytes: int,
+    check_levels: bool,
+    rejection: str | None,
+    params: Mapping[str, float] | None,
+    overscan: Overscan | None,
+    files: _MemberFiles,
+    integrate: Any,
+) -> MasterResult:
+
     if kind not in MASTER_KINDS:
         raise StackwatchError(f"master kind {kind!r}: not one of {', '.join(MASTER_KINDS)}")
     if not paths:
@@ -787,14 +899,14 @@ def integrate_master(
         for p, sub, lv, lov in kept:
             ratio = m0 / np.array(lv, dtype=np.float64)
             q = np.full((2, 2), ratio[0]) if len(ratio) == 1 else ratio.reshape(2, 2)
-            sources.append(_FileSource(p, shape, sub, q, overscan, lov))
+            sources.append(_FileSource(p, shape, sub, q, overscan, lov, files))
             levels.append(lv)
     else:
         for p in spaths:
             hdr_shape = tuple(int(v) for v in fitsio.image_shape(fitsio.read_header(p)))
             if hdr_shape != raw_shape:
                 raise StackwatchError(f"{p}: shape {hdr_shape}, the other {kind} frames {raw_shape}")
-            sources.append(_FileSource(p, shape, overscan=overscan))
+            sources.append(_FileSource(p, shape, overscan=overscan, files=files))
     if rejection is None:
         name, params = master_rejection(len(sources))
     else:

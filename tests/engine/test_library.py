@@ -337,3 +337,33 @@ def test_flat_rotator_angle_is_matched_and_a_turned_flat_warned() -> None:
     assert ms.flat is at90 and "warning: flat rotator angle 90° vs light 45.0°" in flat_line
     ms = library.match(_info("light"), [at90])  # the light does not say: no warning
     assert ms.flat is at90 and not any("warning" in e for e in ms.explanations)
+
+
+def test_open_member_rows_equal_read_rows(tmp_path: Path) -> None:
+    """Members kept open across bands give exactly fitsio.read_rows' rows: 16-bit, bottom-up, float,
+    tile-compressed; beyond the capacity files are read the old way."""
+    from astropy.io import fits
+    from stackwatch.engine import fitsio
+
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 65535, (37, 23), dtype=np.uint16)
+    p16 = tmp_path / "a16.fits"
+    fits.PrimaryHDU(raw).writeto(p16)
+    pbu = tmp_path / "bottom_up.fits"
+    fits.PrimaryHDU(raw, fits.Header({"ROWORDER": "BOTTOM-UP"})).writeto(pbu)
+    pf = tmp_path / "float.fits"
+    fits.PrimaryHDU(rng.normal(0.2, 0.01, (37, 23)).astype(">f4")).writeto(pf)
+    pfz = tmp_path / "comp.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(raw.astype(np.int32) - 32768, tile_shape=(8, 23))]).writeto(pfz)
+    files = library._MemberFiles(capacity=3)
+    try:
+        for _ in range(2):
+            for p in (p16, pbu, pf, pfz):
+                for y0, y1 in ((0, 37), (0, 5), (5, 19), (36, 37), (9, 9)):
+                    np.testing.assert_array_equal(files.rows(str(p), y0, y1), fitsio.read_rows(p, y0, y1))
+        assert len(files._open) == 3  # the fourth file was read per band
+        with pytest.raises(StackwatchError, match="outside the image height"):
+            files.rows(str(p16), 30, 40)
+    finally:
+        files.close()
+    assert files._open == {}
