@@ -13,11 +13,22 @@ Pipelines:
 The same run also times the bare pipeline call on one frame without the service, so the overhead of
 the service itself shows as a ratio.
 
+Per frame it also records the process CPU time between "closed" and "processed" (the machine is
+shared: CPU time is steadier than wall time), and the stages the service reports with the event
+(intake and queue, read, calibrate, noise/debayer, measure, register, resample, normalise, frame
+store write and live update (overlapped), state save, catalogue); live checkpoints are timed apart
+(they run between frames). The load average at start and end says how busy the machine was.
+
     .venv/bin/python bench/bench_service.py [--width 6248 --height 4176] [--frames 20] [--colour]
-        [--pipeline real|numpy] [--delete-processed]
+        [--pipeline real|numpy] [--delete-processed] [--reference-candidates N] [--block 100]
+        [--checkpoint-frames N]
+
+e.g. the night-growth run: ``--frames 300 --width 2048 --height 1536`` (3 MP); the 26 MP latency:
+``--frames 10 --reference-candidates 1`` (the first frame is the reference: no rebuilds while the
+reference is chosen, so every frame after it is a steady-state frame).
 
 Budget (design.md): file closed -> stack updated <= 1.5 s mono on 2 cores; service memory over 300
-frames flat, <= 2 GB mono. Writes bench/results/service_<mono|colour>_<pipeline>.json.
+frames flat, <= 2 GB mono. Writes bench/results/service_<mono|colour>_<pipeline>_<W>x<H>.json.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -138,8 +150,10 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     watch.mkdir()
     config = Config()
     config.service.min_free_space_mb = 100.0
-    config.live.checkpoint_frames = 10**9  # checkpoints are measured separately by the live benchmark
+    config.live.checkpoint_frames = args.checkpoint_frames
     config.live.exact_pass_frames = 10**9
+    if args.reference_candidates:
+        config.normalization.reference_candidates = args.reference_candidates
     factory = None
     if args.pipeline == "numpy":
         factory = NumpyPipeline
@@ -150,6 +164,10 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     done: dict[str, float] = {}
     rss: list[float] = []
     results: dict[str, str] = {}
+    stages: dict[str, dict[str, float]] = {}
+    cpu_closed: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    checkpoints: list[tuple[float, float]] = []  # (wall, cpu) seconds of each live checkpoint
     processed = asyncio.Event()
 
     service = Service(config, watch_dir=watch, state_dir=state, pipeline_factory=factory)
@@ -158,21 +176,37 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         if event["type"] == "frame_processed" and event["data"].get("name") in closed:
             name = event["data"]["name"]
             done[name] = time.monotonic()
+            cpu[name] = time.process_time() - cpu_closed[name]
             results[name] = str(event["data"].get("status"))
+            stages[name] = {k: float(v) for k, v in (event["data"].get("stages") or {}).items()
+                            if isinstance(v, int | float)}
             rss.append(_rss_mb()[0])
             processed.set()
 
     service.add_listener(on_event)
+    load_start = os.getloadavg()
     await service.startup()
+    pipeline_checkpoint = service.pipeline.checkpoint if service.pipeline is not None else None
+    if pipeline_checkpoint is not None:
+        def timed_checkpoint() -> None:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            pipeline_checkpoint()
+            checkpoints.append((time.perf_counter() - w0, time.thread_time() - c0))
+
+        service.pipeline.checkpoint = timed_checkpoint  # type: ignore[method-assign, union-attr]
     runner = asyncio.create_task(service.run())
     lags: list[float] = []
 
     async def loop_lag() -> None:
-        """How late a 10 ms sleep wakes up, and how long status() takes: the web view's view of the loop."""
+        """How late a 10 ms sleep wakes up, and how long status() takes when a web page polls it (twice a
+        second): the web view's view of the loop."""
+        i = 0
         while True:
             t0 = time.monotonic()
             await asyncio.sleep(0.01)
-            service.status()
+            i += 1
+            if i % 50 == 0:
+                service.status()
             lags.append(time.monotonic() - t0 - 0.01)
 
     lagger = asyncio.create_task(loop_lag())
@@ -186,6 +220,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
             def write(path: Path = path, data: np.ndarray = data, i: int = i) -> None:
                 fits.PrimaryHDU(data, header=_header(i, args.colour)).writeto(path)
+                cpu_closed[path.name] = time.process_time()
                 closed[path.name] = time.monotonic()
 
             await asyncio.to_thread(write)
@@ -194,12 +229,16 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 old = watch / f"bench_{i - 30:04d}.fits"  # the disk would fill over 300 x 52 MB
                 old.unlink(missing_ok=True)
             one = done[path.name] - closed[path.name]
-            print(f"frame {i:4d}: {results[path.name]:8s} latency {one:6.3f} s   RSS {rss[-1]:7.0f} MB", flush=True)
+            print(f"frame {i:4d}: {results[path.name]:8s} latency {one:6.3f} s  CPU {cpu[path.name]:6.3f} s  "
+                  f"RSS {rss[-1]:7.0f} MB", flush=True)
     finally:
         lagger.cancel()
         service.request_stop()
         await runner
         await service.shutdown()
+    load_end = os.getloadavg()
+    rss_peak_service = _rss_mb()[1]
+    run_cpu = resource.getrusage(resource.RUSAGE_SELF)
     names = sorted(done)
     lat = [done[n] - closed[n] for n in names]
     # steady state: the second half (the first frames pay numba compilation and, with the real
@@ -221,7 +260,27 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pipe.process_light(pth2, default_identify(pth2, config))
     bare = time.monotonic() - t0
     n_half = max(1, len(rss) // 2)
+    cpu_l = [cpu[n] for n in names]
+    steady_names = names[len(names) // 2:] if len(names) > 3 else names
+    stage_keys = sorted({k for n in steady_names for k in stages.get(n, {})})
+    stage_median = {k: round(statistics.median([stages[n][k] for n in steady_names if k in stages.get(n, {})]), 4)
+                    for k in stage_keys}
+    blocks = []
+    for b0 in range(0, len(lat), args.block):
+        blk, blk_cpu = lat[b0:b0 + args.block], cpu_l[b0:b0 + args.block]
+        blocks.append({"frames": f"{b0 + 1}-{b0 + len(blk)}", "median_latency_s": round(statistics.median(blk), 3),
+                       "median_cpu_s": round(statistics.median(blk_cpu), 3),
+                       "rss_mb_max": round(max(rss[b0:b0 + args.block]), 1)})
     return {
+        "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in load_end]},
+        "blocks": blocks,
+        "cpu_s": {"all": [round(x, 3) for x in cpu_l],
+                  "median": round(statistics.median(cpu_l[len(cpu_l) // 2:]), 3) if cpu_l else None,
+                  "process_user": round(run_cpu.ru_utime, 1), "process_system": round(run_cpu.ru_stime, 1)},
+        "stages_median_s": stage_median,
+        "checkpoints": {"n": len(checkpoints),
+                        "median_wall_s": round(statistics.median([c[0] for c in checkpoints]), 3) if checkpoints else None,
+                        "median_cpu_s": round(statistics.median([c[1] for c in checkpoints]), 3) if checkpoints else None},
         "shape": [h, w],
         "colour": bool(args.colour),
         "pipeline": args.pipeline,
@@ -245,7 +304,8 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "first_half_max": round(max(rss[:n_half]), 1) if rss else None,
             "second_half_max": round(max(rss[n_half:]), 1) if len(rss) > 1 else None,
             "last": round(rss[-1], 1) if rss else None,
-            "peak_hwm": round(_rss_mb()[1], 1),
+            "peak_hwm_service": round(rss_peak_service, 1),
+            "peak_hwm_with_probe": round(_rss_mb()[1], 1),
         },
         "cpus": os.cpu_count(),
     }
@@ -270,6 +330,11 @@ def main() -> int:
                         "disk); the pipeline rebuilds stacks from raw files while it chooses the reference, so "
                         "never for short runs")
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--reference-candidates", type=int, default=0,
+                        help="normalization.reference_candidates (0: the configuration's default)")
+    parser.add_argument("--block", type=int, default=100, help="frames per block of the latency table")
+    parser.add_argument("--checkpoint-frames", type=int, default=10**9,
+                        help="live.checkpoint_frames (default: never; checkpoints are timed apart)")
     args = parser.parse_args()
     if args.pipeline == "real" and not have_real:
         print("stackwatch.daemon.pipeline is not available; use --pipeline numpy", file=sys.stderr)
@@ -280,7 +345,7 @@ def main() -> int:
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     kind = "colour" if args.colour else "mono"
-    (out / f"service_{kind}_{args.pipeline}.json").write_text(json.dumps(res, indent=1))
+    (out / f"service_{kind}_{args.pipeline}_{args.width}x{args.height}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

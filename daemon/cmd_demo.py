@@ -131,6 +131,9 @@ async def _demo(args: argparse.Namespace, root: Path, service_kwargs: dict[str, 
     config.service.host = args.host
     config.service.port = args.port
     config.watch.stable_for_s = 1.0
+    # the night is compressed, so is the wait after the last calibration frame before its masters are
+    # integrated (the dawn flats, then the recalibration of the lights stacked without them)
+    config.library.master_debounce_s = min(config.library.master_debounce_s, 3.0)
     ready = asyncio.Event()
     stop = threading.Event()
     services: list[Any] = []
@@ -160,7 +163,7 @@ async def _demo(args: argparse.Namespace, root: Path, service_kwargs: dict[str, 
             print(f"\nstackwatch demo: the night is complete ({n} files); the service keeps running "
                   f"(Ctrl-C stops)", flush=True)
             if args.exit_when_done:
-                await _wait_processed(root)
+                await _wait_settled(services[0], capture, server)
                 services[0].request_stop()
         return int(await server)
     finally:
@@ -170,19 +173,14 @@ async def _demo(args: argparse.Namespace, root: Path, service_kwargs: dict[str, 
                 await writer
 
 
-async def _wait_processed(root: Path) -> None:
-    """Until the catalogue has no pending or in-flight file and every written file is catalogued."""
-    from stackwatch.daemon.catalog import Catalog
+async def _wait_settled(service: Any, capture: Path, server: asyncio.Task[Any]) -> None:
+    """Until every written file is catalogued and the service has nothing left to do: the queue
+    drained, the dawn masters integrated, the lights stacked before them recalibrated and their stacks
+    rebuilt (``Service.settled``). Returns early when the service stops by itself."""
     from stackwatch.daemon.watcher import FileFilter, scan_folder
 
-    capture = root / "capture"
-    while True:
-        await asyncio.sleep(1.0)
-        cat = Catalog(root / "state" / "catalog.sqlite")
-        try:
-            counts = cat.counts()
-        finally:
-            cat.close()
-        n_files = sum(1 for _ in scan_folder(FileFilter(root=capture)))
-        if counts["seen"] >= n_files and counts["pending"] == 0 and counts["processing"] == 0:
+    n_files = await asyncio.to_thread(lambda: sum(1 for _ in scan_folder(FileFilter(root=capture))))
+    while not server.done():
+        await asyncio.sleep(0.5)
+        if service.catalog is not None and service.catalog.counts()["seen"] >= n_files and service.settled():
             return

@@ -15,13 +15,21 @@ product and the service's final product are the same arrays:
 - `finalize` runs the exact pass (the batch integrator over the frame store) and writes the products.
 
 State lives under ``state_dir``: ``library/`` (masters), ``frames/<stack>/`` (normalised registered
-frames as .npy, the frame store), ``stacks/<stack>/`` (stack.json, live checkpoint, products). Every
-file is written atomically; a restart resumes from them. The pipeline is thread-safe: one lock
-serialises all work (the service runs it in worker threads).
+frames as .npy, the frame store), ``stacks/<stack>/`` (stack.json, the members log, live checkpoint,
+products). Per-frame persistence costs the same on the last frame of a night as on the first:
+stack.json holds only fixed-size state, rewritten atomically; the members (their records) and
+the gate history go to an append-only JSON-lines log ``members-<generation>.jsonl``, one line per
+changed member or new history entry, and stack.json names the log and its committed length. A
+crash between the append and stack.json leaves bytes past that length, which the next start cuts
+off (the frame is then redone). A rebuild writes a new generation whole (and so does a log that grew
+to several times its members). Every other file is written atomically; a restart resumes from them.
+The pipeline is thread-safe: one lock serialises all work (the service runs it in worker threads).
 """
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -51,7 +59,10 @@ __all__ = ["Pipeline", "classify_paths", "json_default", "stack_id_for"]
 
 _log = logging.getLogger("stackwatch.pipeline")
 
-_STACK_FORMAT = 1
+# 2: stack.json with fixed-size state + members log; 1 (members and history inline) is still read
+_STACK_FORMAT = 2
+# a log with more lines than this many per member (one per change) is rewritten whole at the next save
+_LOG_LINES_PER_MEMBER = 4
 # Absolute sanity for reference candidates: a frame a person would never pick.
 _MIN_REFERENCE_STARS = 15
 
@@ -96,8 +107,40 @@ def _atomic_save_npy(path: Path, array: np.ndarray, dtype: Any = np.float32) -> 
     os.replace(tmp, path)
 
 
+def _timed_save_npy(path: Path, array: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    _atomic_save_npy(path, array)
+    return time.perf_counter() - t0
+
+
 def _sort_key(member: dict[str, Any]) -> tuple[str, str]:
     return (member.get("date_obs") or "", member["path"])
+
+
+def _set_status(stack: _Stack, member: dict[str, Any], status: str) -> None:
+    """Set a member's status, keeping the stack's tally (the summaries read it, not the members).
+    Every member of ``stack.members`` is counted in the tally under its current status."""
+    old = str(member["status"])
+    if old == status:
+        return
+    stack.tally[old] = stack.tally.get(old, 0) - 1
+    stack.tally[status] = stack.tally.get(status, 0) + 1
+    exposure = float(member.get("exposure_s") or 0.0)
+    if old == "stacked":
+        stack.stacked_exposure_s -= exposure
+    if status == "stacked":
+        stack.stacked_exposure_s += exposure
+    member["status"] = status
+
+
+def _retally(stack: _Stack) -> None:
+    """Recount the index and the tally from the members (after a load or a rebuild: no drift)."""
+    stack.index = {m["path"]: m for m in stack.members}
+    stack.tally = {}
+    for m in stack.members:
+        stack.tally[str(m["status"])] = stack.tally.get(str(m["status"]), 0) + 1
+    stack.stacked_exposure_s = math.fsum(float(m.get("exposure_s") or 0.0)
+                                         for m in stack.members if m["status"] == "stacked")
 
 
 @dataclass
@@ -148,6 +191,16 @@ class _Stack:
     dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
     closed: bool = False  # a newer stack of the same target and filter takes the new lights
     checked_library: str = ""  # library state under which every processed member had its best masters
+    # derived, kept so that per-frame work does not scan the members
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> member
+    tally: dict[str, int] = field(default_factory=dict)  # status -> number of members
+    stacked_exposure_s: float = 0.0
+    # the members log (see the module docstring)
+    log_gen: int = 0
+    log_bytes: int = 0
+    log_lines: int = 0
+    history_logged: int = 0  # history[:history_logged] is in the log
+    rewrite_log: bool = True  # the next save writes a new generation (members changed wholesale)
 
 
 class Pipeline:
@@ -183,6 +236,9 @@ class Pipeline:
         self._gates = gates.parse_rules(config.gates.rules) if config.gates.enabled else ()
         self._lock = threading.RLock()
         self._stacks: dict[str, _Stack] = {}
+        self._rebuilt: set[str] = set()  # stacks rebuilt since the last take_rebuilt()
+        # writes the frame store while the live integration runs (both release the GIL)
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackwatch-store")
         for path in sorted(self.stacks_dir.glob("*/stack.json")):
             try:
                 self._load_stack(path)
@@ -192,6 +248,7 @@ class Pipeline:
     def close(self) -> None:
         with self._lock:
             self.library.close()
+            self._io.shutdown(wait=True)
 
     # ------------------------------------------------------------------ calibration frames
 
@@ -225,6 +282,7 @@ class Pipeline:
             stack = self._stack_for(info, path)
             self._member(stack, path, info)
             stack.dirty = True
+            stack.rewrite_log = True  # members added without a save: the next save writes them all
             return stack.id
 
     def process_light(self, path: Path, info: FrameInfo) -> dict[str, Any]:
@@ -235,7 +293,7 @@ class Pipeline:
             member, is_new = self._member(stack, path, info)
             if not is_new and member.get("status") in ("stacked", "rejected", "failed") and not stack.dirty:
                 return dict(member["record"])  # idempotent: the frame in flight before a restart
-            position = stack.members.index(member)
+            position = bisect.bisect_left(stack.members, _sort_key(member), key=_sort_key)
             in_order = position == len(stack.members) - 1 and stack.processed_upto == position
             if stack.dirty or not in_order or self._masters_changed(stack):
                 self._rebuild(stack)
@@ -243,14 +301,18 @@ class Pipeline:
                 self._process_next(stack)
                 if self._reference_choice(stack) != (stack.reference.path if stack.reference else None):
                     self._rebuild(stack)
-            self._save_stack(stack)
-            return dict(member["record"])
+            t_save = time.perf_counter()
+            self._save_stack(stack, changed=[member])
+            out = dict(member["record"])
+            if isinstance(out.get("timings"), dict):
+                out["timings"] = {**out["timings"], "save_state_s": round(time.perf_counter() - t_save, 4)}
+            return out
 
     def _member(self, stack: _Stack, path: Path, info: FrameInfo) -> tuple[dict[str, Any], bool]:
         apath = os.path.abspath(str(path))
-        for m in stack.members:
-            if m["path"] == apath:
-                return m, False
+        known = stack.index.get(apath)
+        if known is not None:
+            return known, False
         member = {
             "path": apath,
             "frame_id": _frame_key(apath),
@@ -259,8 +321,10 @@ class Pipeline:
             "status": "pending",
             "record": {"path": apath, "kind": "light", "status": "pending", "stack_id": stack.id},
         }
-        stack.members.append(member)
-        stack.members.sort(key=_sort_key)
+        # the members stay in DATE-OBS order (keys are unique: the path is part of them)
+        bisect.insort(stack.members, member, key=_sort_key)
+        stack.index[apath] = member
+        stack.tally["pending"] = stack.tally.get("pending", 0) + 1
         return member, True
 
     def _stack_for(self, info: FrameInfo, path: Path | str | None = None) -> _Stack:
@@ -269,7 +333,7 @@ class Pipeline:
         if path is not None:
             apath = os.path.abspath(str(path))
             for stack in self._stacks.values():
-                if any(m["path"] == apath for m in stack.members):
+                if apath in stack.index:
                     return stack
         base = stack_id_for(info.object, info.filter)
         family = [s for s in self._stacks.values() if s.id == base or s.id.startswith(base + "~")]
@@ -415,6 +479,7 @@ class Pipeline:
         stack.live = self._new_live(tuple(prep.data.shape), float(meas.metrics.background))
         stack.last_matrix = None
         stack.history = []
+        stack.rewrite_log = True
 
     def _new_live(self, shape: tuple[int, ...], background: float) -> LiveStack:
         live = self.config.live
@@ -430,7 +495,7 @@ class Pipeline:
         stack.processed_upto += 1
         t0 = time.perf_counter()
         if member.get("excluded"):
-            member["status"] = "rejected"
+            _set_status(stack, member, "rejected")
             member["record"] = {**member.get("record", {}), "path": member["path"], "kind": "light",
                                 "status": "rejected", "reason": "rejected: excluded by the user", "excluded": True,
                                 "stack_id": stack.id, "target": stack.target, "filter": stack.filter}
@@ -521,12 +586,14 @@ class Pipeline:
             return
         y = normalize.apply(warped_data, norm)
         t_norm = time.perf_counter()
-        self._stack_frame(stack, member, y, norm.weight, [c.scale for c in norm.channels], prep.noise, rho)
+        store_s, live_s = self._stack_frame(stack, member, y, norm.weight, [c.scale for c in norm.channels],
+                                            prep.noise, rho)
         t_live = time.perf_counter()
         stack.history.append(metrics)
         stack.last_matrix = reg.matrix
         prep.timings.update({"register_s": t_reg - t0 - sum(prep.timings.values()), "resample_s": t_warp - t_reg,
-                             "normalize_s": t_norm - t_warp, "store_integrate_s": t_live - t_norm})
+                             "normalize_s": t_norm - t_warp, "store_integrate_s": t_live - t_norm,
+                             "store_s": store_s, "live_update_s": live_s})
         # the normalisation (with its gradient grid) beside the frame in the store, not in stack.json:
         # stack.json is rewritten after every frame and must stay small
         _atomic_write_bytes(self.frames_dir / stack.id / f"{member['frame_id']}.norm.json",
@@ -535,18 +602,27 @@ class Pipeline:
                      masters, prep, t0)
 
     def _stack_frame(self, stack: _Stack, member: dict[str, Any], y: np.ndarray, weight: float,
-                     scale: list[float], noise: Sequence[float], rho: float) -> None:
-        """Store a normalised frame and add it to the live integration."""
+                     scale: list[float], noise: Sequence[float], rho: float) -> tuple[float, float]:
+        """Store a normalised frame and add it to the live integration, the write (and its fsync)
+        overlapped with the update. Returns the seconds each took."""
         store = self.frames_dir / stack.id
         store.mkdir(parents=True, exist_ok=True)
         path = store / f"{member['frame_id']}.npy"
+        write: concurrent.futures.Future[float] | None = None
         if not (stack.reference is not None and member["frame_id"] == stack.reference.frame_id and path.exists()):
-            _atomic_save_npy(path, y)
+            write = self._io.submit(_timed_save_npy, path, y)
         assert stack.live is not None
-        stack.live.update(member["frame_id"], y, weight=weight, scale=scale, noise=list(noise), rho=rho)
+        t0 = time.perf_counter()
+        try:
+            stack.live.update(member["frame_id"], y, weight=weight, scale=scale, noise=list(noise), rho=rho)
+            live_s = time.perf_counter() - t0
+        finally:
+            # the frame is in the store before anything says it was stacked (a failed write raises here)
+            store_s = write.result() if write is not None else 0.0
         member["live"] = {"weight": weight, "scale": list(scale), "noise": list(noise), "rho": rho}
         stack.version += 1
         stack.final = None
+        return store_s, live_s
 
     def _finish(self, stack: _Stack, member: dict[str, Any], meas: stars.Measurement | None,
                 reg: register.Registration | None, norm: normalize.Normalization | None, status: str,
@@ -567,15 +643,18 @@ class Pipeline:
         rec["reference"] = member["path"] == (stack.reference.path if stack.reference else None)
         if norm is not None:
             rec["normalization"] = norm.method
+        # calibrated with what existed while a master it needs is still missing (the flats of dawn):
+        # counted as provisional until a recalibration with the master clears it
+        rec["provisional"] = prep is not None and bool(prep.masters.missing)
         if prep is not None:
             rec["notes"] = list(prep.notes)
             rec["timings"] = {k: round(v, 4) for k, v in {**prep.timings, "total_s": time.perf_counter() - t0}.items()}
-        member["status"] = status
+        _set_status(stack, member, status)
         member["record"] = rec
         _log.info("%s: %s%s", Path(member["path"]).name, status, f" ({reason})" if reason else "")
 
     def _fail(self, stack: _Stack, member: dict[str, Any], reason: str) -> None:
-        member["status"] = "failed"
+        _set_status(stack, member, "failed")
         member["record"] = {"path": member["path"], "kind": "light", "status": "failed", "reason": reason,
                             "stack_id": stack.id, "target": stack.target, "filter": stack.filter,
                             "date_obs": member.get("date_obs")}
@@ -622,8 +701,10 @@ class Pipeline:
         store = self.frames_dir / stack.id
         if store.exists():
             shutil.rmtree(store)
+        stack.rewrite_log = True
+        self._rebuilt.add(stack.id)
         for m in stack.members:
-            m["status"] = "pending"
+            _set_status(stack, m, "pending")
             m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
             for key in ("norm", "live", "masters_sig"):
                 m.pop(key, None)
@@ -648,13 +729,12 @@ class Pipeline:
             choice = self._reference_choice(stack)
             if choice is not None:
                 # the reference is set first so that every frame registers against it
-                ref_member = next(m for m in stack.members if m["path"] == choice)
+                ref_member = stack.index[choice]
                 self._set_reference(stack, ref_member, self._prepare(choice))
             for m in stack.members:
                 m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
         else:
-            fixed: dict[str, Any] | None = next(
-                (m for m in stack.members if m["path"] == stack.fixed_reference), None)
+            fixed = stack.index.get(stack.fixed_reference)
             if fixed is None:
                 raise StackwatchError(f"reference {stack.fixed_reference} is not a light of stack {stack.id}")
             self._set_reference(stack, fixed, self._prepare(fixed["path"]))
@@ -665,6 +745,7 @@ class Pipeline:
                 progress(i + 1, total)
         stack.version += 1
         stack.checked_library = self._library_state()
+        _retally(stack)
 
     def _library_state(self) -> str:
         """Changes whenever a master is added or re-integrated."""
@@ -738,7 +819,7 @@ class Pipeline:
         with self._lock:
             apath = os.path.abspath(str(path))
             for stack in self._stacks.values():
-                member = next((m for m in stack.members if m["path"] == apath), None)
+                member = stack.index.get(apath)
                 if member is None:
                     continue
                 if bool(member.get("excluded")) == bool(excluded):
@@ -750,14 +831,14 @@ class Pipeline:
                 if (excluded and not is_ref and member.get("status") == "stacked" and live is not None
                         and member["frame_id"] in live.frame_ids and store.exists()):
                     live.exclude(member["frame_id"], np.load(store))
-                    member["status"] = "rejected"
+                    _set_status(stack, member, "rejected")
                     member["record"] = {**member["record"], "status": "rejected",
                                         "reason": "rejected: excluded by the user", "excluded": True}
                     stack.version += 1
                     stack.final = None
                 else:
                     stack.dirty = True
-                self._save_stack(stack)
+                self._save_stack(stack, changed=[member])
                 return {"path": apath, "excluded": bool(excluded), "stack_id": stack.id, "rebuild": stack.dirty}
             raise KeyError(apath)
 
@@ -767,7 +848,7 @@ class Pipeline:
             stack = self._get(stack_id)
             if path is not None:
                 apath = os.path.abspath(path)
-                if not any(m["path"] == apath for m in stack.members):
+                if apath not in stack.index:
                     raise StackwatchError(f"{path} is not a light of stack {stack_id}")
                 stack.fixed_reference = apath
             else:
@@ -787,16 +868,16 @@ class Pipeline:
             return [self._stack_summary(s) for s in sorted(self._stacks.values(), key=lambda s: s.id)]
 
     def _stack_summary(self, s: _Stack) -> dict[str, Any]:
-        stacked = [m for m in s.members if m.get("status") == "stacked"]
+        # from the tally: the service asks for every stack's summary after every frame
         return {
             "id": s.id,
             "target": s.target,
             "filter": s.filter,
-            "ncombine": len(stacked),
-            "exposure_s": self._total_exposure(s),
+            "ncombine": s.tally.get("stacked", 0),
+            "exposure_s": s.stacked_exposure_s,
             "frames": len(s.members),
-            "rejected": sum(1 for m in s.members if m.get("status") == "rejected"),
-            "failed": sum(1 for m in s.members if m.get("status") == "failed"),
+            "rejected": s.tally.get("rejected", 0),
+            "failed": s.tally.get("failed", 0),
             "reference": s.reference.path if s.reference else None,
             "version": s.version,
             "final": s.final is not None,
@@ -807,6 +888,14 @@ class Pipeline:
     def members(self, stack_id: str) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(m["record"]) for m in self._get(stack_id).members]
+
+    def take_rebuilt(self) -> list[str]:
+        """Ids of the stacks rebuilt since the last call (their members' records may all have changed;
+        between rebuilds a light changes only its own record)."""
+        with self._lock:
+            out = sorted(self._rebuilt)
+            self._rebuilt.clear()
+            return out
 
     def stack_products(self, stack_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -825,12 +914,11 @@ class Pipeline:
             }
 
     def _header_cards(self, stack: _Stack) -> dict[str, Any]:
-        stacked = [m for m in stack.members if m.get("status") == "stacked"]
         return {
             "OBJECT": stack.target,
             "FILTER": stack.filter,
             "IMAGETYP": "MASTER LIGHT",
-            "NCOMBINE": len(stacked),
+            "NCOMBINE": stack.tally.get("stacked", 0),
             "REFFRAME": Path(stack.reference.path).name if stack.reference else "",
             "NORMALIZ": self.config.normalization.method.upper(),
             "WEIGHTS": "NWEIGHT",
@@ -913,11 +1001,20 @@ class Pipeline:
 
     # ------------------------------------------------------------------ persistence
 
-    def _save_stack(self, stack: _Stack, *, live: bool = False) -> None:
+    def _save_stack(self, stack: _Stack, *, live: bool = False, changed: Sequence[dict[str, Any]] = ()) -> None:
+        """Persist a stack: the members in ``changed`` and the new gate history appended to the members
+        log, then stack.json. Whoever changes members wholesale sets ``stack.rewrite_log`` (a rebuild)."""
         folder = self.stacks_dir / stack.id
         folder.mkdir(parents=True, exist_ok=True)
         if live and stack.live is not None:
             stack.live.save(folder / "live")
+        old_gen = stack.log_gen
+        if (stack.rewrite_log or len(stack.history) < stack.history_logged
+                or stack.log_lines > _LOG_LINES_PER_MEMBER * len(stack.members) + 64
+                or not (folder / self._log_name(stack.log_gen)).exists()):
+            self._write_log(stack, folder)
+        else:
+            self._append_log(stack, folder, changed)
         ref = stack.reference
         state = {
             "format": _STACK_FORMAT,
@@ -931,26 +1028,104 @@ class Pipeline:
             "dirty": stack.dirty,
             "final": stack.final,
             "last_matrix": None if stack.last_matrix is None else np.asarray(stack.last_matrix).tolist(),
-            "history": stack.history,
-            "members": stack.members,
+            "log": {"generation": stack.log_gen, "bytes": stack.log_bytes, "lines": stack.log_lines,
+                    "history": stack.history_logged},
             "reference": None if ref is None else {
                 "path": ref.path, "frame_id": ref.frame_id, "shape": list(ref.shape), "xy": ref.xy.tolist(),
                 "fwhm_px": ref.fwhm_px, "noise": list(ref.noise), "background": ref.background,
                 "metrics": ref.metrics,
+                # the registration catalogue as built from the star table (its own order and selection):
+                # rebuilt from `xy` after a restart, it registered the next frames a little differently
+                "catalog_xy": ref.catalog.xy.tolist(), "catalog_fwhm_px": ref.catalog.fwhm_px,
             },
         }
         _atomic_write_bytes(folder / "stack.json", json.dumps(state, default=json_default).encode())
+        if stack.log_gen != old_gen:
+            # stack.json names the new generation now; the old one is garbage
+            (folder / self._log_name(old_gen)).unlink(missing_ok=True)
+
+    @staticmethod
+    def _log_name(generation: int) -> str:
+        return f"members-{generation:06d}.jsonl"
+
+    @staticmethod
+    def _log_lines(members: Iterable[dict[str, Any]], history: Iterable[dict[str, float]]) -> bytes:
+        lines = [json.dumps({"member": m}, default=json_default) for m in members]
+        lines += [json.dumps({"history": h}, default=json_default) for h in history]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def _write_log(self, stack: _Stack, folder: Path) -> None:
+        """A new generation of the members log holding every member and the whole history."""
+        data = self._log_lines(stack.members, stack.history)
+        gen = stack.log_gen + 1
+        _atomic_write_bytes(folder / self._log_name(gen), data)
+        stack.log_gen, stack.log_bytes = gen, len(data)
+        stack.log_lines = len(stack.members) + len(stack.history)
+        stack.history_logged = len(stack.history)
+        stack.rewrite_log = False
+
+    def _append_log(self, stack: _Stack, folder: Path, changed: Sequence[dict[str, Any]]) -> None:
+        """Append the changed members and the new history at the committed end of the log (bytes a
+        failed append left past it are overwritten)."""
+        new_history = stack.history[stack.history_logged:]
+        if not changed and not new_history:
+            return
+        data = self._log_lines(changed, new_history)
+        with open(folder / self._log_name(stack.log_gen), "r+b") as fh:
+            fh.seek(stack.log_bytes)
+            fh.write(data)
+            fh.truncate()
+            fh.flush()
+            os.fsync(fh.fileno())
+        stack.log_bytes += len(data)
+        stack.log_lines += len(changed) + len(new_history)
+        stack.history_logged = len(stack.history)
+
+    def _read_log(self, folder: Path, log: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+        """Members (last line of each path wins) and history from the committed part of the log; the
+        uncommitted tail (a crash between an append and stack.json) is cut off."""
+        path = folder / self._log_name(int(log["generation"]))
+        committed = int(log["bytes"])
+        with open(path, "r+b") as fh:
+            data = fh.read()
+            if len(data) < committed:
+                raise ValueError(f"{path.name} holds {len(data)} bytes, stack.json committed {committed}")
+            if len(data) > committed:
+                fh.truncate(committed)
+        members: dict[str, dict[str, Any]] = {}
+        history: list[dict[str, float]] = []
+        for line in data[:committed].splitlines():
+            entry = json.loads(line)
+            if "member" in entry:
+                members[entry["member"]["path"]] = entry["member"]
+            else:
+                history.append(entry["history"])
+        return sorted(members.values(), key=_sort_key), history
 
     def _load_stack(self, path: Path) -> None:
         state = json.loads(path.read_text())
-        if state.get("format") != _STACK_FORMAT:
-            raise ValueError(f"unknown format {state.get('format')!r}")
+        fmt = state.get("format")
+        log = state.get("log") or {}
+        if fmt == _STACK_FORMAT:
+            members, history = self._read_log(path.parent, log)
+        elif fmt == 1:  # members and history inline; the next save moves them to a log
+            members, history = list(state["members"]), list(state.get("history") or [])
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
         stack = _Stack(id=state["id"], target=state["target"], filter=state["filter"],
-                       members=state["members"], fixed_reference=state.get("fixed_reference"),
+                       members=members, fixed_reference=state.get("fixed_reference"),
                        version=int(state.get("version", 0)), processed_upto=int(state.get("processed_upto", 0)),
                        final=state.get("final"), dirty=bool(state.get("dirty", False)),
-                       closed=bool(state.get("closed", False)),
-                       history=list(state.get("history") or []))
+                       closed=bool(state.get("closed", False)), history=history)
+        if fmt == _STACK_FORMAT:
+            stack.log_gen, stack.log_bytes = int(log["generation"]), int(log["bytes"])
+            stack.log_lines, stack.history_logged = int(log.get("lines", 0)), len(history)
+            stack.rewrite_log = False
+            current = self._log_name(stack.log_gen)
+            for stale in path.parent.glob("members-*.jsonl*"):
+                if stale.name != current:  # a generation written by a save that did not commit
+                    stale.unlink(missing_ok=True)
+        _retally(stack)
         lm = state.get("last_matrix")
         stack.last_matrix = None if lm is None else np.asarray(lm, np.float64)
         self._stacks[stack.id] = stack
@@ -969,7 +1144,9 @@ class Pipeline:
         stack.reference = _Reference(
             path=r["path"], frame_id=r["frame_id"], shape=shape, xy=xy, fwhm_px=float(r["fwhm_px"]),
             noise=tuple(float(v) for v in r["noise"]), background=float(r["background"]), metrics=r["metrics"],
-            catalog=register.ReferenceCatalog.from_xy(xy, fwhm_px=float(r["fwhm_px"]), shape=(shape[-2], shape[-1])),
+            catalog=register.ReferenceCatalog.from_xy(
+                np.asarray(r.get("catalog_xy", xy), np.float64).reshape(-1, 2),
+                fwhm_px=float(r.get("catalog_fwhm_px", r["fwhm_px"])), shape=(shape[-2], shape[-1])),
             image=np.load(ref_file, mmap_mode="r"), saturated=np.load(sat_file),
         )
         live_dir = path.parent / "live"

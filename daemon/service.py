@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -217,6 +218,18 @@ def _is_disk_full(exc: BaseException) -> bool:
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and _is_disk_full(cause)
+
+
+@functools.cache
+def _package_version() -> str:
+    # read once: importlib.metadata searches sys.path and parses the metadata on every call, which
+    # cost more than the rest of status() (polled by the web view while frames are processed)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stackwatch")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _now_iso() -> str:
@@ -760,6 +773,11 @@ class Service:
         elapsed = self._clock() - t0
         self._last_processed = self._clock()
         self._pause_episode = False
+        # what the worker fetched for the service, not part of the frame's record (stored in the
+        # catalogue: with every member's record in it, each row grew with the night)
+        stacks = record.pop("_stacks", None)
+        members = record.pop("_members", None)
+        masters_now = record.pop("_masters", None)
         status = str(record.get("status"))
         if status not in DONE_STATUSES:
             record = {**record, "status": "failed", "reason": f"pipeline returned status {status!r}"}
@@ -781,16 +799,24 @@ class Service:
             self._since_checkpoint += 1
             sid = str(record.get("stack_id"))
             self._new_since_final[sid] = self._new_since_final.get(sid, 0) + 1
-            self._stacks_cache = list(record.get("_stacks", self._stacks_cache))
+            if stacks is not None:
+                self._stacks_cache = list(stacks)
             self.catalog.upsert_stacks(self._stacks_cache)
-        record.pop("_stacks", None)
-        self._sync_members(record.pop("_members", None), skip=str(path))
-        self._sync_masters(record.pop("_masters", None))
+        self._sync_members(members, skip=str(path))
+        self._sync_masters(masters_now)
         self._log_frame(path, kind, record, elapsed, latency)
         event = {
             "id": file_id, "path": str(path), "name": path.name, "kind": kind, "status": status,
             "reason": record.get("reason", ""), "stack_id": record.get("stack_id"), "elapsed_s": elapsed,
             "latency_s": latency,
+            # where the time went: closed -> processing started (intake: hash, header; queue), the
+            # pipeline's stages, and the service's bookkeeping after it (catalogue, stacks, events)
+            "stages": {
+                "intake_queue_s": None if arrived is None else t0 - arrived,
+                **{k: v for k, v in (record.get("timings") or {}).items() if isinstance(v, int | float)},
+                "job_s": elapsed,
+                "catalog_s": self._clock() - t0 - elapsed,
+            },
         }
         self._last_frame = event
         self.events.emit("frame_processed", event)
@@ -806,13 +832,17 @@ class Service:
             info = self._info_from_row(row)
         record = dict(self.pipeline.process_light(path, info))
         members = getattr(self.pipeline, "members", None)
+        take_rebuilt = getattr(self.pipeline, "take_rebuilt", None)
         if callable(members) and record.get("stack_id"):
             # a light can make the pipeline rebuild its stack (out of order, new reference, better
-            # master): the other members' verdicts may change with it
-            try:
-                record["_members"] = list(members(str(record["stack_id"])))
-            except KeyError:
-                pass
+            # master): the other members' verdicts may change with it. Only rebuilt stacks are read
+            # back (when the pipeline says which): reading every member after every frame made the
+            # per-frame cost grow with the night
+            rebuilt = list(take_rebuilt()) if callable(take_rebuilt) else [str(record["stack_id"])]
+            record["_members"] = []
+            for sid in rebuilt:
+                with contextlib.suppress(KeyError):
+                    record["_members"] += list(members(sid))
         if record.get("status") in ("stacked", "rejected"):
             record["_stacks"] = self.pipeline.stacks()
         masters = getattr(self.pipeline, "masters", None)
@@ -838,8 +868,8 @@ class Service:
             row = self.catalog.get_by_path(p)
             if row is None or row["status"] not in ("stacked", "rejected", "failed"):
                 continue
-            if (row["status"], row.get("reason") or "", row.get("weight")) != (
-                    status, rec.get("reason") or "", rec.get("weight")):
+            if (row["status"], row.get("reason") or "", row.get("weight"), row["provisional"]) != (
+                    status, rec.get("reason") or "", rec.get("weight"), bool(rec.get("provisional", False))):
                 self.catalog.record_result(row["id"], rec)
                 changed += 1
         return changed
@@ -1179,14 +1209,25 @@ class Service:
     def paused(self) -> bool:
         return bool(self._paused_reason)
 
+    def settled(self) -> bool:
+        """True when nothing is left to do: no file queued, read or in flight, no master waiting to be
+        integrated, no recalibration, rebuild or exact pass running, no stack waiting for a rebuild.
+        (An exact pass that only the end-of-night idle timer would start does not count.)"""
+        if self.catalog is None or self._in_flight is not None or self._paused_reason:
+            return False
+        if not self._intake_q.empty() or self._intake_waiting or self._retry_handles:
+            return False
+        counts = self.catalog.counts()
+        if counts["pending"] or counts["processing"]:
+            return False
+        if self._calibration_added_at is not None and callable(getattr(self.pipeline, "flush_masters", None)):
+            return False  # the masters of the last calibration frames are integrated after the debounce
+        if self._recal_again or any(not t.done() for t in self._background):
+            return False
+        return not any(s.get("stale") for s in self._stacks_cache)
+
     def status(self) -> dict[str, Any]:
         """JSON-ready status: frame counts, queue and lag, activity, library, warnings, stacks."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            ver = version("stackwatch")
-        except PackageNotFoundError:
-            ver = "0+unknown"
         counts = self.catalog.counts() if self.catalog is not None else {}
         oldest = self.catalog.oldest_pending_since() if self.catalog is not None else None
         pending = counts.get("pending", 0) + counts.get("processing", 0)
@@ -1218,7 +1259,7 @@ class Service:
             "watch": str(self.watch_dir),
             "state": str(self.state_dir),
             "web_url": self.web_url,
-            "version": ver,
+            "version": _package_version(),
             "started_at": self.started_at,
         }
 

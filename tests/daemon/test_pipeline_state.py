@@ -1,0 +1,129 @@
+"""The pipeline's state over a night: per-frame persistence of fixed size, crash-safe members log,
+provisional frames (stacked before their masters) cleared by the recalibration. Real pipeline on a
+small simulated night."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from stackwatch.daemon.config import Config
+from stackwatch.daemon.pipeline import Pipeline, classify_paths
+from stackwatch.engine import simulate
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("night")
+    spec = simulate.preset("small", n_lights=7, n_darks=3, n_flats=3, n_darkflats=3, n_biases=3, seed=31,
+                           trails=(), stars_per_mpix=30000.0)
+    simulate.simulate_night(spec, out, truth_files=False)
+    return out
+
+
+def _lights(folder: Path) -> list[tuple[Path, object]]:
+    out = [(p, info) for p, info, err in classify_paths([folder / "lights"]) if info is not None]
+    return sorted(out, key=lambda pi: pi[1].date_obs)  # type: ignore[attr-defined]
+
+
+def _calibration(folder: Path, *kinds: str) -> list[tuple[Path, object]]:
+    return [(p, info) for k in kinds for p, info, _ in classify_paths([folder / k]) if info is not None]
+
+
+def _config() -> Config:
+    config = Config()
+    config.normalization.reference_candidates = 3  # a settled reference after three frames
+    return config
+
+
+def _stack_folder(state: Path) -> Path:
+    (stack_json,) = state.glob("stacks/*/stack.json")
+    return stack_json.parent
+
+
+def test_stack_json_stays_small_and_the_log_restores_the_stack(night: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    pipe = Pipeline(_config(), state)
+    for path, info in _calibration(night, "biases", "darks", "darkflats", "flats"):
+        pipe.add_calibration(path, info)
+    sizes = []
+    for path, info in _lights(night):
+        rec = pipe.process_light(path, info)
+        assert rec["status"] in ("stacked", "rejected"), rec
+        sizes.append((_stack_folder(state) / "stack.json").stat().st_size)
+    # the reference is settled after 3 candidates: from then on stack.json does not grow with the members
+    assert max(sizes[3:]) - min(sizes[3:]) < 64, sizes
+    (summary,) = pipe.stacks()
+    members = pipe.members(summary["id"])
+    history = list(pipe._stacks[summary["id"]].history)
+    pipe.checkpoint()
+    pipe.close()
+    logs = list(_stack_folder(state).glob("members-*.jsonl"))
+    assert len(logs) == 1  # older generations removed
+    again = Pipeline(_config(), state)
+    try:
+        (summary2,) = again.stacks()
+        assert {k: summary2[k] for k in ("ncombine", "frames", "rejected", "failed", "exposure_s", "reference")} == {
+            k: summary[k] for k in ("ncombine", "frames", "rejected", "failed", "exposure_s", "reference")}
+        assert again.members(summary["id"]) == members
+        assert again._stacks[summary["id"]].history == history
+        assert not summary2["stale"]
+    finally:
+        again.close()
+
+
+def test_uncommitted_log_tail_is_cut_and_the_frame_redone(night: Path, tmp_path: Path) -> None:
+    """A crash after the members log was appended and before stack.json: the tail is not trusted."""
+    state = tmp_path / "state"
+    lights = _lights(night)
+    pipe = Pipeline(_config(), state)
+    for path, info in _calibration(night, "biases", "darks", "darkflats", "flats"):
+        pipe.add_calibration(path, info)
+    for path, info in lights[:-1]:
+        pipe.process_light(path, info)
+    pipe.checkpoint()
+    folder = _stack_folder(state)
+    committed = json.loads((folder / "stack.json").read_text())["log"]
+    (log,) = folder.glob("members-*.jsonl")
+    assert log.stat().st_size == committed["bytes"]
+    stack_json = (folder / "stack.json").read_bytes()
+    path, info = lights[-1]
+    last = pipe.process_light(path, info)
+    pipe.close()
+    (folder / "stack.json").write_bytes(stack_json)  # stack.json as it was before the last frame
+    assert log.stat().st_size > committed["bytes"]
+    again = Pipeline(_config(), state)
+    try:
+        assert log.stat().st_size == committed["bytes"]
+        (summary,) = again.stacks()
+        assert summary["frames"] == len(lights) - 1 and not summary["stale"]
+        redo = again.process_light(path, info)  # the service re-queues the frame in flight
+        assert (redo["status"], redo.get("weight")) == (last["status"], last.get("weight"))
+        assert again.stacks()[0]["ncombine"] == summary["ncombine"] + (last["status"] == "stacked")
+    finally:
+        again.close()
+
+
+def test_lights_before_their_flat_are_provisional_until_recalibrated(night: Path, tmp_path: Path) -> None:
+    pipe = Pipeline(_config(), tmp_path / "state")
+    try:
+        for path, info in _calibration(night, "biases", "darks"):
+            pipe.add_calibration(path, info)
+        lights = _lights(night)[:4]
+        records = [pipe.process_light(p, i) for p, i in lights]
+        stacked = [r for r in records if r["status"] == "stacked"]
+        assert stacked and all(r["provisional"] for r in stacked), records
+        assert all("flat" in r["masters"]["missing"] for r in stacked)
+        assert pipe.frames_needing_recalibration() == []  # nothing better exists yet
+        for path, info in _calibration(night, "darkflats", "flats"):
+            pipe.add_calibration(path, info)
+        paths = pipe.frames_needing_recalibration()
+        assert sorted(paths) == sorted(str(p) for p, _ in lights)
+        after = pipe.recalibrate(paths)
+        assert len(after) == len(lights)
+        assert not any(r["provisional"] for r in after), after
+        assert all(r["masters"].get("flat") for r in after if r["status"] == "stacked")
+        assert not pipe.stacks()[0]["stale"]
+    finally:
+        pipe.close()
