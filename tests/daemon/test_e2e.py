@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -98,6 +99,45 @@ async def test_demo_with_scripted_pipeline(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The full end-to-end test with the real pipeline.
+
+
+@pytest.mark.skipif(importlib.util.find_spec("stackwatch.daemon.pipeline") is None, reason="needs the pipeline")
+async def test_demo_real_pipeline_flags_provisional_lights_and_waits_for_the_recalibration(tmp_path: Path) -> None:
+    """The lights come before the flats (dawn): GET /api/status counts them provisional; `demo
+    --exit-when-done` returns only once the flats' master is integrated and the lights recalibrated."""
+    pytest.importorskip("stackwatch.web.app")
+    from stackwatch.daemon.catalog import Catalog
+    from stackwatch.daemon.cmd_demo import _demo
+
+    port = _free_port()
+    args = argparse.Namespace(preset="small", osc=False, lights=3, calibration=2, seed=5, pace=0.3, duration=None,
+                              host="127.0.0.1", port=port, exit_when_done=True)
+    provisional: list[int] = []
+
+    async def watch_status() -> None:
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                st = await asyncio.to_thread(_get_json, f"http://127.0.0.1:{port}/api/status")
+                provisional.append(int(st["frames"]["provisional"]))
+            await asyncio.sleep(0.2)
+
+    poller = asyncio.create_task(watch_status())
+    try:
+        rc = await asyncio.wait_for(_demo(args, tmp_path), 300)
+    finally:
+        poller.cancel()
+    assert rc == 0
+    assert max(provisional, default=0) > 0, provisional  # seen while the flats were missing
+    cat = Catalog(tmp_path / "state" / "catalog.sqlite")
+    try:
+        _, rows = cat.list_files(kind="light", limit=100)
+        kinds = {m.get("kind") for m in cat.masters()}
+    finally:
+        cat.close()
+    assert "flat" in kinds, kinds
+    assert [r["status"] for r in rows] == ["stacked"] * 3, [(r["status"], r["reason"]) for r in rows]
+    assert not any(r["provisional"] for r in rows)
+    assert all(r["masters"].get("flat") and "missing" not in r["masters"] for r in rows), [r["masters"] for r in rows]
 
 
 def _have_pipeline() -> bool:
