@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,8 +29,9 @@ def _field(seed: int = 1, shape: tuple[int, int] = (200, 240), n: int = 60, fwhm
     return (img / 65535.0).astype(np.float32), noise / 65535.0
 
 
-def _naive_lanczos(src: np.ndarray, u: float, v: float, clamp: float) -> float:
-    """Slow reference: exact sinc weights (no LUT), PCL clamping rule, mirrored borders."""
+def _naive_lanczos(src: np.ndarray, u: float, v: float, clamp: float, method: str = "pixinsight") -> float:
+    """Slow reference: exact sinc weights (no LUT), PCL clamping rule or the local lower bound (the
+    lowest of the central 4x4 taps), mirrored borders."""
     h, w = src.shape
     x0, y0 = math.floor(u), math.floor(v)
 
@@ -40,6 +42,15 @@ def _naive_lanczos(src: np.ndarray, u: float, v: float, clamp: float) -> float:
         i = -i if i < 0 else i
         return 2 * n - 2 - i if i >= n else i
 
+    if method == "local":
+        acc = wsum = 0.0
+        for j in range(y0 - 2, y0 + 4):
+            for i in range(x0 - 2, x0 + 4):
+                wt = lz(i - u) * lz(j - v)
+                acc += wt * float(src[mir(j, h), mir(i, w)])
+                wsum += wt
+        lo = min(float(src[mir(j, h), mir(i, w)]) for j in range(y0 - 1, y0 + 3) for i in range(x0 - 1, x0 + 3))
+        return max(acc / wsum, lo) if clamp > 0 else acc / wsum
     sp = sn = wp = wn = 0.0
     for j in range(y0 - 2, y0 + 4):
         for i in range(x0 - 2, x0 + 4):
@@ -86,10 +97,11 @@ def test_constant_image_stays_constant() -> None:
             assert np.all(np.isnan(out.data[~out.footprint]))
 
 
-def test_matches_slow_reference_at_random_positions() -> None:
+@pytest.mark.parametrize(("method", "clamp", "rel"), [("local", 0.3, 1e-6), ("local", 0.0, 1e-6), ("pixinsight", 0.3, 2e-4)])
+def test_matches_slow_reference_at_random_positions(method: str, clamp: float, rel: float) -> None:
     img, _ = _field(seed=4)
     t = _sim(0.3, 0.995, 12.7, -8.2)
-    out = warp(img, t, img.shape).data
+    out = warp(img, t, img.shape, clamp=clamp, clamp_method=method).data
     inv = np.linalg.inv(t)
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -99,33 +111,129 @@ def test_matches_slow_reference_at_random_positions() -> None:
         if not (-0.5 <= u <= img.shape[1] - 0.5 and -0.5 <= v <= img.shape[0] - 0.5):
             assert np.isnan(out[y, x])
             continue
-        ref = _naive_lanczos(img.astype(np.float64), u, v, 0.3)
-        # LUT with 4096 steps per pixel: weights differ by < 1e-3 of a tap
-        assert out[y, x] == pytest.approx(ref, rel=2e-4, abs=2e-7)
+        ref = _naive_lanczos(img.astype(np.float64), u, v, clamp, method)
+        # LUT with 4096 steps per pixel: interpolated (local) < 1e-7 of a tap, nearest row (PI) < 1e-3
+        assert out[y, x] == pytest.approx(ref, rel=rel, abs=rel * 1e-3)
 
 
-@pytest.mark.parametrize(("clamp", "relative", "max_gain"), [(0.0, False, 1e-3), (0.3, False, 1e-2), (0.3, True, 2e-3)])
-def test_shift_and_back_flux(clamp: float, relative: bool, max_gain: float) -> None:
-    """Unclamped Lanczos keeps total flux to 0.1 %; PI clamping gains flux on sharp (FWHM 3) stars."""
-    img, _ = _field(seed=2, noise=3.0)
+def _gain_and_ring(img: np.ndarray, clean: np.ndarray, **kw: Any) -> tuple[float, float]:
+    """Total-flux gain of a shift by (0.37, -0.61) and back on ``img``, and the lowest value of the
+    one-way shift of the noiseless ``clean`` field relative to the sky in units of the noise (3 e on a
+    500 e sky). One way, because shifting back undoes most of the ringing of the first shift."""
     t = _sim(0.0, 1.0, 0.37, -0.61)
-    there = warp(img, t, img.shape, clamp=clamp, relative_clamp=relative).data
-    back = warp(there, np.linalg.inv(t), img.shape, clamp=clamp, relative_clamp=relative).data
+    there = warp(img, t, img.shape, **kw).data
+    back = warp(there, np.linalg.inv(t), img.shape, **kw).data
     inner = (slice(20, -20), slice(20, -20))
     bg = 500.0 / 65535.0
     gain = float(np.sum(back[inner] - bg)) / float(np.sum(img[inner] - bg)) - 1.0
-    assert -1e-3 < gain < max_gain
+    one_way = warp(clean, t, clean.shape, **kw).data
+    ring = float(np.nanmin(one_way[inner] - bg)) / (3.0 / 65535.0)
+    return gain, ring
 
 
 @pytest.mark.parametrize("fwhm", [2.0, 3.0, 5.0])
-def test_shift_and_back_adds_no_ringing(fwhm: float) -> None:
-    """Noiseless star field: nothing dips below the sky by more than 1 sigma of a realistic noise."""
-    img, _ = _field(seed=2, noise=0.0, fwhm=fwhm)
-    sigma = 3.0 / 65535.0
-    t = _sim(0.0, 1.0, 0.37, -0.61)
-    back = warp(warp(img, t, img.shape).data, np.linalg.inv(t), img.shape).data
-    inner = (slice(20, -20), slice(20, -20))
-    assert float(np.nanmin(back[inner] - 500.0 / 65535.0)) > -sigma
+@pytest.mark.parametrize(("kw", "max_gain"), [
+    ({"clamp": 0.0}, 1e-3),
+    ({}, 1e-3),  # the default: local bound
+    ({"clamp_method": "pixinsight"}, 5e-2),
+    ({"clamp_method": "pixinsight", "relative_clamp": True}, 2e-2),
+])
+def test_shift_and_back_flux_and_ringing(fwhm: float, kw: dict[str, Any], max_gain: float) -> None:
+    """Noisy star field: the default keeps total flux to 0.1 % (PI clamping gains up to +4 % at FWHM 2);
+    the noiseless field shifted once dips nowhere below the sky by 1 sigma."""
+    img, _ = _field(seed=2, noise=3.0, fwhm=fwhm)
+    clean, _ = _field(seed=2, noise=0.0, fwhm=fwhm)
+    gain, ring = _gain_and_ring(img, clean, **kw)
+    assert -1e-3 < gain < max_gain
+    assert ring > -1.0
+
+
+def _sharp_field(fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Saturated (flat-topped) stars and hot pixels, the features that make Lanczos ring: (noisy, clean)."""
+    rng = np.random.default_rng(3)
+    h, w = 200, 240
+    clean = np.full((h, w), 500.0, dtype=np.float32)
+    render_stars(clean, rng.uniform(30, w - 30, 40), rng.uniform(30, h - 30, 40), 10 ** rng.uniform(4.5, 7.0, 40),
+                 fwhm_px=fwhm, beta=4.0)
+    np.minimum(clean, 60000.0, out=clean)
+    clean[rng.integers(20, h - 20, 30), rng.integers(20, w - 20, 30)] += 20000.0
+    noisy = clean + rng.normal(0, 3.0, clean.shape).astype(np.float32)
+    return (noisy / 65535.0).astype(np.float32), (clean / 65535.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("fwhm", [2.0, 5.0])
+def test_local_bound_removes_ringing_of_sharp_features(fwhm: float) -> None:
+    """Unclamped Lanczos rings by hundreds of sigma around hot pixels and saturated cores, PI's rule
+    leaves ~-25 sigma, the local bound none. (No clamping keeps the flux of such fields: the
+    undershoots go, the overshoot of the flat tops stays; those pixels are masked as saturated.)"""
+    img, clean = _sharp_field(fwhm)
+    assert _gain_and_ring(img, clean, clamp=0.0)[1] < -100.0
+    assert _gain_and_ring(img, clean, clamp_method="pixinsight")[1] < -5.0
+    assert _gain_and_ring(img, clean)[1] > -1.0
+
+
+@pytest.mark.parametrize("clamp", [0.0, 0.3])
+@pytest.mark.parametrize("shift", [(0.37, -0.61), (0.5, 0.5), (-13.25, 7.8), (3.0, -2.0), (250.5, 0.0)])
+def test_translation_fast_path_equals_general_path(clamp: float, shift: tuple[float, float]) -> None:
+    """The two-pass translation kernel against the per-pixel kernel on the same matrix."""
+    from stackwatch.engine import resample
+
+    img, _ = _field(seed=7)
+    img = img.copy()
+    img[50, 60] = np.nan  # the NaN fallback takes the same route in both
+    img[0, 100] = np.nan
+    rgb = np.stack([img, img * 0.5])
+    t = _sim(0.0, 1.0, *shift)
+    fast = warp(rgb, t, rgb.shape, clamp=clamp)
+    out = np.empty_like(rgb)
+    foot = np.empty(img.shape, dtype=bool)
+    rowvar = np.zeros(img.shape[0])
+    rowcount = np.zeros(img.shape[0], dtype=np.int64)
+    resample._warp_lanczos_bounded(rgb, out, foot, resample.invert_transform(t), resample._LUTN, resample._LUTN_SQ,
+                                   float(resample._LUT_STEPS), clamp > 0.0, rowvar, rowcount)
+    assert np.array_equal(fast.footprint, foot)
+    assert np.allclose(fast.data, out, rtol=0.0, atol=1e-6 * float(np.nanmax(img)), equal_nan=True)
+    if rowcount.sum():
+        assert fast.variance_factor == pytest.approx(rowvar.sum() / rowcount.sum(), rel=1e-12)
+    else:
+        assert math.isnan(fast.variance_factor)
+
+
+def test_lut_weights_match_exact_kernel() -> None:
+    """Linear interpolation in the 4096-step table: within 1e-7 of the exact normalised weights."""
+    from stackwatch.engine.resample import _LUT_STEPS, _LUTN, _lut_weights
+
+    wts = np.empty(6)
+    for frac in [*np.random.default_rng(0).uniform(0.0, 1.0, 2000).tolist(), 0.0, 0.5, 1.0 - 1e-12]:
+        _lut_weights(_LUTN, float(_LUT_STEPS), frac, wts)
+        exact = lanczos3_weights(frac)
+        assert np.max(np.abs(wts - exact / exact.sum())) < 1e-7
+    _lut_weights(_LUTN, float(_LUT_STEPS), 0.0, wts)
+    assert wts.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_bilinear_equals_per_pixel_reference() -> None:
+    """The interior shortcut of the bilinear kernel gives the renormalised 2x2 sum."""
+    img, _ = _field(seed=8, shape=(60, 70))
+    t = _sim(0.25, 1.01, 2.3, -1.7)
+    out = warp(img, t, img.shape, method="bilinear").data
+    inv = np.linalg.inv(t)
+    for y in range(0, 60, 3):
+        for x in range(0, 70, 3):
+            u, v, _w = inv @ np.array([x, y, 1.0])
+            if not (-0.5 <= u <= 69.5 and -0.5 <= v <= 59.5):
+                assert np.isnan(out[y, x])
+                continue
+            x0, y0 = math.floor(u), math.floor(v)
+            fx, fy = u - x0, v - y0
+            acc = ws = 0.0
+            for j, wy in ((0, 1.0 - fy), (1, fy)):
+                for i, wx in ((0, 1.0 - fx), (1, fx)):
+                    yy, xx = abs(y0 + j), abs(x0 + i)  # mirrored at the borders, like the kernel
+                    yy, xx = (118 - yy if yy > 59 else yy), (138 - xx if xx > 69 else xx)
+                    acc += wx * wy * float(img[yy, xx])
+                    ws += wx * wy
+            assert out[y, x] == pytest.approx(acc / ws, rel=1e-6)
 
 
 def test_point_source_with_clamping_has_no_negative_ring() -> None:
