@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from stackwatch.daemon.cmd_inspect import collect_paths
     from stackwatch.daemon.config import load_config
     from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
+    from stackwatch.engine.calibrate import Overscan
     from stackwatch.engine.errors import FrameError
     from stackwatch.engine.library import MatchRules
 
@@ -93,11 +94,14 @@ def run(args: argparse.Namespace) -> int:
         flat_max_age_days=cfg.library.flat_max_age_days,
     )
     budget = int(cfg.integration.band_memory_mb) << 20
+    # the service calibrates lights with this overscan setting: masters built here must match it
+    cal = cfg.calibration
+    overscan = Overscan.from_config(cal.overscan, cal.overscan_image_rect, cal.overscan_frame_px)
     n_files = 0
     n_bad = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-standard header cards of capture programs
-        with CalibrationLibrary(args.library, rules=rules, band_budget_bytes=budget) as lib:
+        with CalibrationLibrary(args.library, rules=rules, band_budget_bytes=budget, overscan=overscan) as lib:
             for path in collect_paths(list(args.paths)):
                 n_files += 1
                 try:

@@ -756,9 +756,12 @@ class Overscan:
 
     def describe(self) -> str:
         """One line for provenance, e.g. ``overscan [0,0,8,96]->[8,0,136,96]; crop [8,0,136,96]``."""
-        bits = [f"overscan {list(s)}->{list(t)}".replace(" ", "") for s, t in self.regions]
+        def text(r: Rect) -> str:
+            return "[" + ",".join(str(v) for v in r) + "]"
+
+        bits = [f"overscan {text(s)}->{text(t)}" for s, t in self.regions]
         if self.image_rect is not None:
-            bits.append(f"crop {list(self.image_rect)}".replace(", ", ","))
+            bits.append(f"crop {text(self.image_rect)}")
         return "; ".join(bits)
 
 

@@ -173,16 +173,25 @@ class MasterKey:
 
 def master_key(info: FrameInfo) -> MasterKey | None:
     """The key of the master a calibration frame belongs to; None for lights and unknown frames.
-    :class:`StackwatchError` for a dark or flat-dark without exposure time."""
+    :class:`FrameError` naming the file for a dark or flat-dark without exposure time and for a
+    3-plane (debayered) calibration frame."""
     if info.kind not in MASTER_KINDS:
         return None
+    if len(info.shape) != 2:
+        # calibration subtracts and divides raw sensor values pixel by pixel: a debayered frame has
+        # interpolated values and 3 planes, and the lights it would calibrate are raw CFA frames
+        raise FrameError(
+            info.path,
+            f"{info.kind} frame with {info.shape[0]} colour planes (debayered by the capture program): "
+            "calibration frames must be raw (mono or CFA); save them un-debayered",
+        )
     exposure = None
     temperature = None
     filt = ""
     night = ""
     if info.kind in ("dark", "darkflat"):
         if info.exposure_s is None:
-            raise StackwatchError(f"{info.path}: {info.kind} without exposure time (EXPTIME/EXPOSURE)")
+            raise FrameError(info.path, f"{info.kind} without exposure time (EXPTIME/EXPOSURE)")
         exposure = round(float(info.exposure_s), 3)
         temperature = _temp_bucket(info.temperature_c)
     rotator = None
@@ -855,6 +864,10 @@ def _integrate_master(
     spaths = [spaths[i] for i in order]
     subs = [subs[i] for i in order]
     raw_shape = tuple(int(v) for v in fitsio.image_shape(fitsio.read_header(spaths[0])))
+    for p in spaths:
+        planes = fitsio.image_shape(fitsio.read_header(p))
+        if len(planes) != 2:
+            raise FrameError(p, f"shape {tuple(planes)}: a master {kind} integrates raw 2-D frames (mono or CFA), not colour planes")
     if overscan is not None and not overscan.applies(raw_shape):
         overscan = None
     shape = raw_shape if overscan is None else overscan.output_shape(raw_shape)

@@ -48,3 +48,32 @@ def test_bad_usage_and_unreadable_files(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["masters", str(bad.parent), "--library", str(tmp_path / "lib")]) == 0
     err = capsys.readouterr().err
     assert "bad.fits" in err and "Traceback" not in err and "no calibration frames" in err
+
+
+def test_debayered_calibration_frame_is_refused_by_name(night: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    from astropy.io import fits
+
+    rgb = tmp_path / "rgb" / "FLAT_RGB_001.fits"
+    rgb.parent.mkdir()
+    hdr = fits.Header({"IMAGETYP": "Flat Field", "EXPTIME": 2.0, "FILTER": "L", "DATE-OBS": "2026-11-21T17:00:00"})
+    fits.PrimaryHDU(np.full((3, 64, 96), 20000, np.uint16), hdr).writeto(rgb)
+    assert main(["masters", str(night), str(rgb.parent), "--library", str(tmp_path / "lib"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert sorted(r["kind"] for r in json.loads(out.out)) == ["bias", "dark", "darkflat", "flat"]
+    line = next(x for x in out.err.splitlines() if "FLAT_RGB_001.fits" in x)
+    assert "3 colour planes" in line and "raw" in line and "Traceback" not in out.err
+
+
+def test_overscan_from_the_configuration(night: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from astropy.io import fits
+
+    cfg = tmp_path / "stackwatch.toml"
+    cfg.write_text("[calibration]\noverscan = [[0, 0, 2, 64, 2, 0, 96, 64]]\noverscan_image_rect = [2, 0, 96, 64]\n")
+    assert main(["masters", str(night), "--library", str(tmp_path / "lib"), "--config", str(cfg), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 4
+    for r in records:
+        assert r["overscan"].startswith("overscan [0,0,2,64]->[2,0,96,64]") and r["key"]["shape"] == [64, 96]
+        assert fits.getdata(r["path"]).shape == (64, 94) and fits.getheader(r["path"])["OVERSCAN"] is True
