@@ -231,6 +231,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             one = done[path.name] - closed[path.name]
             print(f"frame {i:4d}: {results[path.name]:8s} latency {one:6.3f} s  CPU {cpu[path.name]:6.3f} s  "
                   f"RSS {rss[-1]:7.0f} MB", flush=True)
+        live_memory = _live_memory(service.pipeline)
     finally:
         lagger.cancel()
         service.request_stop()
@@ -278,6 +279,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                   "median": round(statistics.median(cpu_l[len(cpu_l) // 2:]), 3) if cpu_l else None,
                   "process_user": round(run_cpu.ru_utime, 1), "process_system": round(run_cpu.ru_stime, 1)},
         "stages_median_s": stage_median,
+        "live_stack_mb": live_memory,
         "checkpoints": {"n": len(checkpoints),
                         "median_wall_s": round(statistics.median([c[0] for c in checkpoints]), 3) if checkpoints else None,
                         "median_cpu_s": round(statistics.median([c[1] for c in checkpoints]), 3) if checkpoints else None},
@@ -309,6 +311,19 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         },
         "cpus": os.cpu_count(),
     }
+
+
+def _live_memory(pipeline: Any) -> dict[str, float]:
+    """MB held by the live stacks: per-pixel state (fixed) and the per-frame rejection lists (grow with
+    the night; private to engine/live.py, read here for the figure only)."""
+    fixed = rejections = 0
+    for stack in getattr(pipeline, "_stacks", {}).values():
+        live = getattr(stack, "live", None)
+        if live is None:
+            continue
+        fixed += live.nbytes
+        rejections += sum(a.nbytes for chunks in getattr(live, "_rej", {}).values() for a in chunks)
+    return {"per_pixel_state": round(fixed / 2**20, 1), "rejection_lists": round(rejections / 2**20, 1)}
 
 
 def _real_pipeline(config: Any, state: Path) -> Any:

@@ -107,6 +107,11 @@ def _atomic_save_npy(path: Path, array: np.ndarray, dtype: Any = np.float32) -> 
     os.replace(tmp, path)
 
 
+def _file_signature(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns)
+
+
 def _timed_save_npy(path: Path, array: np.ndarray) -> float:
     t0 = time.perf_counter()
     _atomic_save_npy(path, array)
@@ -239,6 +244,10 @@ class Pipeline:
         self._rebuilt: set[str] = set()  # stacks rebuilt since the last take_rebuilt()
         # writes the frame store while the live integration runs (both release the GIL)
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackwatch-store")
+        # reads the next queued light while the current one is processed (see prefetch)
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackwatch-read")
+        self._prefetch_lock = threading.Lock()
+        self._prefetched: tuple[str, tuple[int, int], concurrent.futures.Future[fitsio.Image]] | None = None
         for path in sorted(self.stacks_dir.glob("*/stack.json")):
             try:
                 self._load_stack(path)
@@ -249,6 +258,7 @@ class Pipeline:
         with self._lock:
             self.library.close()
             self._io.shutdown(wait=True)
+            self._reader.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ calibration frames
 
@@ -284,6 +294,40 @@ class Pipeline:
             stack.dirty = True
             stack.rewrite_log = True  # members added without a save: the next save writes them all
             return stack.id
+
+    def prefetch(self, path: Path) -> None:
+        """Start reading a light that is to be processed next, off the caller's thread and outside the
+        pipeline lock: a backlog then overlaps each frame's read with the previous frame's compute.
+        One frame is held; a read that fails or a file that changed since is simply read again."""
+        apath = os.path.abspath(str(path))
+        try:
+            signature = _file_signature(apath)
+        except OSError:
+            return
+        with self._prefetch_lock:
+            if self._prefetched is not None:
+                if self._prefetched[:2] == (apath, signature):
+                    return
+                self._prefetched[2].cancel()
+            future = self._reader.submit(fitsio.read_image, apath, max_mpix=self.config.io.max_image_mpix)
+            self._prefetched = (apath, signature, future)
+
+    def _take_prefetched(self, path: str) -> fitsio.Image | None:
+        apath = os.path.abspath(str(path))
+        with self._prefetch_lock:
+            entry, self._prefetched = self._prefetched, None
+        if entry is None:
+            return None
+        if entry[0] != apath:
+            entry[2].cancel()
+            return None
+        try:
+            image = entry[2].result()
+            if _file_signature(apath) != entry[1]:
+                return None
+        except (StackwatchError, OSError, ValueError, concurrent.futures.CancelledError):
+            return None  # read again by the caller, which reports the error
+        return image
 
     def process_light(self, path: Path, info: FrameInfo) -> dict[str, Any]:
         """Process one new light into its stack; returns its JSON-ready record."""
@@ -366,7 +410,9 @@ class Pipeline:
         """Calibrate, correct, estimate noise, debayer and measure one light."""
         cfg = self.config
         t0 = time.perf_counter()
-        image = fitsio.read_image(path, max_mpix=cfg.io.max_image_mpix)
+        image = self._take_prefetched(path)
+        if image is None:
+            image = fitsio.read_image(path, max_mpix=cfg.io.max_image_mpix)
         info = classify(image.header, path)
         t_read = time.perf_counter()
         ms = self.library.match(info)

@@ -749,6 +749,12 @@ class Service:
         self._activity = f"processing {path.name} ({kind})"
         self.catalog.set_status(file_id, "processing")
         t0 = self._clock()
+        prefetch = getattr(self.pipeline, "prefetch", None)
+        if kind == "light" and callable(prefetch):
+            # a backlog: the next light is read while this one is processed
+            nxt = self.catalog.pending(identified=True, limit=1)
+            if nxt and nxt[0]["kind"] == "light":
+                prefetch(Path(nxt[0]["path"]))
         try:
             if kind == "light":
                 record = await self._run_in_executor(self._light_job, path, info, row)

@@ -127,3 +127,27 @@ def test_lights_before_their_flat_are_provisional_until_recalibrated(night: Path
         assert not pipe.stacks()[0]["stale"]
     finally:
         pipe.close()
+
+
+def test_prefetched_light_is_used_only_while_the_file_is_unchanged(night: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from stackwatch.engine import fitsio
+
+    (first, _), (second, _) = _lights(night)[:2]
+    target = tmp_path / "light.fits"
+    target.write_bytes(first.read_bytes())
+    pipe = Pipeline(_config(), tmp_path / "state")
+    try:
+        pipe.prefetch(target)
+        assert pipe._take_prefetched(str(tmp_path / "other.fits")) is None  # another file: dropped
+        pipe.prefetch(target)
+        image = pipe._take_prefetched(str(target))
+        assert image is not None and np.array_equal(image.data, fitsio.read_image(target).data, equal_nan=True)
+        assert pipe._take_prefetched(str(target)) is None  # taken once
+        pipe.prefetch(target)
+        assert pipe._prefetched is not None
+        pipe._prefetched[2].result()
+        target.write_bytes(second.read_bytes())  # rewritten after the read: read again by the caller
+        assert pipe._take_prefetched(str(target)) is None
+    finally:
+        pipe.close()
