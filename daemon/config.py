@@ -169,7 +169,7 @@ class LiveConfig:
     n_min: int = _f(5, "no live rejection before this many frames")
     k_high: int = _f(2, "largest accepted samples kept per pixel for retroactive rejection (2 = recommended; 2 high/1 low has a fast kernel)")
     k_low: int = _f(1, "smallest accepted samples kept per pixel for retroactive rejection")
-    noise_epsilon_frac: float = _f(0.2, "relative scale-noise term of the live noise model (protects star cores)")
+    noise_epsilon_frac: float = _f(0.3, "relative scale-noise term of the noise model that floors live and batch rejection (protects star cores when seeing changes; 0.3 keeps a core 1.9x brighter than the others)")
     checkpoint_frames: int = _f(10, "checkpoint the running stack every N frames")
     checkpoint_interval_s: float = _f(600.0, "or every this many seconds")
     exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle")

@@ -202,7 +202,8 @@ class NoiseModel:
     a, b : (N,) or (N, C) per frame (and channel).
     background : reference background: a scalar, or a grid (gh, gw) / (C, gh, gw) with nodes every
         ``background_step_px`` pixels, interpolated bilinearly (as LiveStack does).
-    epsilon : relative scale-noise term. Default is 0.2.
+    epsilon : relative scale-noise term. Default is 0.3 (the service's default: a star core up to
+        1.9× brighter than the centre, as in a frame with much better seeing, is kept).
     kappa_low, kappa_high : for rejectors without a σ of their own (percentile): a sample is rejected
         only when it is also beyond κ·σ_floor. Defaults 4 and 3.
     """
@@ -211,7 +212,7 @@ class NoiseModel:
     b: np.ndarray
     background: Any = 0.0
     background_step_px: float = 64.0
-    epsilon: float = 0.2
+    epsilon: float = 0.3
     kappa_low: float = 4.0
     kappa_high: float = 3.0
 
