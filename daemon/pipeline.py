@@ -160,6 +160,9 @@ class _Prepared:
     notes: tuple[str, ...]
     timings: dict[str, float]
     dark_scale: float = 1.0  # k actually used (optimised when the dark was scaled)
+    # process CPU seconds of the same stages as ``timings`` (wall): on a shared machine the CPU time
+    # says what a stage costs, the wall time how long it waited too
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -409,12 +412,12 @@ class Pipeline:
     def _prepare(self, path: str) -> _Prepared:
         """Calibrate, correct, estimate noise, debayer and measure one light."""
         cfg = self.config
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         image = self._take_prefetched(path)
         if image is None:
             image = fitsio.read_image(path, max_mpix=cfg.io.max_image_mpix)
         info = classify(image.header, path)
-        t_read = time.perf_counter()
+        t_read, c_read = time.perf_counter(), time.process_time()
         ms = self.library.match(info)
         load = self.library.load
         bayer = image.bayer or (cfg.io.bayer_pattern or None)
@@ -440,7 +443,7 @@ class Pipeline:
             cc = cosmetic.correct(data, defects=defects, bayer=bayer, auto=True, sigma=cfg.calibration.auto_cosmetic_sigma)
             data = cc.data
             notes.append(f"cosmetic: {cc.replaced} replaced, {cc.nan} set to NaN")
-        t_cal = time.perf_counter()
+        t_cal, c_cal = time.perf_counter(), time.process_time()
         saturated = cal.saturated
         if bayer:
             # noise on a central window: < 1 % error, a fraction of the time at 26 MP (§1.2)
@@ -453,7 +456,7 @@ class Pipeline:
                 saturated = np.asarray(saturated[: 2 * h2, : 2 * w2].reshape(h2, 2, w2, 2).any(axis=(1, 3)))
         else:
             noise = (float(stats.mrs_noise(data, window_px=cfg.stars.noise_window_px).sigma),)
-        t_deb = time.perf_counter()
+        t_deb, c_deb = time.perf_counter(), time.process_time()
         scale = info.pixel_scale_arcsec
         if scale is not None and cfg.calibration.debayer == "superpixel" and bayer:
             scale *= 2
@@ -469,14 +472,16 @@ class Pipeline:
             noise_window_px=cfg.stars.noise_window_px,
             refine_background=cfg.stars.refine_background,
         )
-        t_meas = time.perf_counter()
+        t_meas, c_meas = time.perf_counter(), time.process_time()
         timings = {
             "read_s": t_read - t0,
             "calibrate_s": t_cal - t_read,
             "noise_debayer_s": t_deb - t_cal,
             "measure_s": t_meas - t_deb,
         }
-        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings, float(cal.dark_scale))
+        cpu = {"read_s": c_read - c0, "calibrate_s": c_cal - c_read, "noise_debayer_s": c_deb - c_cal,
+               "measure_s": c_meas - c_deb, "start": c0}
+        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings, float(cal.dark_scale), cpu)
 
     def _explain_masters(self, ms: MasterSet) -> dict[str, Any]:
         """Which master of each kind was used and why: kind -> explanation (with the master's id), e.g.
@@ -582,7 +587,7 @@ class Pipeline:
                 allow_mirror=cfg.registration.allow_mirror, max_rms_px=cfg.registration.max_rms_px,
                 min_matched_fraction=cfg.registration.min_matched_fraction,
             )
-        t_reg = time.perf_counter()
+        t_reg, c_reg = time.perf_counter(), time.process_time()
         if not reg.ok:
             self._finish(stack, member, meas, reg, None, "rejected", f"rejected: {reg.reason}", masters, prep, t0)
             return
@@ -600,7 +605,7 @@ class Pipeline:
                                    relative_clamp=cfg.registration.lanczos_relative_clamp)
             warped_data, rho = warped.data, warped.variance_factor
             footprint_sat = resample.warp_mask(prep.saturated, reg.matrix, ref.shape)
-        t_warp = time.perf_counter()
+        t_warp, c_warp = time.perf_counter(), time.process_time()
         xy = np.column_stack([meas.stars.x, meas.stars.y]) if len(meas.stars) else np.zeros((0, 2))
         xy_ref = register.apply_transform(reg.matrix, xy) if len(xy) else xy
         if is_ref:
@@ -631,15 +636,18 @@ class Pipeline:
             self._finish(stack, member, meas, reg, norm, "rejected", f"rejected: {verdict.reason}", masters, prep, t0)
             return
         y = normalize.apply(warped_data, norm)
-        t_norm = time.perf_counter()
+        t_norm, c_norm = time.perf_counter(), time.process_time()
         store_s, live_s = self._stack_frame(stack, member, y, norm.weight, [c.scale for c in norm.channels],
                                             prep.noise, rho)
-        t_live = time.perf_counter()
+        t_live, c_live = time.perf_counter(), time.process_time()
         stack.history.append(metrics)
         stack.last_matrix = reg.matrix
         prep.timings.update({"register_s": t_reg - t0 - sum(prep.timings.values()), "resample_s": t_warp - t_reg,
                              "normalize_s": t_norm - t_warp, "store_integrate_s": t_live - t_norm,
                              "store_s": store_s, "live_update_s": live_s})
+        c_prep = prep.cpu.get("start", c_reg) + sum(v for k, v in prep.cpu.items() if k != "start")
+        prep.cpu.update({"register_s": c_reg - c_prep, "resample_s": c_warp - c_reg, "normalize_s": c_norm - c_warp,
+                         "store_integrate_s": c_live - c_norm})
         # the normalisation (with its gradient grid) beside the frame in the store, not in stack.json:
         # stack.json is rewritten after every frame and must stay small
         _atomic_write_bytes(self.frames_dir / stack.id / f"{member['frame_id']}.norm.json",
@@ -695,6 +703,9 @@ class Pipeline:
         if prep is not None:
             rec["notes"] = list(prep.notes)
             rec["timings"] = {k: round(v, 4) for k, v in {**prep.timings, "total_s": time.perf_counter() - t0}.items()}
+            if "start" in prep.cpu:
+                cpu = {**prep.cpu, "total_s": time.process_time() - prep.cpu["start"]}
+                rec["timings"]["cpu_s"] = {k: round(v, 4) for k, v in cpu.items() if k != "start"}
         _set_status(stack, member, status)
         member["record"] = rec
         _log.info("%s: %s%s", Path(member["path"]).name, status, f" ({reason})" if reason else "")

@@ -820,6 +820,7 @@ class Service:
             "stages": {
                 "intake_queue_s": None if arrived is None else t0 - arrived,
                 **{k: v for k, v in (record.get("timings") or {}).items() if isinstance(v, int | float)},
+                **{f"cpu_{k}": v for k, v in ((record.get("timings") or {}).get("cpu_s") or {}).items()},
                 "job_s": elapsed,
                 "catalog_s": self._clock() - t0 - elapsed,
             },
