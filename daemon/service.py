@@ -861,6 +861,22 @@ class Service:
                 self._products_cache[sid] = self.pipeline.stack_products(sid)
         return record
 
+    async def _sync_rebuilt(self) -> None:
+        """Catalogue verdicts of the stacks the pipeline rebuilt outside a light's processing."""
+        take = getattr(self.pipeline, "take_rebuilt", None)
+        members = getattr(self.pipeline, "members", None)
+        if not callable(take) or not callable(members):
+            return
+
+        def fetch() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for sid in take():
+                with contextlib.suppress(KeyError):
+                    out += list(members(sid))
+            return out
+
+        self._sync_members(await self._run_in_background(fetch))
+
     def _sync_members(self, members: list[dict[str, Any]] | None, *, skip: str = "") -> int:
         """Bring the catalogue in line with the pipeline's records of a stack's lights (after a rebuild
         their verdicts can change); returns how many rows changed."""
@@ -1043,6 +1059,7 @@ class Service:
                 self._warn(f"exact integration of stack {stack_id} failed: {exc}")
             raise
         _log.info("stack %s: exact integration in %.1f s", stack_id, self._clock() - t0)
+        await self._sync_rebuilt()  # a stale stack is rebuilt before its exact pass
         await self._refresh_stacks()
         stack = next((s for s in self._stacks_cache if str(s.get("id")) == stack_id), {"id": stack_id})
         self.events.emit("stack_updated", dict(stack))
