@@ -127,8 +127,9 @@ class RegistrationConfig:
     model: str = _f("similarity", "transform model: similarity, affine, homography")
     allow_mirror: bool = _f(False, "accept mirrored (det < 0) solutions")
     interpolation: str = _f("lanczos3", "resampling kernel: lanczos3 or bilinear")
-    lanczos_clamp: float = _f(0.3, "Lanczos clamping threshold against ringing (0 disables)")
-    lanczos_relative_clamp: bool = _f(False, "never clamp below the kernel's own flat-data lobe ratio (keeps star flux; departs from PixInsight)")
+    lanczos_clamp: float = _f(0.3, "Lanczos clamping against ringing: 0 disables; the threshold of the pixinsight method")
+    lanczos_clamp_method: str = _f("local", "local: never below the lowest of the 4x4 nearest source pixels (keeps star flux); pixinsight: PCL's rule")
+    lanczos_relative_clamp: bool = _f(False, "pixinsight method: never clamp below the kernel's own flat-data lobe ratio")
     max_rms_px: float = _f(0.5, "refuse a registration whose star residual RMS exceeds this")
     min_matched_fraction: float = _f(0.1, "refuse a registration matching less than this fraction of the smaller star list")
 
