@@ -56,6 +56,11 @@ _FORMAT = 1
 # noise-model coefficients A = ρ·(m·σ)², B = ρ·m/g (σ² = A + B·s + ε²·s²)
 _T_W, _T_M, _T_S, _T_RHO, _T_IG, _T_A, _T_B = 0, 1, 2, 3, 4, 5, 6
 _T_ROWS = 7
+# float32 constants for the k21 kernel (float64 ones would widen its float32 registers); typed Any for
+# mypy, which sees np.float32 as not a float
+_NEG_INF32: Any = np.float32(-np.inf)
+_POS_INF32: Any = np.float32(np.inf)
+_NAN32: Any = np.float32(np.nan)
 
 
 class _BandSource(Protocol):
@@ -222,7 +227,10 @@ def _update_kernel(
     """Add frame `slot`'s normalised samples y (R, W); see the module docstring.
 
     params = (kappa_low, kappa_high, n_min, eps, bg_step, plane_rows).
-    arrival (out): 0 accepted, 1 rejected low, 2 rejected high, 3 no data.
+    arrival (out): in rows whose event buffer overflowed (arr_over > 0) only: the arrival
+    rejections that did not fit the buffer (1 low, 2 high), 0 elsewhere in the row; the row is
+    cleared at its first overflow, so other rows are never written (a dense plane per update cost
+    26 MB of memory traffic at 26 MP).
     events: (ev_x int32 (R, cap), ev_f uint16 (R, cap), ev_side uint8 (R, cap), ev_n int32 (R,),
     overflow int32 (R,)) retroactive removals per row.
     """
@@ -251,7 +259,6 @@ def _update_kernel(
             n0 = int(N[r, x])
             b = math.nan
             if not math.isfinite(v):
-                arrival[r, x] = 3
                 nodata[r] += 1
             else:
                 code = 0
@@ -265,11 +272,13 @@ def _update_kernel(
                             code = 2
                         elif d < 0 and d * d > kl2 * lim:
                             code = 1
-                arrival[r, x] = code
                 if code != 0:
                     k = ev_n[r]
                     if k >= cap:
+                        if arr_over[r] == 0:
+                            arrival[r, :] = 0
                         arr_over[r] += 1
+                        arrival[r, x] = code
                     else:
                         ev_x[r, k] = x
                         ev_f[r, k] = slot
@@ -342,6 +351,231 @@ def _update_kernel(
                 _drop_slot(hv, hi, f, r, x)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _insert_k21(
+    v: float, slot: int, h0: float, h1: float, l0: float, f0: int, f1: int, g0: int
+) -> tuple[float, float, float, int, int, int]:
+    """Insert a finite sample into the retained extremes (k_high = 2, k_low = 1), as `_insert` does.
+
+    Written with min/max on ±inf stand-ins for empty slots, because whether a sample is a new
+    extreme is a coin toss that a branch predictor loses (a misprediction per pixel and update
+    cost more than the rest of an early update)."""
+    h0e = h0 if f0 != EMPTY else _NEG_INF32
+    h1e = h1 if f1 != EMPTY else _NEG_INF32
+    l0e = l0 if g0 != EMPTY else _POS_INF32
+    up0 = v > h0e
+    f1n = f0 if up0 else (slot if v > h1e else f1)
+    h1n = max(h1e, min(h0e, v))
+    return (
+        max(h0e, v),
+        h1n if f1n != EMPTY else _NAN32,
+        min(l0e, v),
+        slot if up0 else f0,
+        f1n,
+        slot if v < l0e else g0,
+    )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _centre_k21(
+    s_acc: float, w_acc: float, n: int, h0: float, h1: float, l0: float, f0: int, f1: int, g0: int, tab: np.ndarray,
+    ch: int, extra: float
+) -> tuple[float, int]:
+    """`_centre` for k_high = 2, k_low = 1 with the retained samples in registers."""
+    sret = 0.0
+    wret = 0.0
+    nret = 0
+    if f0 != EMPTY and g0 != EMPTY:
+        wf = tab[ch, _T_W, f0]
+        sret += wf * h0
+        wret += wf
+        nret += 1
+        if g0 != f0:
+            wg = tab[ch, _T_W, g0]
+            sret += wg * l0
+            wret += wg
+            nret += 1
+    ncore = n - nret
+    wc = w_acc - wret
+    if ncore > 0 and wc > 1e-6 * w_acc:
+        return (s_acc - sret) / wc, ncore
+    a0 = h0 if f0 != EMPTY else math.nan
+    a1 = h1 if f1 != EMPTY else math.nan
+    a2 = l0 if (g0 != EMPTY and g0 != f0 and g0 != f1) else math.nan
+    return _median4(a0, a1, a2, np.float64(extra)), 0
+
+
+@njit(cache=True, nogil=True)
+def _accept_row_k21(
+    yr: np.ndarray, slot: int, w_new: float, acc: tuple[np.ndarray, ...], ret: tuple[np.ndarray, ...]
+) -> int:
+    """Accept every sample of a row in which no pixel can be tested yet (n + 1 < n_min); returns
+    the number of NaN samples. acc = (S, W, n) and ret = (hv0, hv1, lv0, hi0, hi1, li0) row slices."""
+    s_r, w_r, n_r = acc
+    h0_r, h1_r, l0_r, f0_r, f1_r, g0_r = ret
+    n_nodata = 0
+    for x in range(yr.shape[0]):
+        v = yr[x]
+        if not math.isfinite(v):
+            n_nodata += 1
+            continue
+        s_r[x] = np.float32(float(s_r[x]) + w_new * v)
+        w_r[x] = np.float32(float(w_r[x]) + w_new)
+        n_r[x] += 1
+        h0, h1, l0, f0, f1, g0 = _insert_k21(
+            v, slot, h0_r[x], h1_r[x], l0_r[x], int(f0_r[x]), int(f1_r[x]), int(g0_r[x])
+        )
+        h0_r[x] = h0
+        h1_r[x] = h1
+        l0_r[x] = l0
+        f0_r[x] = f0
+        f1_r[x] = f1
+        g0_r[x] = g0
+    return n_nodata
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _update_row_k21(
+    yr: np.ndarray,
+    slot: int,
+    ch: int,
+    acc: tuple[np.ndarray, ...],
+    ret: tuple[np.ndarray, ...],
+    ev: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    tab: np.ndarray,
+    bl: np.ndarray,
+    ke_tab: np.ndarray,
+    params: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """One row of `_update_k21` once tests can run: acc = (S, W, n, r_lo, r_hi), ret = (hv0, hv1,
+    lv0, hi0, hi1, li0) and ev = (ev_x, ev_f, ev_side, arrival) row slices, bl the row's background.
+    counts (out): events, deferred retroactive removals, arrival rejections beyond the buffer, NaN
+    samples."""
+    s_r, w_r, n_r, rlo_r, rhi_r = acc
+    h0_r, h1_r, l0_r, f0_r, f1_r, g0_r = ret
+    evx_r, evf_r, evs_r, arr_r = ev
+    kl2, kh2, n_min, eps2 = params[0] ** 2, params[1] ** 2, int(params[2]), params[3] ** 2
+    w_new = tab[ch, _T_W, slot]
+    cap = evx_r.shape[0]
+    k = 0
+    n_nodata = 0
+    n_over = 0
+    n_arr_over = 0
+    for x in range(yr.shape[0]):
+        v = yr[x]
+        n = int(n_r[x])
+        s_acc = float(s_r[x])
+        w_acc = float(w_r[x])
+        h0 = h0_r[x]
+        h1 = h1_r[x]
+        l0 = l0_r[x]
+        f0 = int(f0_r[x])
+        f1 = int(f1_r[x])
+        g0 = int(g0_r[x])
+        b = bl[x]
+        changed = False
+        # arrival test of v against the centre of the accepted samples
+        if not math.isfinite(v):
+            n_nodata += 1
+        else:
+            code = 0
+            if n >= n_min:
+                c, ncore = _centre_k21(s_acc, w_acc, n, h0, h1, l0, f0, f1, g0, tab, ch, float(v))
+                if math.isfinite(c):
+                    lim = ke_tab[ncore] * _var(tab, ch, slot, max(c - b, 0.0), eps2)
+                    d = v - c
+                    if d > 0 and d * d > kh2 * lim:
+                        code = 2
+                    elif d < 0 and d * d > kl2 * lim:
+                        code = 1
+            if code != 0:
+                if k < cap:
+                    evx_r[k] = x
+                    evf_r[k] = slot
+                    evs_r[k] = 4 + code
+                    k += 1
+                else:
+                    if n_arr_over == 0:
+                        arr_r[:] = 0
+                    n_arr_over += 1
+                    arr_r[x] = code
+                if code == 2:
+                    rhi_r[x] += 1
+                else:
+                    rlo_r[x] += 1
+            else:
+                changed = True
+                s_acc = float(np.float32(s_acc + w_new * v))
+                w_acc = float(np.float32(w_acc + w_new))
+                n += 1
+                h0, h1, l0, f0, f1, g0 = _insert_k21(v, slot, h0, h1, l0, f0, f1, g0)
+        # retroactive test of the retained extremes against the new centre
+        if n >= n_min and (f0 != EMPTY or g0 != EMPTY):
+            c, ncore = _centre_k21(s_acc, w_acc, n, h0, h1, l0, f0, f1, g0, tab, ch, math.nan)
+            if math.isfinite(c):
+                s_c = max(c - b, 0.0)
+                ke2 = ke_tab[ncore]
+                while f0 != EMPTY and n >= n_min:
+                    d = h0 - c
+                    if not (d > 0 and d * d > kh2 * ke2 * _var(tab, ch, f0, s_c, eps2)):
+                        break
+                    if k >= cap:
+                        n_over += 1
+                        break
+                    evx_r[k] = x
+                    evf_r[k] = f0
+                    evs_r[k] = 2
+                    k += 1
+                    wf = tab[ch, _T_W, f0]
+                    s_acc = float(np.float32(s_acc - wf * h0))
+                    w_acc = float(np.float32(w_acc - wf))
+                    n -= 1
+                    rhi_r[x] += 1
+                    changed = True
+                    if g0 == f0:
+                        l0, g0 = _NAN32, EMPTY
+                    h0, f0 = h1, f1
+                    h1, f1 = _NAN32, EMPTY
+                while g0 != EMPTY and n >= n_min:
+                    d = c - l0
+                    if not (d > 0 and d * d > kl2 * ke2 * _var(tab, ch, g0, s_c, eps2)):
+                        break
+                    if k >= cap:
+                        n_over += 1
+                        break
+                    evx_r[k] = x
+                    evf_r[k] = g0
+                    evs_r[k] = 1
+                    k += 1
+                    wg = tab[ch, _T_W, g0]
+                    s_acc = float(np.float32(s_acc - wg * l0))
+                    w_acc = float(np.float32(w_acc - wg))
+                    n -= 1
+                    rlo_r[x] += 1
+                    changed = True
+                    if f0 == g0:
+                        h0, f0 = h1, f1
+                        h1, f1 = _NAN32, EMPTY
+                    elif f1 == g0:
+                        h1, f1 = _NAN32, EMPTY
+                    l0, g0 = _NAN32, EMPTY
+        if changed:
+            s_r[x] = s_acc
+            w_r[x] = w_acc
+            n_r[x] = n
+            h0_r[x] = h0
+            h1_r[x] = h1
+            f0_r[x] = f0
+            f1_r[x] = f1
+            l0_r[x] = l0
+            g0_r[x] = g0
+    counts[0] = k
+    counts[1] = n_over
+    counts[2] = n_arr_over
+    counts[3] = n_nodata
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _update_k21(
     y: np.ndarray,
@@ -354,187 +588,57 @@ def _update_k21(
     arrival: np.ndarray,
     events: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    """`_update_kernel` specialised to k_high = 2, k_low = 1 (the default): the pixel's retained
-    samples live in scalars, which makes it several times faster; same decisions (a test checks)."""
+    """`_update_kernel` specialised to k_high = 2, k_low = 1 (the default), with the same decisions
+    (tests compare the states bit for bit).
+
+    Once tests run this costs ~35 ns/px per update and thread (scalar; the generic kernel ~38, both
+    measured on a loaded 2-core machine), rows that cannot be tested yet 11-13 (generic 14-18). The
+    pixel's state lives in registers and is stored only where it changed; the insertion of a new
+    extreme avoids unpredictable branches (`_insert_k21`); rows in which no pixel can reach n_min in
+    this update take `_accept_row_k21` (no centre, noise model or retroactive test); the background
+    is interpolated once per row; 1 + 1/n_core comes from a table; per-row counters stay local; the
+    arrival plane is written only in rows whose event buffer overflowed."""
     S, Wt, N, RLO, RHI = acc
     hv, hi, lv, li = ret
     ev_x, ev_f, ev_side, ev_n, overflow, arr_over, nodata = events
-    kl_, kh_, n_min, eps, step, hrows = params[0], params[1], int(params[2]), params[3], params[4], int(params[5])
-    kl2, kh2, eps2, inv_step = kl_ * kl_, kh_ * kh_, eps * eps, 1.0 / step
+    n_min, step, hrows = int(params[2]), params[4], int(params[5])
+    inv_step = 1.0 / step
     rows, width = y.shape
-    cap = ev_x.shape[1]
     gh = bgrid.shape[1]
     w_new = tab[0, _T_W, slot]
+    # κ_eff²/κ² = 1 + 1/max(n_core, 1) for every possible n_core (uint16 counts)
+    ke_tab = np.empty(EMPTY + 1, np.float64)
+    for i in range(EMPTY + 1):
+        ke_tab[i] = 1.0 + 1.0 / max(i, 1)
+    counts = np.zeros((rows, 4), np.int64)  # per row: events, deferred removals, arrival overflow, NaN samples
     for r in prange(rows):
         ch = r // hrows
-        yy = (r - ch * hrows) * inv_step
-        iy = min(int(yy), gh - 1)
-        iy1 = min(iy + 1, gh - 1)
-        fy = yy - iy if iy1 > iy else 0.0
-        ev_n[r] = 0
-        overflow[r] = 0
-        arr_over[r] = 0
-        nodata[r] = 0
+        ret_r = (hv[0, r], hv[1, r], lv[0, r], hi[0, r], hi[1, r], li[0, r])
+        n_max = 0
         for x in range(width):
-            v = y[r, x]
-            s_acc = float(S[r, x])
-            w_acc = float(Wt[r, x])
-            n = int(N[r, x])
-            h0 = hv[0, r, x]
-            h1 = hv[1, r, x]
-            l0 = lv[0, r, x]
-            f0 = int(hi[0, r, x])
-            f1 = int(hi[1, r, x])
-            g0 = int(li[0, r, x])
-            b = math.nan
-            changed = False
-            for phase in range(2):
-                # phase 0: arrival test of v; phase 1: retroactive test of the retained extremes
-                if phase == 0:
-                    if not math.isfinite(v):
-                        arrival[r, x] = 3
-                        nodata[r] += 1
-                        continue
-                    if n < n_min:
-                        code = 0
-                    else:
-                        code = -1
-                else:
-                    if n < n_min or (f0 == EMPTY and g0 == EMPTY):
-                        break
-                    code = -1
-                c = math.nan
-                ncore = 0
-                if code != 0:
-                    # symmetric trimmed centre (see _centre)
-                    sret = 0.0
-                    wret = 0.0
-                    nret = 0
-                    if f0 != EMPTY and g0 != EMPTY:
-                        wf = tab[ch, _T_W, f0]
-                        sret += wf * h0
-                        wret += wf
-                        nret += 1
-                        if g0 != f0:
-                            wg = tab[ch, _T_W, g0]
-                            sret += wg * l0
-                            wret += wg
-                            nret += 1
-                    ncore = n - nret
-                    wc = w_acc - wret
-                    if ncore > 0 and wc > 1e-6 * w_acc:
-                        c = (s_acc - sret) / wc
-                    else:
-                        ncore = 0
-                        a0 = h0 if f0 != EMPTY else math.nan
-                        a1 = h1 if f1 != EMPTY else math.nan
-                        a2 = l0 if (g0 != EMPTY and g0 != f0 and g0 != f1) else math.nan
-                        a3 = v if phase == 0 else math.nan
-                        c = _median4(a0, a1, a2, a3)
-                    if not math.isfinite(c):
-                        if phase == 0:
-                            code = 0
-                        else:
-                            break
-                if phase == 0:
-                    if code == -1:
-                        if math.isnan(b):
-                            b = _bg(bgrid, ch, iy, iy1, fy, x, inv_step)
-                        lim = (1.0 + 1.0 / max(ncore, 1)) * _var(tab, ch, slot, max(c - b, 0.0), eps2)
-                        d = v - c
-                        code = 0
-                        if d > 0 and d * d > kh2 * lim:
-                            code = 2
-                        elif d < 0 and d * d > kl2 * lim:
-                            code = 1
-                    arrival[r, x] = code
-                    if code != 0:
-                        k = ev_n[r]
-                        if k >= cap:
-                            arr_over[r] += 1
-                        else:
-                            ev_x[r, k] = x
-                            ev_f[r, k] = slot
-                            ev_side[r, k] = 4 + code
-                            ev_n[r] = k + 1
-                    if code == 2:
-                        RHI[r, x] += 1
-                    elif code == 1:
-                        RLO[r, x] += 1
-                    else:
-                        changed = True
-                        s_acc = float(np.float32(s_acc + w_new * v))
-                        w_acc = float(np.float32(w_acc + w_new))
-                        n += 1
-                        if f0 == EMPTY or v > h0:
-                            h1, f1 = h0, f0
-                            h0, f0 = v, slot
-                        elif f1 == EMPTY or v > h1:
-                            h1, f1 = v, slot
-                        if g0 == EMPTY or v < l0:
-                            l0, g0 = v, slot
-                    continue
-                # phase 1: retroactive removals
-                if math.isnan(b):
-                    b = _bg(bgrid, ch, iy, iy1, fy, x, inv_step)
-                s_c = max(c - b, 0.0)
-                ke2 = 1.0 + 1.0 / max(ncore, 1)
-                while f0 != EMPTY and n >= n_min:
-                    d = h0 - c
-                    if not (d > 0 and d * d > kh2 * ke2 * _var(tab, ch, f0, s_c, eps2)):
-                        break
-                    k = ev_n[r]
-                    if k >= cap:
-                        overflow[r] += 1
-                        break
-                    ev_x[r, k] = x
-                    ev_f[r, k] = f0
-                    ev_side[r, k] = 2
-                    ev_n[r] = k + 1
-                    wf = tab[ch, _T_W, f0]
-                    s_acc = float(np.float32(s_acc - wf * h0))
-                    w_acc = float(np.float32(w_acc - wf))
-                    n -= 1
-                    RHI[r, x] += 1
-                    changed = True
-                    if g0 == f0:
-                        l0, g0 = np.float32(np.nan), EMPTY
-                    h0, f0 = h1, f1
-                    h1, f1 = np.float32(np.nan), EMPTY
-                while g0 != EMPTY and n >= n_min:
-                    d = c - l0
-                    if not (d > 0 and d * d > kl2 * ke2 * _var(tab, ch, g0, s_c, eps2)):
-                        break
-                    k = ev_n[r]
-                    if k >= cap:
-                        overflow[r] += 1
-                        break
-                    ev_x[r, k] = x
-                    ev_f[r, k] = g0
-                    ev_side[r, k] = 1
-                    ev_n[r] = k + 1
-                    wg = tab[ch, _T_W, g0]
-                    s_acc = float(np.float32(s_acc - wg * l0))
-                    w_acc = float(np.float32(w_acc - wg))
-                    n -= 1
-                    RLO[r, x] += 1
-                    changed = True
-                    if f0 == g0:
-                        h0, f0 = h1, f1
-                        h1, f1 = np.float32(np.nan), EMPTY
-                    elif f1 == g0:
-                        h1, f1 = np.float32(np.nan), EMPTY
-                    l0, g0 = np.float32(np.nan), EMPTY
-            if changed:
-                S[r, x] = s_acc
-                Wt[r, x] = w_acc
-                N[r, x] = n
-                hv[0, r, x] = h0
-                hv[1, r, x] = h1
-                hi[0, r, x] = f0
-                hi[1, r, x] = f1
-                lv[0, r, x] = l0
-                li[0, r, x] = g0
+            n_max = max(n_max, int(N[r, x]))
+        if n_max + 1 < n_min:
+            counts[r, 3] = _accept_row_k21(y[r], slot, w_new, (S[r], Wt[r], N[r]), ret_r)
+        else:
+            yy = (r - ch * hrows) * inv_step
+            iy = min(int(yy), gh - 1)
+            iy1 = min(iy + 1, gh - 1)
+            fy = yy - iy if iy1 > iy else 0.0
+            bl = np.empty(width, np.float64)
+            for x in range(width):
+                bl[x] = _bg(bgrid, ch, iy, iy1, fy, x, inv_step)
+            _update_row_k21(
+                y[r], slot, ch, (S[r], Wt[r], N[r], RLO[r], RHI[r]), ret_r,
+                (ev_x[r], ev_f[r], ev_side[r], arrival[r]), tab, bl, ke_tab, params, counts[r],
+            )
+    # copied after the loop: stores into the 1-d per-row arrays inside this prange body were lost
+    # (numba 0.61 parfor lowering; the serial compile of the same code kept them). The row helper
+    # is inlined: as a call it cost 48 instead of 35 ns/px.
+    for r in range(rows):
+        ev_n[r] = counts[r, 0]
+        overflow[r] = counts[r, 1]
+        arr_over[r] = counts[r, 2]
+        nodata[r] = counts[r, 3]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -974,7 +1078,7 @@ class LiveStack:
         self._set_tab(rec)
         nrow = rows.shape[0]
         if self._arrival is None:
-            self._arrival = np.empty(rows.shape, np.uint8)
+            self._arrival = np.zeros(rows.shape, np.uint8)  # written only in overflowing rows
             self._events = (
                 np.empty((nrow, self._cap), np.int32),
                 np.empty((nrow, self._cap), np.uint16),
@@ -996,32 +1100,33 @@ class LiveStack:
         rr = np.flatnonzero(ev_n)
         n_lo = n_hi = n_ret = 0
         if rr.size:
-            k_all = ev_n[rr]
-            cols = np.arange(ev_x.shape[1])
-            sel = cols[None, :] < k_all[:, None]
+            # gather the rows' used event slots only (copying whole (rows, cap) blocks cost ~50 MB per update)
+            k_all = ev_n[rr].astype(np.int64)
+            starts = np.cumsum(k_all) - k_all
             rows_rep = np.repeat(rr.astype(np.int64), k_all)
-            xs = ev_x[rr][sel].astype(np.int64)
-            sides = ev_side[rr][sel]
-            fs = ev_f[rr][sel]
-            keep = np.ones(xs.size, np.bool_)
-            over_rows = np.flatnonzero(arr_over)
-            if over_rows.size:  # arrival events of overflowed rows come from the dense plane below
-                keep &= ~(np.isin(rows_rep, over_rows) & (sides >= 4))
+            flat = rows_rep * ev_x.shape[1] + (np.arange(int(k_all.sum()), dtype=np.int64) - np.repeat(starts, k_all))
+            xs = ev_x.ravel()[flat].astype(np.int64)
+            sides = ev_side.ravel()[flat]
             enc = ((rows_rep * w + xs) << 2) | (sides & 3).astype(np.int64)
             arrived = sides >= 4
-            n_lo = int(np.count_nonzero(keep & (sides == 5)))
-            n_hi = int(np.count_nonzero(keep & (sides == 6)))
+            n_lo = int(np.count_nonzero(sides == 5))
+            n_hi = int(np.count_nonzero(sides == 6))
             retro = ~arrived
             n_ret = int(np.count_nonzero(retro))
             if n_lo + n_hi:
-                self._rej.setdefault(slot, []).append(enc[keep & arrived])
+                self._rej.setdefault(slot, []).append(enc[arrived])
             if n_ret:
-                for f in np.unique(fs[retro]):
-                    self._rej.setdefault(int(f), []).append(enc[retro & (fs == f)])
+                fs = ev_f.ravel()[flat][retro]
+                enc_r = enc[retro]
+                order = np.argsort(fs, kind="stable")
+                fs, enc_r = fs[order], enc_r[order]
+                cut = np.flatnonzero(np.diff(fs)) + 1
+                for part_f, part in zip(fs[np.r_[0, cut]], np.split(enc_r, cut), strict=True):
+                    self._rej.setdefault(int(part_f), []).append(part)
                 self._dirty[np.unique(rows_rep[retro])] = True
-        for r in np.flatnonzero(arr_over):
+        for r in np.flatnonzero(arr_over):  # arrival rejections beyond the event buffer
             row = self._arrival[r]
-            xs_o = np.flatnonzero((row == 1) | (row == 2))
+            xs_o = np.flatnonzero(row)
             n_lo += int(np.count_nonzero(row[xs_o] == 1))
             n_hi += int(np.count_nonzero(row[xs_o] == 2))
             self._rej.setdefault(slot, []).append(((r * w + xs_o.astype(np.int64)) << 2) | row[xs_o].astype(np.int64))
