@@ -579,7 +579,7 @@ def warp(
     method : "lanczos3" or "bilinear". Default is "lanczos3".
     clamp : 0 disables clamping; otherwise PixInsight's threshold for ``clamp_method="pixinsight"``
         (any value > 0 enables the local bound). Default is 0.3.
-    clamp_method : "local" (never below the lowest of the 3x3 source pixels around the nearest one:
+    clamp_method : "local" (never below the lowest of the 16 source pixels of the central 4x4 taps:
         no ringing, star flux kept; see module doc) or "pixinsight" (PCL's rule). Default is "local".
     relative_clamp : with "pixinsight", never clamp below the weights' own negative/positive ratio
         (see module doc). Default is False.
@@ -606,9 +606,9 @@ def warp(
     elif method == "lanczos3" and _is_translation(inv):
         du, dv = float(inv[0, 2]), float(inv[1, 2])
         _warp_lanczos_shift(src, out, footprint, du, dv, _LUTN, float(_LUT_STEPS), clamp > 0.0)
-        # the weights are the same everywhere; count the footprint rows and columns the source covers
-        n = int(footprint.sum())
-        vf = float(_LUTN_SQ[_lut_row(du)] * _LUTN_SQ[_lut_row(dv)]) if n else float("nan")
+        # one set of weights for every output pixel that maps inside the source (NaN if none does)
+        inside = _covers(du, wo, src.shape[2]) and _covers(dv, ho, src.shape[1])
+        vf = float(_LUTN_SQ[_lut_row(du)] * _LUTN_SQ[_lut_row(dv)]) if inside else float("nan")
         data = out[0] if arr.ndim == 2 else out
         return Warped(data=data, footprint=footprint, variance_factor=vf)
     elif method == "lanczos3":
@@ -619,6 +619,13 @@ def warp(
     vf = float(rowvar.sum() / n) if n else float("nan")
     data = out[0] if arr.ndim == 2 else out
     return Warped(data=data, footprint=footprint, variance_factor=vf)
+
+
+def _covers(shift: float, n_out: int, n_src: int) -> bool:
+    """Whether some output index i in [0, n_out) samples i + shift inside [-0.5, n_src - 0.5]."""
+    lo = max(0, math.ceil(-0.5 - shift))
+    hi = min(n_out - 1, math.floor(n_src - 0.5 - shift))
+    return hi >= lo
 
 
 def _lut_row(shift: float) -> int:
