@@ -50,7 +50,7 @@ __all__ = ["EMPTY", "ExactResult", "FrameRecord", "LiveStack", "UpdateResult"]
 EMPTY = 0xFFFF
 _MAX_SLOTS = 0xFFFE
 _MANIFEST = "manifest.json"
-_FORMAT = 1
+_FORMAT = 2  # 1: rejection lists as rej_enc + rej_slot arrays (still read)
 
 # frame table rows (per channel): weight, scale m, noise σ (pre-resampling), ρ, 1/gain, and the derived
 # noise-model coefficients A = ρ·(m·σ)², B = ρ·m/g (σ² = A + B·s + ε²·s²)
@@ -823,6 +823,82 @@ class ExactResult:
     n_frames: int
 
 
+class _Rejections:
+    """Per-frame rejection lists (flat index << 2 | side, int64), slot -> list.
+
+    In memory, or, with a directory, spilled to one append-only raw file per frame
+    (``<slot>.rej``) so that the stack's RAM does not grow with the number of frames (§10: at 26 MP
+    a frame's list is ~0.3 MB of arrival rejections plus the retroactive ones; 300 frames held
+    ~0.1 GB). The lists are read only for an exclusion and for checkpoints."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._mem: dict[int, list[np.ndarray]] = {}
+        self._count: dict[int, int] = {}
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            for old in directory.glob("*.rej"):  # a new stack starts without lists
+                old.unlink()
+
+    def _path(self, slot: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{slot}.rej"
+
+    def slots(self) -> list[int]:
+        return sorted(self._count)
+
+    def count(self, slot: int) -> int:
+        return self._count.get(slot, 0)
+
+    def ensure(self, slot: int) -> None:
+        """Make an (empty) list exist for a slot."""
+        if slot not in self._count:
+            self._count[slot] = 0
+            if self.directory is None:
+                self._mem[slot] = []
+            else:
+                self._path(slot).touch()
+
+    def append(self, slot: int, enc: np.ndarray) -> None:
+        self.ensure(slot)
+        enc = np.ascontiguousarray(enc, np.int64)
+        if not enc.size:
+            return
+        if self.directory is None:
+            self._mem[slot].append(enc)
+        else:
+            with open(self._path(slot), "ab") as fh:
+                fh.write(enc.data)
+        self._count[slot] += int(enc.size)
+
+    def get(self, slot: int) -> np.ndarray:
+        if slot not in self._count:
+            return np.empty(0, np.int64)
+        if self.directory is None:
+            chunks = self._mem[slot]
+            return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+        return np.fromfile(self._path(slot), np.int64, count=self._count[slot])
+
+    def drop(self, slot: int) -> None:
+        if self._count.pop(slot, None) is not None:
+            if self.directory is None:
+                del self._mem[slot]
+            else:
+                self._path(slot).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for slot in list(self._count):
+            self.drop(slot)
+
+    def in_memory_copy(self) -> _Rejections:
+        """An independent copy held in memory (a snapshot must not see later appends)."""
+        new = _Rejections(None)
+        for slot in self.slots():
+            new.ensure(slot)
+            new.append(slot, self.get(slot))
+        return new
+
+
 class LiveStack:
     """A running integration with retroactive rejection; memory independent of the frame count.
 
@@ -838,6 +914,9 @@ class LiveStack:
     background_step_px : node spacing of the background grid. Default is 64.
     event_capacity : retroactive removals recorded per row and update (more are deferred to the
         next exact pass and the row is marked dirty). Default is None (W // 4, at least 256).
+    rejections_dir : a directory of its own where the per-frame rejection lists are spilled (one
+        append-only file per frame; existing lists in it are deleted), so that RAM does not grow
+        with the frame count. Default is None (kept in memory).
     """
 
     def __init__(
@@ -853,6 +932,7 @@ class LiveStack:
         background: float | np.ndarray = 0.0,
         background_step_px: int = 64,
         event_capacity: int | None = None,
+        rejections_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         shp = tuple(int(v) for v in shape)
         if len(shp) == 2:
@@ -884,7 +964,7 @@ class LiveStack:
         self._tab = np.zeros((c, _T_ROWS, 64), np.float64)
         self._frames: list[FrameRecord] = []
         self._by_id: dict[str, int] = {}
-        self._rej: dict[int, list[np.ndarray]] = {}  # slot -> chunks of (flat index << 2 | side)
+        self._rej = _Rejections(None if rejections_dir is None else Path(rejections_dir))
         self._dirty = np.zeros(rows, np.bool_)
         self._exact: np.ndarray | None = None
         self.generation = 0
@@ -1023,9 +1103,7 @@ class LiveStack:
 
     def rejections(self, frame_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Flat pixel indices (into the (C·H·W) image) and sides (1 low, 2 high) rejected in a frame."""
-        slot = self._slot(frame_id)
-        chunks = self._rej.get(slot, [])
-        enc = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+        enc = self._rej.get(self._slot(frame_id))
         return enc >> 2, (enc & 3).astype(np.uint8)
 
     def _slot(self, frame_id: str) -> int:
@@ -1114,7 +1192,7 @@ class LiveStack:
             retro = ~arrived
             n_ret = int(np.count_nonzero(retro))
             if n_lo + n_hi:
-                self._rej.setdefault(slot, []).append(enc[arrived])
+                self._rej.append(slot, enc[arrived])
             if n_ret:
                 fs = ev_f.ravel()[flat][retro]
                 enc_r = enc[retro]
@@ -1122,15 +1200,15 @@ class LiveStack:
                 fs, enc_r = fs[order], enc_r[order]
                 cut = np.flatnonzero(np.diff(fs)) + 1
                 for part_f, part in zip(fs[np.r_[0, cut]], np.split(enc_r, cut), strict=True):
-                    self._rej.setdefault(int(part_f), []).append(part)
+                    self._rej.append(int(part_f), part)
                 self._dirty[np.unique(rows_rep[retro])] = True
         for r in np.flatnonzero(arr_over):  # arrival rejections beyond the event buffer
             row = self._arrival[r]
             xs_o = np.flatnonzero(row)
             n_lo += int(np.count_nonzero(row[xs_o] == 1))
             n_hi += int(np.count_nonzero(row[xs_o] == 2))
-            self._rej.setdefault(slot, []).append(((r * w + xs_o.astype(np.int64)) << 2) | row[xs_o].astype(np.int64))
-        self._rej.setdefault(slot, [])
+            self._rej.append(slot, ((r * w + xs_o.astype(np.int64)) << 2) | row[xs_o].astype(np.int64))
+        self._rej.ensure(slot)
         no_data = int(nodata.sum())
         n_over = int(np.count_nonzero(overflow))
         if n_over:
@@ -1153,7 +1231,7 @@ class LiveStack:
         _exclude_kernel(rows, slot, rec.weight, rej, self._acc(), self._ret())  # type: ignore[arg-type]
         self._frames[slot] = FrameRecord(**{**rec.__dict__, "excluded": True})
         self._set_tab(self._frames[slot])
-        self._rej.pop(slot, None)
+        self._rej.drop(slot)
         self._exact = None
         self.generation += 1
 
@@ -1261,7 +1339,9 @@ class LiveStack:
         h, w, c = self._h, self._w, self._c
         band = int(max(1, min(h, budget // max(1, nf * w * c * 5))))
         slot_arr = np.array(slots, np.uint16)
-        new_rej: dict[int, list[np.ndarray]] = {s: [] for s in slots}
+        self._rej.clear()  # the batch decisions replace every list
+        for s in slots:
+            self._rej.ensure(s)
         for y0 in range(0, h, band):
             y1 = min(h, y0 + band)
             cube = np.empty((nf, c, y1 - y0, w), np.float32)
@@ -1285,11 +1365,7 @@ class LiveStack:
                     idx = np.flatnonzero(code[i])
                     if idx.size:
                         flat = (idx // w + r0) * w + idx % w
-                        new_rej[slots[i]].append((flat.astype(np.int64) << 2) | code[i].ravel()[idx].astype(np.int64))
-        for s in list(self._rej):
-            if s not in new_rej:
-                self._rej.pop(s)
-        self._rej.update(new_rej)
+                        self._rej.append(slots[i], (flat.astype(np.int64) << 2) | code[i].ravel()[idx].astype(np.int64))
 
     # ---------------------------------------------------------------- checkpoints
     def snapshot(self) -> LiveStack:
@@ -1300,7 +1376,7 @@ class LiveStack:
             if isinstance(v, np.ndarray):
                 new.__dict__[k] = v.copy()
             elif k == "_rej":
-                new.__dict__[k] = {s: list(c) for s, c in v.items()}  # chunks are never mutated in place
+                new.__dict__[k] = v.in_memory_copy()
             elif k in ("_frames",):
                 new.__dict__[k] = list(v)
             elif k == "_by_id":
@@ -1312,8 +1388,7 @@ class LiveStack:
         return new
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        rej_all = [np.concatenate(v) for v in self._rej.values() if v]
-        rej_slots = [np.full(sum(len(c) for c in v), s, np.uint16) for s, v in self._rej.items() if v]
+        """The per-pixel state and small arrays a checkpoint holds (the rejection lists go apart)."""
         out: dict[str, np.ndarray] = {
             "S": self._S,
             "W": self._Wt,
@@ -1326,29 +1401,31 @@ class LiveStack:
             "li": self._li,
             "bgrid": self._bgrid,
             "dirty": self._dirty,
-            "rej_enc": np.concatenate(rej_all) if rej_all else np.empty(0, np.int64),
-            "rej_slot": np.concatenate(rej_slots) if rej_slots else np.empty(0, np.uint16),
         }
         if self._exact is not None:
             out["exact"] = self._exact
         return out
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write an atomic checkpoint into `directory`; returns the manifest path."""
+        """Write an atomic checkpoint into `directory`; returns the manifest path.
+
+        Each plane is streamed to ``<name>.g<generation>.npy.tmp`` in 16 MiB pieces (CRC32 of each
+        piece as it goes: file writes and zlib release the GIL, so a `snapshot` saved from a thread
+        barely slows the updates), fsync, rename; the rejection lists go frame after frame into one
+        ``rej`` file (bounded memory when they are spilled); then ``manifest.json`` the same way,
+        last. Older generations are deleted once the manifest is in place."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         gen = self.generation
         files: dict[str, dict[str, Any]] = {}
         for name, arr in self._arrays().items():
             fn = f"{name}.g{gen:08d}.npy"
-            tmp = d / (fn + ".tmp")
-            a = np.ascontiguousarray(arr)
-            with open(tmp, "wb") as fh:
-                np.save(fh, a)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, d / fn)
-            files[name] = {"file": fn, "crc32": zlib.crc32(a.data.cast("B")), "shape": list(a.shape)}
+            files[name] = {"file": fn, **_write_npy(d / fn, [np.ascontiguousarray(arr)], arr.shape, arr.dtype)}
+        rej_slots = [s for s in self._rej.slots()]
+        rej_counts = [self._rej.count(s) for s in rej_slots]
+        fn = f"rej.g{gen:08d}.npy"
+        pieces = (self._rej.get(s) for s in rej_slots)
+        files["rej"] = {"file": fn, **_write_npy(d / fn, pieces, (sum(rej_counts),), np.dtype(np.int64))}
         manifest = {
             "format": _FORMAT,
             "generation": gen,
@@ -1365,6 +1442,7 @@ class LiveStack:
             },
             "frames": [{**f.__dict__, "scale": list(f.scale), "noise": list(f.noise)} for f in self._frames],
             "included": list(self.frame_ids),
+            "rejections": {"slots": rej_slots, "counts": rej_counts},
             "files": files,
         }
         tmp = d / (_MANIFEST + ".tmp")
@@ -1373,14 +1451,7 @@ class LiveStack:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, d / _MANIFEST)
-        try:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        _fsync_dir(d)
         keep = {v["file"] for v in files.values()}
         for p in d.glob("*.g*.npy*"):
             if p.name not in keep:
@@ -1388,27 +1459,29 @@ class LiveStack:
         return d / _MANIFEST
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> LiveStack:
-        """Read the checkpoint in `directory` (checksums verified)."""
+    def load(
+        cls, directory: str | os.PathLike[str], *, rejections_dir: str | os.PathLike[str] | None = None
+    ) -> LiveStack:
+        """Read the checkpoint in `directory` (checksums verified).
+
+        Parameters
+        ----------
+        directory : the checkpoint directory (`save`).
+        rejections_dir : where the loaded stack spills its rejection lists (see `LiveStack`).
+            Default is None (in memory).
+        """
         d = Path(directory)
         mpath = d / _MANIFEST
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as exc:
             raise StackwatchError(f"{mpath}: cannot read live-stack checkpoint ({exc})") from None
-        if manifest.get("format") != _FORMAT:
-            raise StackwatchError(f"{mpath}: unknown checkpoint format {manifest.get('format')!r}")
+        fmt = manifest.get("format")
+        if fmt not in (1, _FORMAT):
+            raise StackwatchError(f"{mpath}: unknown checkpoint format {fmt!r}")
         p = manifest["params"]
-        arrays: dict[str, np.ndarray] = {}
-        for name, info in manifest["files"].items():
-            fp = d / info["file"]
-            try:
-                a = np.load(fp, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise StackwatchError(f"{fp}: cannot read checkpoint array ({exc})") from None
-            if zlib.crc32(np.ascontiguousarray(a).data.cast("B")) != info["crc32"]:
-                raise StackwatchError(f"{fp}: checksum mismatch (checkpoint corrupt)")
-            arrays[name] = a
+        files = manifest["files"]
+        bgrid = _read_npy(d / files["bgrid"]["file"], files["bgrid"]["crc32"])
         st = cls(
             tuple(manifest["shape"]),
             k_high=p["k_high"],
@@ -1417,20 +1490,19 @@ class LiveStack:
             kappa_high=p["kappa_high"],
             n_min=p["n_min"],
             epsilon=p["epsilon"],
-            background=arrays["bgrid"],
+            background=bgrid,
             background_step_px=p["background_step_px"],
             event_capacity=p["event_capacity"],
+            rejections_dir=rejections_dir,
         )
-        st._S[:] = arrays["S"]
-        st._Wt[:] = arrays["W"]
-        st._N[:] = arrays["n"]
-        st._RLO[:] = arrays["r_lo"]
-        st._RHI[:] = arrays["r_hi"]
-        st._hv[:] = arrays["hv"]
-        st._hi[:] = arrays["hi"]
-        st._lv[:] = arrays["lv"]
-        st._li[:] = arrays["li"]
-        st._dirty[:] = arrays["dirty"]
+        # read straight into the planes (no second copy of 0.8 GB at 26 MP)
+        planes: dict[str, np.ndarray] = {"S": st._S, "W": st._Wt, "n": st._N, "r_lo": st._RLO, "r_hi": st._RHI, "hv": st._hv,
+                  "hi": st._hi, "lv": st._lv, "li": st._li, "dirty": st._dirty}
+        for name, dest in planes.items():
+            _read_npy(d / files[name]["file"], files[name]["crc32"], out=dest)
+        if "exact" in files:
+            st._exact = _read_npy(d / files["exact"]["file"], files["exact"]["crc32"]).astype(np.float32)
+            st._exact = st._exact.reshape(st.shape)
         for fd in manifest["frames"]:
             rec = FrameRecord(
                 frame_id=fd["frame_id"],
@@ -1445,10 +1517,92 @@ class LiveStack:
             st._frames.append(rec)
             st._by_id[rec.frame_id] = rec.slot
             st._set_tab(rec)
-        enc, sl = arrays["rej_enc"], arrays["rej_slot"]
-        for s in np.unique(sl):
-            st._rej[int(s)] = [enc[sl == s].astype(np.int64)]
-        if "exact" in arrays:
-            st._exact = arrays["exact"].astype(np.float32)
+        if fmt == 1:  # all lists in one array, with a parallel array of slots
+            enc = _read_npy(d / files["rej_enc"]["file"], files["rej_enc"]["crc32"])
+            sl = _read_npy(d / files["rej_slot"]["file"], files["rej_slot"]["crc32"])
+            for s in np.unique(sl):
+                st._rej.append(int(s), enc[sl == s].astype(np.int64))
+            for rec in st._frames:
+                if not rec.excluded:
+                    st._rej.ensure(rec.slot)
+        else:
+            rej = _read_npy(d / files["rej"]["file"], files["rej"]["crc32"], mmap=True)
+            start = 0
+            for s, k in zip(manifest["rejections"]["slots"], manifest["rejections"]["counts"], strict=True):
+                st._rej.ensure(int(s))
+                st._rej.append(int(s), np.array(rej[start : start + k]))
+                start += k
+            del rej
         st.generation = int(manifest["generation"])
         return st
+
+
+_PIECE = 1 << 24
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _write_npy(path: Path, arrays: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> dict[str, Any]:
+    """Stream the arrays (contiguous, `dtype`, together `shape`) into one .npy via ``.tmp``, fsync,
+    rename; the CRC32 of the data is computed piece by piece on the way."""
+    tmp = path.with_name(path.name + ".tmp")
+    crc = 0
+    with open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+        )
+        for arr in arrays:
+            raw = np.ascontiguousarray(arr, dtype).reshape(-1).view(np.uint8)
+            for i in range(0, raw.size, _PIECE):
+                piece = raw[i : i + _PIECE]
+                crc = zlib.crc32(piece.data, crc)
+                fh.write(piece.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return {"crc32": crc, "shape": list(shape), "dtype": np.dtype(dtype).str}
+
+
+def _read_npy(path: Path, crc32: int, *, out: np.ndarray | None = None, mmap: bool = False) -> np.ndarray:
+    """Read a checkpoint array (into `out` when given; memory-mapped when `mmap`) piece by piece,
+    verifying its CRC32 on the way."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            if fortran:
+                raise ValueError("Fortran-ordered array")
+            if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous):
+                raise ValueError(f"holds {dtype}{list(shape)}, expected {out.dtype}{list(out.shape)}")
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            crc = 0
+            if mmap and nbytes:
+                arr: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=fh.tell(), shape=shape)
+                raw = arr.reshape(-1).view(np.uint8)
+                for i in range(0, raw.size, _PIECE):
+                    crc = zlib.crc32(raw[i : i + _PIECE].data, crc)
+            else:
+                arr = np.empty(shape, dtype) if out is None else out
+                raw = arr.reshape(-1).view(np.uint8)
+                for i in range(0, raw.size, _PIECE):
+                    piece = raw[i : i + _PIECE]
+                    if fh.readinto(piece.data) != piece.size:
+                        raise ValueError("file is truncated")
+                    crc = zlib.crc32(piece.data, crc)
+    except (OSError, ValueError) as exc:
+        raise StackwatchError(f"{path}: cannot read checkpoint array ({exc})") from None
+    if crc != crc32:
+        raise StackwatchError(f"{path}: checksum mismatch (checkpoint corrupt)")
+    return arr

@@ -10,6 +10,7 @@ stackwatch.engine.reject (§7.5 algorithm, weighted mean of the kept samples) st
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import types
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ def test_specialised_kernel_matches_generic_and_overflow_keeps_arrival_lists() -
             assert (rc.rejected_low, rc.rejected_high) == (ra.rejected_low, ra.rejected_high)
     for name, arr in a._arrays().items():
         assert np.array_equal(arr, b._arrays()[name], equal_nan=True), name
+    for i in range(12):
+        la, lb = a.rejections(f"f{i}"), b.rejections(f"f{i}")
+        assert np.array_equal(la[0], lb[0]) and np.array_equal(la[1], lb[1])
     # deferred retroactive removals are marked dirty, never lost silently
     assert c.dirty_rows().any()
 
@@ -378,3 +382,62 @@ def test_arrival_rejections_beyond_the_event_buffer_are_kept() -> None:
         for name, arr in st._arrays().items():
             if not name.startswith("rej_"):  # the lists' order differs; compared as sets above
                 assert np.array_equal(arr, stacks[0]._arrays()[name], equal_nan=True), name
+
+
+def test_rejection_lists_spilled_to_disk(tmp_path) -> None:
+    """With a rejections directory the lists live in one file per frame, not in RAM, and the stack
+    behaves exactly like one that keeps them in memory: updates, checkpoints, exclusion, exact pass."""
+    night = _night(10)
+    mem = _stack(night)
+    disk = LiveStack((H, W), background=SKY, rejections_dir=tmp_path / "rej")
+    for i in range(8):
+        assert _add(mem, night, i) == _add(disk, night, i)
+    assert not disk._rej._mem and sorted(p.name for p in (tmp_path / "rej").glob("*.rej")) == sorted(
+        f"{i}.rej" for i in range(8))
+    for i in range(8):
+        assert np.array_equal(mem.rejections(f"f{i}")[0], disk.rejections(f"f{i}")[0])
+        assert np.array_equal(mem.rejections(f"f{i}")[1], disk.rejections(f"f{i}")[1])
+    assert disk.rejections("f0")[0].size > 100  # the trail
+    # a snapshot does not see later appends; a checkpoint of the spilled stack loads into another directory
+    snap = disk.snapshot()
+    n0 = snap.rejections("f0")[0].size
+    disk.save(tmp_path / "ck")
+    back = LiveStack.load(tmp_path / "ck", rejections_dir=tmp_path / "rej2")
+    for i in range(8, 10):
+        assert _add(mem, night, i) == _add(disk, night, i) == _add(back, night, i)
+    assert snap.rejections("f0")[0].size == n0
+    np.testing.assert_array_equal(back.image(), mem.image())
+    for i in range(10):
+        assert np.array_equal(back.rejections(f"f{i}")[0], mem.rejections(f"f{i}")[0])
+    # exclusion reads the frame's list back and deletes its file
+    for st in (mem, disk):
+        st.exclude("f0", night.frames[0])
+    np.testing.assert_array_equal(disk.image(), mem.image())
+    assert not (tmp_path / "rej" / "0.rej").exists()
+    # a new stack on the same directory starts without lists
+    LiveStack((H, W), rejections_dir=tmp_path / "rej")
+    assert not list((tmp_path / "rej").glob("*.rej"))
+
+
+def test_checkpoint_streams_and_verifies_every_file(tmp_path) -> None:
+    night = _night(7)
+    a = _stack(night)
+    for i in range(7):
+        _add(a, night, i)
+    a.save(tmp_path / "ck")
+    man = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert man["format"] == 2 and sum(man["rejections"]["counts"]) == sum(
+        a.rejections(f"f{i}")[0].size for i in range(7))
+    # the files are plain .npy
+    np.testing.assert_array_equal(np.load(tmp_path / "ck" / man["files"]["S"]["file"]), a._S)
+    rej = tmp_path / "ck" / man["files"]["rej"]["file"]
+    raw = bytearray(rej.read_bytes())
+    raw[-3] ^= 0x10
+    rej.write_bytes(bytes(raw))
+    with pytest.raises(StackwatchError, match="checksum"):
+        LiveStack.load(tmp_path / "ck")
+    a.save(tmp_path / "ck")
+    hv = tmp_path / "ck" / json.loads((tmp_path / "ck" / "manifest.json").read_text())["files"]["hv"]["file"]
+    hv.write_bytes(hv.read_bytes()[:-100])
+    with pytest.raises(StackwatchError, match="truncated"):
+        LiveStack.load(tmp_path / "ck")
