@@ -1,42 +1,104 @@
-"""Benchmark the live accumulator update and NSG apply on a 26 MP mono frame (6248 x 4176).
+"""Benchmark the live accumulator (engine.live) on a 26 MP mono frame (6248 x 4176), and NSG apply.
 
-Prints per-update time (median and max over the frames after the first), peak memory, and numpy
-baselines measured in the same run: a plain running weighted mean (S += w*y; W += w; S/W, no
-rejection) and a naive np.nanmean over the stack of all frames so far (what "keep everything and
-re-average" costs). Also times normalize.apply (y = m*x + bicubic gradient) and a full normalize()
-fit on the same frame size. Writes bench/results/live.json.
-Budget (design.md): live integration update <= 0.3 s mono.
+Per update n = 1..N (after a warm-up that compiles or loads the numba cache on a tiny stack): wall
+and CPU time (time.process_time: all threads of the process), retroactive removals and arrival
+rejections; peak RSS; snapshot, checkpoint save and load (wall and CPU); and in the same run a
+numpy baseline, a plain running weighted mean of the same frames (S += w*y; W += w; S/W, no
+rejection), reported as a ratio. ``--live-module FILE`` (repeatable) also runs another version of
+live.py (e.g. one saved from git) in the same process, for before/after figures. Also times
+normalize.apply and a normalize() fit unless --skip-normalize. Writes bench/results/live.json.
+Budget (design.md, §10): live update <= 0.3 s mono on 2 cores.
 
-    .venv/bin/python bench/bench_live.py [--frames 8] [--width 6248 --height 4176]
+    .venv/bin/python bench/bench_live.py [--frames 12] [--width 6248 --height 4176] [--skip-normalize]
+        [--live-module /tmp/live_before.py] [--rejections-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import statistics
+import sys
+import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stackwatch.engine import live as live_mod
 from stackwatch.engine import normalize as nz
-from stackwatch.engine.live import LiveStack
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _load_module(path: str) -> Any:
+    name = Path(path).stem  # numba's cache finds the module again by this name
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _bench_stack(mod: Any, label: str, frame: Any, shape: tuple[int, int], bgrid: np.ndarray, nfr: int,
+                 rej_dir: str | None) -> dict[str, Any]:
+    h, w = shape
+    warm = mod.LiveStack((64, 64), background=bgrid[:2, :2], background_step_px=64)
+    for i in range(7):
+        warm.update(f"w{i}", np.full((64, 64), 0.1, np.float32), weight=1.0, noise=0.002)
+    kw = {} if rej_dir is None else {"rejections_dir": rej_dir}
+    st = mod.LiveStack((h, w), background=bgrid, background_step_px=64, **kw)
+    per: list[dict[str, Any]] = []
+    for i in range(nfr):
+        y = frame(i)
+        r, wall, cpu = _timed(lambda y=y, i=i: st.update(f"f{i}", y, weight=1.0 + 0.02 * i, noise=0.002))
+        per.append({"n": i + 1, "wall_s": wall, "cpu_s": cpu, "retro": r.retro_removed,
+                    "arrival": r.rejected_high + r.rejected_low})
+        print(f"[{label}] update {i + 1:2d}: wall {wall:.3f} s cpu {cpu:.3f} s  retro {r.retro_removed}"
+              f"  arrival {r.rejected_high + r.rejected_low}  load {os.getloadavg()[0]:.1f}", flush=True)
+        del y
+    out: dict[str, Any] = {"updates": per, "state_mb": st.nbytes / 1e6}
+    tested = [p for p in per if p["n"] > 5] or per
+    out["update_wall_s_median_n_gt_5"] = statistics.median(p["wall_s"] for p in tested)
+    out["update_cpu_s_median_n_gt_5"] = statistics.median(p["cpu_s"] for p in tested)
+    early = [p for p in per[1:5]] or per
+    out["update_cpu_s_median_n_2_to_5"] = statistics.median(p["cpu_s"] for p in early)
+    out["rss_peak_mb_after_updates"] = _rss_mb()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        snap, out["snapshot_wall_s"], out["snapshot_cpu_s"] = _timed(st.snapshot)
+        _, out["save_wall_s"], out["save_cpu_s"] = _timed(lambda s=snap: s.save(Path(tmp) / "ck"))
+        del snap
+        loaded, out["load_wall_s"], out["load_cpu_s"] = _timed(lambda: mod.LiveStack.load(Path(tmp) / "ck"))
+        out["checkpoint_mb"] = sum(p.stat().st_size for p in (Path(tmp) / "ck").iterdir()) / 1e6
+        assert np.array_equal(loaded.image(), st.image(), equal_nan=True)
+        del loaded
+    out["rss_peak_mb"] = _rss_mb()
+    print(f"[{label}] snapshot {out['snapshot_wall_s']:.2f} s, save {out['save_wall_s']:.2f} s "
+          f"(cpu {out['save_cpu_s']:.2f}), load {out['load_wall_s']:.2f} s (cpu {out['load_cpu_s']:.2f}), "
+          f"{out['checkpoint_mb']:.0f} MB", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--width", type=int, default=6248)
     ap.add_argument("--height", type=int, default=4176)
     ap.add_argument("--skip-normalize", action="store_true")
+    ap.add_argument("--live-module", action="append", default=[], help="another live.py to run in the same process")
+    ap.add_argument("--rejections-dir", default=None, help="spill the rejection lists there")
     ap.add_argument("--exact-frames", type=int, default=0, help="also time an exact pass over this many .npy frames")
     args = ap.parse_args()
     h, w, nfr = args.height, args.width, args.frames
@@ -50,47 +112,16 @@ def main() -> None:
             y[h // 2 : h // 2 + 3, :] += 0.05  # a trail across the frame
         return y
 
-    results: dict[str, Any] = {"shape": [h, w], "frames": nfr, "cpus": os.cpu_count()}
+    results: dict[str, Any] = {"shape": [h, w], "frames": nfr, "cpus": os.cpu_count(),
+                               "load_average_1min_start": os.getloadavg()[0]}
+    yy, xx = np.mgrid[0 : h // 64 + 2, 0 : w // 64 + 2]
+    bgrid = (0.1 + 0.01 * xx / (w // 64) - 0.003 * yy / (h // 64)).astype(np.float64)
+    mods = [("current", live_mod)] + [(Path(p).stem, _load_module(p)) for p in args.live_module]
+    results["rss_peak_mb_before_stacks"] = _rss_mb()
+    for label, mod in mods:
+        results[label] = _bench_stack(mod, label, frame, (h, w), bgrid, nfr, args.rejections_dir)
 
-    # warm-up: compile / load the numba cache on a tiny stack
-    warm = LiveStack((64, 64), background=0.1)
-    for i in range(6):
-        warm.update(f"w{i}", np.full((64, 64), 0.1, np.float32), weight=1.0, noise=0.002)
-
-    rss0 = _rss_mb()
-    st = LiveStack((h, w), background=0.1)
-    times: list[float] = []
-    cpu: list[float] = []
-    tracemalloc.start()
-    for i in range(nfr):
-        y = frame(i)
-        t0, c0 = time.perf_counter(), time.process_time()
-        r = st.update(f"f{i}", y, weight=1.0, noise=0.002)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        print(f"update {i + 1}: wall {times[-1]:.3f} s cpu {cpu[-1]:.3f} s  retro {r.retro_removed}  arrival hi {r.rejected_high}")
-        del y
-    _, peak_traced = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    t0 = time.perf_counter()
-    img = st.image()
-    t_image = time.perf_counter() - t0
-    trail_resid = float(np.nanmean(img[h // 2 : h // 2 + 3]) - np.nanmean(img[h // 2 + 10 : h // 2 + 13]))
-    steady = times[1:] if len(times) > 1 else times
-    results["live_update_s_median"] = statistics.median(steady)
-    results["live_update_s_max"] = max(steady)
-    results["live_update_s_first"] = times[0]
-    results["live_update_cpu_s_median"] = statistics.median(cpu[1:] if len(cpu) > 1 else cpu)
-    results["load_average_1min"] = os.getloadavg()[0]
-    results["live_image_s"] = t_image
-    results["live_state_mb"] = st.nbytes / 1e6
-    results["live_peak_traced_mb"] = peak_traced / 1e6
-    results["rss_peak_mb_before_stack"] = rss0
-    results["rss_peak_mb"] = _rss_mb()
-    results["trail_residual_after_n"] = trail_resid
-    del st, img
-
-    # baseline 1: running weighted mean, no rejection
+    # baseline in the same run: plain running weighted mean, no rejection
     s = np.zeros((h, w), np.float32)
     ws = np.zeros((h, w), np.float32)
     tb: list[float] = []
@@ -99,28 +130,19 @@ def main() -> None:
         y = frame(i)
         t0, c0 = time.perf_counter(), time.process_time()
         fin = np.isfinite(y)
-        s += np.where(fin, y, 0)
-        ws += fin
+        s += np.where(fin, np.float32(1.0 + 0.02 * i) * y, 0)
+        ws += np.float32(1.0 + 0.02 * i) * fin
         _ = s / ws
         tb.append(time.perf_counter() - t0)
         tbc.append(time.process_time() - c0)
-    results["numpy_running_mean_s"] = statistics.median(tb[1:] if len(tb) > 1 else tb)
+    results["numpy_running_mean_wall_s"] = statistics.median(tb[1:] if len(tb) > 1 else tb)
     results["numpy_running_mean_cpu_s"] = statistics.median(tbc[1:] if len(tbc) > 1 else tbc)
     del s, ws
-
-    # baseline 2: naive np.nanmean over the stack kept so far (memory grows with N)
-    keep = min(nfr, 4)
-    cube = np.empty((keep, h, w), np.float32)
-    for i in range(keep):
-        cube[i] = frame(i)
-    t0 = time.perf_counter()
-    _ = np.nanmean(cube, axis=0)
-    results["numpy_nanmean_stack_s"] = time.perf_counter() - t0
-    results["numpy_nanmean_stack_frames"] = keep
-    del cube
-    results["ratio_live_vs_running_mean"] = results["live_update_s_median"] / results["numpy_running_mean_s"]
-    results["ratio_live_vs_running_mean_cpu"] = results["live_update_cpu_s_median"] / results["numpy_running_mean_cpu_s"]
-    results["ratio_live_vs_nanmean_stack"] = results["live_update_s_median"] / results["numpy_nanmean_stack_s"]
+    for label, _ in mods:
+        r = results[label]
+        r["ratio_cpu_vs_numpy_running_mean"] = r["update_cpu_s_median_n_gt_5"] / results["numpy_running_mean_cpu_s"]
+        r["ratio_wall_vs_numpy_running_mean"] = r["update_wall_s_median_n_gt_5"] / results["numpy_running_mean_wall_s"]
+    results["load_average_1min_end"] = os.getloadavg()[0]
 
     if not args.skip_normalize:
         # NSG on the same frame size: stars on a grid, frame = 0.8·ref + gradient
@@ -155,12 +177,10 @@ def main() -> None:
         results["numpy_scale_only_s"] = time.perf_counter() - t0
         del out
     if args.exact_frames:
-        import tempfile
-
         from stackwatch.engine.integrate import NpySource
 
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-            st = LiveStack((h, w), background=0.1)
+            st = live_mod.LiveStack((h, w), background=0.1)
             paths = []
             for i in range(args.exact_frames):
                 y = frame(i)
@@ -185,7 +205,12 @@ def main() -> None:
             del st
     results["rss_peak_mb_end"] = _rss_mb()
     for k, v in results.items():
-        print(f"{k:32s} {v}")
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                if kk != "updates":
+                    print(f"{k + '.' + kk:50s} {vv}")
+        else:
+            print(f"{k:50s} {v}")
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "live.json").write_text(json.dumps(results, indent=1))
