@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import resource
@@ -79,6 +80,8 @@ def _bench_stack(mod: Any, label: str, frame: Any, shape: tuple[int, int], bgrid
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         snap, out["snapshot_wall_s"], out["snapshot_cpu_s"] = _timed(st.snapshot)
         _, out["save_wall_s"], out["save_cpu_s"] = _timed(lambda s=snap: s.save(Path(tmp) / "ck"))
+        if "into" in inspect.signature(st.snapshot).parameters:  # the next checkpoint reuses the planes
+            snap, out["snapshot_reuse_wall_s"], out["snapshot_reuse_cpu_s"] = _timed(lambda s=snap: st.snapshot(into=s))
         del snap
         loaded, out["load_wall_s"], out["load_cpu_s"] = _timed(lambda: mod.LiveStack.load(Path(tmp) / "ck"))
         out["checkpoint_mb"] = sum(p.stat().st_size for p in (Path(tmp) / "ck").iterdir()) / 1e6

@@ -355,6 +355,13 @@ def test_snapshot_is_independent(tmp_path) -> None:
     assert b.frame_ids == tuple(f"f{i}" for i in range(5))
     _add(b, night, 5)
     np.testing.assert_array_equal(b.image(), a.image())
+    # the next snapshot reuses the previous one's planes and is again independent
+    s_plane = snap._S
+    snap2 = a.snapshot(into=snap)
+    assert snap2._S is s_plane and snap2.frame_ids == a.frame_ids
+    np.testing.assert_array_equal(snap2.image(), a.image())
+    _add(a, night, 6)
+    np.testing.assert_array_equal(snap2.image(), b.image())
 
 
 def test_arrival_rejections_beyond_the_event_buffer_are_kept() -> None:
