@@ -890,6 +890,10 @@ class _Rejections:
         for slot in list(self._count):
             self.drop(slot)
 
+    def values(self) -> list[list[np.ndarray]]:
+        """The chunk lists held in RAM (none when spilled): bench_service sums their bytes."""
+        return list(self._mem.values())
+
     def in_memory_copy(self) -> _Rejections:
         """An independent copy held in memory (a snapshot must not see later appends)."""
         new = _Rejections(None)
