@@ -20,14 +20,15 @@ flagged ``method="global"`` with the reason; ``method="local"`` is an option (§
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numba import njit, prange
-from scipy.interpolate import RBFInterpolator
-from scipy.ndimage import binary_dilation, uniform_filter
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import uniform_filter
 from scipy.spatial import cKDTree
 from stackwatch.engine.errors import StackwatchError
 
@@ -152,7 +153,7 @@ class Normalization:
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _phot_kernel(
     img: np.ndarray,
     bad: np.ndarray,
@@ -164,27 +165,35 @@ def _phot_kernel(
     """Aperture photometry with annulus-median background.
 
     radii = (r_ap, r_in, r_out). out[:, k] = flux, bkg, bkg_sigma, peak (above bkg), ok (1/0),
-    n_ap, n_ann. ok = 0 when any aperture pixel is NaN or flagged bad, or the annulus has < 8 px.
-    Boundary pixels of the aperture are 5×5 sub-sampled.
+    n_ap, n_ann, peak_ok (1/0). ok = 0 when any aperture pixel is outside the image, NaN or
+    flagged bad, or the annulus has < 8 px. Boundary pixels of the aperture are 5×5 sub-sampled.
+    peak_ok = 1 when the peak could be measured from the part of the aperture inside the image
+    with ≥ 8 annulus pixels and no bad pixel in the aperture: stars at the frame edge then get a
+    star-avoidance radius from their brightness rather than the cap (which emptied edge bins).
     """
     h, w = img.shape
     r_ap, r_in, r_out = radii[0], radii[1], radii[2]
     rb = math.ceil(r_out) + 1
-    buf = np.empty((2 * rb + 1) * (2 * rb + 1), np.float64)
-    for s in range(xs.size):
+    for s in prange(xs.size):
+        buf = np.empty((2 * rb + 1) * (2 * rb + 1), np.float64)
         x0 = xs[s]
         y0 = ys[s]
         out[s, 4] = 0.0
+        out[s, 7] = 0.0
         if not (np.isfinite(x0) and np.isfinite(y0)):
             continue
         ix = math.floor(x0 + 0.5)
         iy = math.floor(y0 + 0.5)
-        if ix - rb < 0 or iy - rb < 0 or ix + rb >= w or iy + rb >= h:
+        if ix + rb < 0 or iy + rb < 0 or ix - rb >= w or iy - rb >= h:
             continue
+        inside = ix - rb >= 0 and iy - rb >= 0 and ix + rb < w and iy + rb < h
+        ya, yb = max(0, iy - rb), min(h - 1, iy + rb)
+        xa, xb = max(0, ix - rb), min(w - 1, ix + rb)
         ok = True
+        bad_ap = False
         nb = 0
-        for yy in range(iy - rb, iy + rb + 1):
-            for xx in range(ix - rb, ix + rb + 1):
+        for yy in range(ya, yb + 1):
+            for xx in range(xa, xb + 1):
                 d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
                 if d >= r_in and d <= r_out:
                     v = img[yy, xx]
@@ -193,9 +202,11 @@ def _phot_kernel(
                         nb += 1
                 elif d <= r_ap + 0.75:
                     v = img[yy, xx]
+                    if bad[yy, xx]:
+                        bad_ap = True
                     if not np.isfinite(v) or bad[yy, xx]:
                         ok = False
-        if not ok or nb < 8:
+        if nb < 8:
             continue
         bk = np.median(buf[:nb])
         dev = np.abs(buf[:nb] - bk)
@@ -203,8 +214,8 @@ def _phot_kernel(
         flux = 0.0
         area = 0.0
         peak = -np.inf
-        for yy in range(iy - rb, iy + rb + 1):
-            for xx in range(ix - rb, ix + rb + 1):
+        for yy in range(ya, yb + 1):
+            for xx in range(xa, xb + 1):
                 d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
                 if d > r_ap + 0.75:
                     continue
@@ -221,17 +232,21 @@ def _phot_kernel(
                     frac = cnt / 25.0
                 if frac > 0.0:
                     v = img[yy, xx] - bk
-                    flux += frac * v
-                    area += frac
-                    if v > peak:
-                        peak = v
-        out[s, 0] = flux
+                    if np.isfinite(v):
+                        flux += frac * v
+                        area += frac
+                        if v > peak:
+                            peak = v
         out[s, 1] = bk
         out[s, 2] = bsig
         out[s, 3] = peak
-        out[s, 4] = 1.0
-        out[s, 5] = area
         out[s, 6] = nb
+        if not bad_ap and np.isfinite(peak):
+            out[s, 7] = 1.0
+        if ok and inside:
+            out[s, 0] = flux
+            out[s, 4] = 1.0
+            out[s, 5] = area
 
 
 @njit(cache=True, nogil=True)
@@ -254,44 +269,197 @@ def _paint_disks(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, rs: np.ndarra
                     mask[yy, xx] = True
 
 
+@njit(cache=True, nogil=True)
+def _dilate_into(mask: np.ndarray, r: int, out: np.ndarray) -> None:
+    """out |= mask dilated by a (2r+1)² square: a row pass, then a running column count."""
+    h, w = mask.shape
+    rows = np.zeros((h, w), np.bool_)
+    for y in range(h):
+        last = -1
+        for x in range(w):
+            if mask[y, x]:
+                for xx in range(max(x - r, last + 1), min(w, x + r + 1)):
+                    rows[y, xx] = True
+                last = min(w - 1, x + r)
+    cnt = np.zeros(w, np.int32)
+    for y in range(min(r, h)):
+        for x in range(w):
+            cnt[x] += rows[y, x]
+    for y in range(h):
+        if y + r < h:
+            for x in range(w):
+                cnt[x] += rows[y + r, x]
+        if y - r - 1 >= 0:
+            for x in range(w):
+                cnt[x] -= rows[y - r - 1, x]
+        for x in range(w):
+            if cnt[x] > 0:
+                out[y, x] = True
+
+
+_HIST_CELLS = 64  # histogram of one bin: ±4σ around a pivot in σ/8 cells
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _bin_medians(
     ref: np.ndarray,
     frame: np.ndarray,
     m: float,
-    star_mask: np.ndarray,
+    gmask: np.ndarray,
     bad: np.ndarray,
     s: int,
-    min_good_frac: float,
-    max_bad_frac: float,
+    sigma: float,
+    limits: np.ndarray,
     out: np.ndarray,
+    count: np.ndarray,
 ) -> None:
-    """out[i, j] = median of ref − m·frame over usable pixels of bin (i, j), NaN if unusable."""
+    """out[i, j] = median of ref − m·frame over usable pixels of bin (i, j), NaN if unusable.
+
+    count[i, j] = the usable pixels. limits = (min_good_frac, max_bad_frac): a bin needs at least
+    min_good_frac of its pixels unmasked and at most max_bad_frac NaN/bad. The median is read from
+    a histogram (σ/8 cells over ±4σ around the median of a 1-in-16 subsample, linear within the
+    cell): one pass over the pixels instead of a selection over them, 2.5× less CPU at 26 MP and
+    as precise as the sample median (its spread vs the exact one is ~0.15 of the bin's noise, the
+    noise of both against the truth is equal). Bins whose median falls outside the window (σ
+    wrong, a trail) or with sigma ≤ 0 use the exact median.
+    """
     gh, gw = out.shape
     h, w = ref.shape
+    nc = _HIST_CELLS
+    cell = sigma / 8.0
+    use_hist = sigma > 0.0 and np.isfinite(sigma)
+    min_good, max_bad = limits[0], limits[1]
     for i in prange(gh):
         buf = np.empty(s * s, np.float64)
+        hist = np.empty(nc, np.int64)
         for j in range(gw):
             y0 = i * s
             x0 = j * s
             y1 = min(h, y0 + s)
             x1 = min(w, x0 + s)
             npx = (y1 - y0) * (x1 - x0)
+            out[i, j] = np.nan
+            count[i, j] = 0
+            if npx < s * s // 2:
+                continue
+            exact = not use_hist
+            lo = 0.0
+            if use_hist:
+                ns = 0
+                for yy in range(y0 + 1, y1, 4):
+                    for xx in range(x0 + (yy & 3), x1, 4):
+                        a = ref[yy, xx]
+                        b = frame[yy, xx]
+                        if np.isfinite(a) and np.isfinite(b) and not bad[yy, xx] and not gmask[yy, xx]:
+                            buf[ns] = a - m * b
+                            ns += 1
+                if ns < 8:
+                    exact = True
+                else:
+                    lo = np.median(buf[:ns]) - 0.5 * nc * cell
             nbad = 0
             n = 0
-            for yy in range(y0, y1):
-                for xx in range(x0, x1):
-                    a = ref[yy, xx]
-                    b = frame[yy, xx]
-                    if not (np.isfinite(a) and np.isfinite(b)) or bad[yy, xx]:
-                        nbad += 1
-                    elif not star_mask[yy, xx]:
-                        buf[n] = a - m * b
-                        n += 1
-            if npx < s * s // 2 or nbad > max_bad_frac * npx or n < min_good_frac * npx or n < 16:
-                out[i, j] = np.nan
-            else:
+            below = 0
+            above = 0
+            if not exact:
+                hist[:] = 0
+                inv = 1.0 / cell
+                for yy in range(y0, y1):
+                    for xx in range(x0, x1):
+                        v = ref[yy, xx] - m * frame[yy, xx]
+                        if bad[yy, xx] or not np.isfinite(v):
+                            nbad += 1
+                        elif not gmask[yy, xx]:
+                            t = (v - lo) * inv
+                            if t < 0.0:
+                                below += 1
+                            elif t >= nc:
+                                above += 1
+                            else:
+                                hist[int(t)] += 1
+                            n += 1
+                if 2 * below >= n or 2 * above >= n:
+                    exact = True
+            if exact:
+                nbad = 0
+                n = 0
+                for yy in range(y0, y1):
+                    for xx in range(x0, x1):
+                        v = ref[yy, xx] - m * frame[yy, xx]
+                        if bad[yy, xx] or not np.isfinite(v):
+                            nbad += 1
+                        elif not gmask[yy, xx]:
+                            buf[n] = v
+                            n += 1
+            if nbad > max_bad * npx or n < min_good * npx or n < 16:
+                continue
+            count[i, j] = n
+            if exact:
                 out[i, j] = np.median(buf[:n])
+            else:
+                half = 0.5 * n
+                cum = float(below)
+                k = 0
+                while cum + hist[k] < half:
+                    cum += hist[k]
+                    k += 1
+                out[i, j] = lo + (k + (half - cum) / hist[k]) * cell
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _tps_matrix(ay: np.ndarray, ax: np.ndarray, by: np.ndarray, bx: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = φ(|a_i − b_j|) with the thin-plate kernel φ(r) = r² log r."""
+    for i in prange(ay.size):
+        for j in range(by.size):
+            d2 = (ay[i] - by[j]) ** 2 + (ax[i] - bx[j]) ** 2
+            out[i, j] = 0.5 * d2 * math.log(d2) if d2 > 0.0 else 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _tps_grid(ys: np.ndarray, xs: np.ndarray, py: np.ndarray, px: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = Σ_k c_k φ(|(ys[i], xs[j]) − p_k|) (the radial part of the spline at grid nodes)."""
+    for i in prange(ys.size):
+        for j in range(xs.size):
+            acc = 0.0
+            for k in range(py.size):
+                d2 = (ys[i] - py[k]) ** 2 + (xs[j] - px[k]) ** 2
+                if d2 > 0.0:
+                    acc += c[k] * d2 * math.log(d2)
+            out[i, j] = 0.5 * acc
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _apply_kernel(
+    x: np.ndarray,
+    scale: float,
+    off_cols: np.ndarray,
+    scale_cols: np.ndarray,
+    rows_i: np.ndarray,
+    rows_w: np.ndarray,
+    use_map: bool,
+    out: np.ndarray,
+) -> None:
+    """out = scale·x + g (or s(x, y)·x + g) with g, s bicubic in rows from column-interpolated tables.
+
+    off_cols (and scale_cols) hold the grid rows already interpolated to every column; rows_i and
+    rows_w give, per image row, the first of 4 table rows and their Catmull-Rom weights.
+    """
+    h, w = x.shape
+    for y in prange(h):
+        i0 = rows_i[y]
+        w0, w1, w2, w3 = rows_w[y, 0], rows_w[y, 1], rows_w[y, 2], rows_w[y, 3]
+        for xx in range(w):
+            g = w0 * off_cols[i0, xx] + w1 * off_cols[i0 + 1, xx] + w2 * off_cols[i0 + 2, xx] + w3 * off_cols[i0 + 3, xx]
+            if use_map:
+                sc = (
+                    w0 * scale_cols[i0, xx]
+                    + w1 * scale_cols[i0 + 1, xx]
+                    + w2 * scale_cols[i0 + 2, xx]
+                    + w3 * scale_cols[i0 + 3, xx]
+                )
+                out[y, xx] = sc * x[y, xx] + g
+            else:
+                out[y, xx] = scale * x[y, xx] + g
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,8 +582,13 @@ def _poly_fit_robust(u: np.ndarray, v: np.ndarray, z: np.ndarray, deg: int) -> n
     wt = np.ones_like(z)
     coef = np.zeros(a.shape[1])
     for _ in range(6):
-        sw = np.sqrt(wt)
-        coef = np.linalg.lstsq(a * sw[:, None], z * sw, rcond=None)[0]
+        # weighted normal equations: 25 000 bins × ≤ 10 terms on [-0.5, 0.5] coordinates are well
+        # conditioned, and this is 10× faster than lstsq on the weighted design matrix
+        aw = a * wt[:, None]
+        try:
+            coef = np.linalg.solve(aw.T @ a, aw.T @ z)
+        except np.linalg.LinAlgError:
+            coef = np.linalg.lstsq(a * np.sqrt(wt)[:, None], z * np.sqrt(wt), rcond=None)[0]
         r = z - a @ coef
         s = 1.4826 * float(np.median(np.abs(r))) + 1e-30
         q = r / (4.685 * s)
@@ -423,61 +596,91 @@ def _poly_fit_robust(u: np.ndarray, v: np.ndarray, z: np.ndarray, deg: int) -> n
     return coef
 
 
+def _tps_poly(y: np.ndarray, x: np.ndarray, deg: int) -> np.ndarray:
+    cols = [np.ones_like(y)]
+    if deg >= 1:
+        cols += [y, x]
+    if deg >= 2:
+        cols += [y * y, y * x, x * x]
+    return np.stack(cols, axis=1)
+
+
 def _fit_surface(
     by: np.ndarray, bx: np.ndarray, z: np.ndarray, sig: np.ndarray, shape2: tuple[int, int], step: int
 ) -> tuple[np.ndarray, float, str]:
     """Smooth surface through samples at pixel positions (bx, by); evaluated at the node grid.
 
-    Thin-plate spline with the smallest smoothing whose normalised residual RMS reaches 1
-    (discrepancy principle); degree-3 (1 below 50 samples) robust polynomial if that fails.
-    Returns (grid, smoothing, model name).
+    Thin-plate smoothing spline: minimise Σ((z − f)/σ)² + λ·bending energy over f = radial part +
+    polynomial. The polynomial part is of degree 2 from 50 samples on (degree 1 below): it is not
+    penalised, so a sky's curvature is not flattened toward the frame edges, where the samples end
+    (with degree 1, a light dome's curvature was underfit there: 0.3σ of stack residual in the
+    outer 32 px). λ by the discrepancy principle: the largest λ whose normalised residual RMS is
+    ≤ 1 (smoothest surface consistent with the sample noise).
+
+    One symmetric eigendecomposition of the kernel projected off the polynomial space gives the
+    residual of every λ in O(n), so λ is found exactly without refitting (scipy's
+    RBFInterpolator refitted O(n³) per trial; same solution, verified to 1e-13).
+    Degree-3 (1 below 50 samples) robust polynomial if that fails. Returns (grid, λ, model name).
     """
     h, w = shape2
     gh = (h - 1) // step + 2
     gw = (w - 1) // step + 2
-    scale_xy = float(max(h, w))
-    pts = np.column_stack([by / scale_xy, bx / scale_xy])
-    ny, nx = np.meshgrid(np.arange(gh) * step / scale_xy, np.arange(gw) * step / scale_xy, indexing="ij")
-    nodes = np.column_stack([ny.ravel(), nx.ravel()])
-    zs = float(np.median(sig)) or 1.0
-    zn = z / zs
-    sn = sig / zs
-    if z.size >= 12:
+    sxy = float(max(h, w))
+    py, px = by / sxy, bx / sxy
+    ny = np.arange(gh) * step / sxy
+    nx = np.arange(gw) * step / sxy
+    n = z.size
+    if n >= 12:
         try:
+            deg = 2 if n >= 50 else 1
+            zs = float(np.median(sig)) or 1.0
+            sn = sig / zs
+            kern = np.empty((n, n))
+            _tps_matrix(py, px, py, px, kern)
+            poly = _tps_poly(py, px, deg)
+            npoly = poly.shape[1]
+            # whiten by the sample noise: K̃ = S⁻¹KS⁻¹, P̃ = S⁻¹P, z̃ = S⁻¹z; the residual of the
+            # whitened system is λ·c̃ with c̃ = Q₂V(b/(Λ + λ)), b = VᵀQ₂ᵀz̃
+            kt = kern / np.outer(sn, sn)
+            pt = poly / sn[:, None]
+            zt = z / zs / sn
+            q, r = np.linalg.qr(pt, mode="complete")
+            q1, q2, r = q[:, :npoly], q[:, npoly:], r[:npoly]
+            lam_e, vec = np.linalg.eigh(q2.T @ kt @ q2)
+            lam_e = np.maximum(lam_e, 0.0)
+            b = vec.T @ (q2.T @ zt)
 
-            def resid(lam: float) -> tuple[float, RBFInterpolator]:
-                rbf = RBFInterpolator(pts, zn, kernel="thin_plate_spline", smoothing=lam * sn**2, degree=1)
-                r = (zn - rbf(pts)) / sn
-                return float(np.sqrt(np.mean(r * r))), rbf
+            def rms(lam: float) -> float:
+                return lam * math.sqrt(float(np.sum((b / (lam_e + lam)) ** 2)) / n)
 
-            lo, hi = -8.0, 4.0
-            r_hi, rbf_hi = resid(10.0**hi)
-            if r_hi <= 1.0:
-                best, lam = rbf_hi, 10.0**hi
+            lo, hi = -10.0, 10.0
+            if rms(10.0**hi) <= 1.0:
+                lam = 10.0**hi
+            elif rms(10.0**lo) >= 1.0:
+                lam = 10.0**lo
             else:
-                r_lo, rbf_lo = resid(10.0**lo)
-                if r_lo >= 1.0:
-                    best, lam = rbf_lo, 10.0**lo
-                else:
-                    best, lam = rbf_hi, 10.0**hi
-                    for _ in range(14):
-                        mid = 0.5 * (lo + hi)
-                        r_mid, rbf_mid = resid(10.0**mid)
-                        if r_mid >= 1.0:
-                            hi, best, lam = mid, rbf_mid, 10.0**mid
-                        else:
-                            lo = mid
-                        if hi - lo < 0.1:
-                            break
-            grid = (best(nodes) * zs).reshape(gh, gw)
+                while hi - lo > 1e-3:
+                    mid = 0.5 * (lo + hi)
+                    if rms(10.0**mid) >= 1.0:
+                        hi = mid
+                    else:
+                        lo = mid
+                lam = 10.0**lo
+            ct = q2 @ (vec @ (b / (lam_e + lam)))
+            a = np.linalg.solve(r, q1.T @ (zt - kt @ ct - lam * ct))
+            c = ct / sn
+            radial = np.empty((gh, gw))
+            _tps_grid(ny, nx, py, px, c, radial)
+            yy, xx = np.meshgrid(ny, nx, indexing="ij")
+            grid = (radial + (_tps_poly(yy.ravel(), xx.ravel(), deg) @ a).reshape(gh, gw)) * zs
             if np.all(np.isfinite(grid)):
                 return grid.astype(np.float32), lam, "tps"
         except (np.linalg.LinAlgError, ValueError):
             pass
-    deg = 3 if z.size >= 50 else (1 if z.size >= 3 else 0)
-    u, v = pts[:, 1] - 0.5, pts[:, 0] - 0.5
-    coef = _poly_fit_robust(u, v, z, deg)
-    grid = (_poly_terms(nodes[:, 1] - 0.5, nodes[:, 0] - 0.5, deg) @ coef).reshape(gh, gw)
+    deg = 3 if n >= 50 else (1 if n >= 3 else 0)
+    coef = _poly_fit_robust(px - 0.5, py - 0.5, z, deg)
+    yy, xx = np.meshgrid(ny, nx, indexing="ij")
+    grid = (_poly_terms(xx.ravel() - 0.5, yy.ravel() - 0.5, deg) @ coef).reshape(gh, gw)
     return grid.astype(np.float32), float("nan"), f"poly{deg}"
 
 
@@ -499,25 +702,38 @@ def _catmull_rom(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i, wts
 
 
-def _interp_axis(grid: np.ndarray, coords_px: np.ndarray, step: int, axis: int) -> np.ndarray:
-    """Cubic (Catmull-Rom, clamped edges) interpolation of grid along axis at pixel coordinates."""
-    n = grid.shape[axis]
-    i, wts = _catmull_rom(coords_px / step)
-    out = None
+def _pad_ghost(grid: np.ndarray, axis: int) -> np.ndarray:
+    """The grid with one ghost node at each end of axis, extrapolated quadratically.
+
+    Catmull-Rom needs a node beyond each end; a clamped (repeated) node halves the slope at the
+    edge nodes (0.04σ RMS, 0.12σ max in the outer band with a 10σ gradient), the quadratic ghost
+    keeps the interpolation exact for quadratic surfaces up to the edges.
+    """
+    g = np.moveaxis(np.asarray(grid, np.float64), axis, 0)
+    n = g.shape[0]
+    if n >= 3:
+        lo, hi = 3.0 * g[0] - 3.0 * g[1] + g[2], 3.0 * g[-1] - 3.0 * g[-2] + g[-3]
+    elif n == 2:
+        lo, hi = 2.0 * g[0] - g[1], 2.0 * g[1] - g[0]
+    else:
+        lo, hi = g[0], g[-1]
+    return np.moveaxis(np.concatenate([lo[None], g, hi[None]], axis=0), 0, axis)
+
+
+def _axis_weights(n_px: int, n_nodes: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: the first of the 4 ghost-padded nodes and their Catmull-Rom weights."""
+    i, wts = _catmull_rom(np.arange(n_px, dtype=np.float64) / step)
+    return np.clip(i, 0, n_nodes - 2), wts
+
+
+def _columns_table(grid: np.ndarray, step: int, width: int) -> np.ndarray:
+    """Every (ghost-padded) grid row interpolated to all columns: (rows + 2, width) float64."""
+    gp = _pad_ghost(_pad_ghost(grid, 0), 1)
+    i, wts = _axis_weights(width, grid.shape[1], step)
+    out = np.zeros((gp.shape[0], width))
     for k in range(4):
-        idx = np.clip(i - 1 + k, 0, n - 1)
-        part = np.take(grid, idx, axis=axis)
-        wk = wts[:, k]
-        part = part * (wk[None, :] if axis == 1 else wk[:, None])
-        out = part if out is None else out + part
-    assert out is not None
+        out += gp[:, i + k] * wts[:, k][None, :]
     return out
-
-
-def _upsample(grid: np.ndarray, step: int, width: int, y0: int, y1: int, cols: np.ndarray | None = None) -> np.ndarray:
-    """Rows [y0, y1) of the bicubic upsampling of grid (float32). cols: pre-interpolated columns."""
-    t = cols if cols is not None else _interp_axis(grid.astype(np.float64), np.arange(width, dtype=np.float64), step, 1)
-    return _interp_axis(t, np.arange(y0, y1, dtype=np.float64), step, 0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,37 +744,37 @@ def _upsample(grid: np.ndarray, step: int, width: int, y0: int, y1: int, cols: n
 def apply(frame: np.ndarray, norm: Normalization, *, band_rows: int = 512, out: np.ndarray | None = None) -> np.ndarray:
     """The normalised frame y = scale·x + offset (per channel), float32, NaN preserved.
 
+    One fused numba pass per channel: the coarse grids are interpolated to every column once
+    (a few MB), each row then takes 4 table rows (Catmull-Rom) and writes y directly, so no
+    full-size temporary is made.
+
     Parameters
     ----------
     frame : the registered frame, (H, W) or (C, H, W), the shape `norm` was computed for.
     norm : the stored `Normalization`.
-    band_rows : rows evaluated at a time (bounds the temporary memory). Default is 512.
+    band_rows : kept for callers of the former banded version; the fused pass needs no bands, the
+        result does not depend on it. Default is 512.
     out : optional float32 output array of the frame's shape (may be `frame` itself).
     """
     x = np.asarray(frame)
     if tuple(x.shape) != tuple(norm.shape):
         raise StackwatchError(f"frame shape {x.shape} does not match the normalisation's {tuple(norm.shape)}")
+    if band_rows < 1:
+        raise StackwatchError(f"band_rows must be ≥ 1, got {band_rows}")
     y = np.empty(x.shape, np.float32) if out is None else out
+    if y.dtype != np.float32 or y.shape != x.shape:
+        raise StackwatchError("apply: out must be a float32 array of the frame's shape")
     xs = _channels(x)
     ys = _channels(y)
     h, w = xs[0].shape
-    cols_x = np.arange(w, dtype=np.float64)
     for xc, yc, cn in zip(xs, ys, norm.channels, strict=True):
-        off_cols = _interp_axis(np.asarray(cn.offset, np.float64), cols_x, norm.step_px, 1)
-        sc_cols = (
-            None
-            if cn.scale_map is None
-            else _interp_axis(np.asarray(cn.scale_map, np.float64), cols_x, norm.step_px, 1)
-        )
-        for y0 in range(0, h, max(1, band_rows)):
-            y1 = min(h, y0 + band_rows)
-            g = _upsample(cn.offset, norm.step_px, w, y0, y1, off_cols)
-            if sc_cols is None:
-                np.multiply(xc[y0:y1], np.float32(cn.scale), out=yc[y0:y1], casting="unsafe")
-            else:
-                smap = _upsample(cn.scale_map, norm.step_px, w, y0, y1, sc_cols)  # type: ignore[arg-type]
-                np.multiply(xc[y0:y1], smap, out=yc[y0:y1], casting="unsafe")
-            yc[y0:y1] += g
+        offset = np.asarray(cn.offset, np.float64)
+        rows_i, rows_w = _axis_weights(h, offset.shape[0], norm.step_px)
+        off_cols = _columns_table(offset, norm.step_px, w)
+        use_map = cn.scale_map is not None
+        sc_cols = _columns_table(np.asarray(cn.scale_map, np.float64), norm.step_px, w) if use_map else off_cols
+        xin = xc if xc.dtype == np.float32 else np.asarray(xc, np.float32)
+        _apply_kernel(xin, float(cn.scale), off_cols, sc_cols, rows_i, np.ascontiguousarray(rows_w), use_map, yc)
     return y
 
 
@@ -727,25 +943,25 @@ def normalize(
     radii = np.array([r_ap, r_in, r_out])
 
     # star-avoidance radii from peaks measured on the reference (0.5σ of a Moffat β = 2.5)
-    star_mask = np.zeros(shape2, np.bool_)
+    gmask = np.zeros(shape2, np.bool_)
+    ph_u = np.zeros((ux.size, 8))
+    ph_uf = np.zeros((ux.size, 8))
     if ux.size:
         luma_r = rch[0] if nc == 1 else np.mean(np.stack(rch), axis=0, dtype=np.float32)
         luma_f = fch[0] if nc == 1 else np.mean(np.stack(fch), axis=0, dtype=np.float32)
-        ph_u = np.zeros((ux.size, 7))
         _phot_kernel(np.ascontiguousarray(luma_r), bad, ux, uy, radii, ph_u)
-        ph_uf = np.zeros((ux.size, 7))
         _phot_kernel(np.ascontiguousarray(luma_f), bad, ux, uy, radii, ph_uf)
-        peak = np.fmax(np.where(ph_u[:, 4] > 0, ph_u[:, 3], np.nan), np.where(ph_uf[:, 4] > 0, ph_uf[:, 3], np.nan))
+        peak = np.fmax(np.where(ph_u[:, 7] > 0, ph_u[:, 3], np.nan), np.where(ph_uf[:, 7] > 0, ph_uf[:, 3], np.nan))
         t = 0.5 * float(np.mean(sig_r))
         beta = 2.5
         alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
         with np.errstate(invalid="ignore", divide="ignore"):
             rr = alpha * np.sqrt(np.maximum((np.maximum(peak, 0.0) / t) ** (1.0 / beta) - 1.0, 0.0))
-        rr = np.where(np.isfinite(rr), rr, star_mask_cap_px)  # unmeasurable (edge, saturated): be generous
+        rr = np.where(np.isfinite(rr), rr, star_mask_cap_px)  # unmeasurable (saturated, off the image): be generous
         rr = np.clip(np.maximum(rr, 2.0 * fw), 0.0, star_mask_cap_px)
-        _paint_disks(star_mask, ux, uy, rr)
-    dil = _dilate(bad, 5)
-    gmask = star_mask | dil
+        _paint_disks(gmask, ux, uy, rr)
+    if bad.any():
+        _dilate_into(bad, 5, gmask)
 
     psf_ok = all(
         v is not None and math.isfinite(float(v)) and float(v) > 1.0 for v in (ref_beta, frame_beta)
@@ -764,14 +980,20 @@ def normalize(
             px, py = rx[sel], ry[sel]
         else:
             px, py = np.empty(0), np.empty(0)
+            sel = np.zeros(rx.size, np.bool_)
         for c in range(nc):
             if px.size < min_pairs:
                 scales.append((float("nan"), float("nan"), int(px.size)))
                 continue
-            a = np.zeros((px.size, 7))
-            b = np.zeros((px.size, 7))
-            _phot_kernel(np.ascontiguousarray(rch[c]), bad, px, py, radii, a)
-            _phot_kernel(np.ascontiguousarray(fch[c]), bad, px, py, radii, b)
+            if nc == 1:
+                # mono: the masking photometry above measured these stars already (same image,
+                # apertures and mask; the reference stars come first in the union)
+                a, b = ph_u[: rx.size][sel], ph_uf[: rx.size][sel]
+            else:
+                a = np.zeros((px.size, 8))
+                b = np.zeros((px.size, 8))
+                _phot_kernel(np.ascontiguousarray(rch[c]), bad, px, py, radii, a)
+                _phot_kernel(np.ascontiguousarray(fch[c]), bad, px, py, radii, b)
             ok = (a[:, 4] > 0) & (b[:, 4] > 0)
             na, nn = a[:, 5], a[:, 6]
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -808,7 +1030,8 @@ def normalize(
     if use == "nsg":
         for c in range(nc):
             m, sm, ne = scales[c]
-            grid, lam = _gradient_grid(rch[c], fch[c], m, star_mask, bad, gmask, step, node, max_samples, shape2)
+            sig_d = math.sqrt(sig_r[c] ** 2 + (m * sig_f[c]) ** 2)
+            grid, lam = _gradient_grid(rch[c], fch[c], m, sig_d, bad, gmask, step, node, max_samples, shape2)
             wgt = (sig_r[c] / (m * sig_f[c])) ** 2 if sig_f[c] > 0 else float("nan")
             chans.append(
                 ChannelNorm(scale=m, scale_err=sm, n_pairs=ne, noise=sig_f[c], weight=wgt, offset=grid, smoothing=lam)
@@ -837,17 +1060,25 @@ def _moffat_enclosed(r: float, fwhm: float, beta: float) -> float:
     return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    if not mask.any():
-        return mask.copy()
-    return np.asarray(binary_dilation(mask, iterations=r), np.bool_)
+def _block_edges(n: int, k: int) -> np.ndarray:
+    """Boundaries of ⌈n/k⌉ near-equal groups of n fine bins (symmetric: no sliver at one end)."""
+    nb = max(1, -(-n // k))
+    return np.round(np.linspace(0, n, nb + 1)).astype(np.int64)
+
+
+def _group_sums(a: np.ndarray, ey: np.ndarray | None, ex: np.ndarray | None) -> np.ndarray:
+    if ey is not None:
+        a = np.add.reduceat(a, ey[:-1], axis=0)
+    if ex is not None:
+        a = np.add.reduceat(a, ex[:-1], axis=1)
+    return a
 
 
 def _gradient_grid(
     rc: np.ndarray,
     xc: np.ndarray,
     m: float,
-    star_mask: np.ndarray,
+    sig_d: float,
     bad: np.ndarray,
     gmask: np.ndarray,
     step: int,
@@ -855,12 +1086,20 @@ def _gradient_grid(
     max_samples: int,
     shape2: tuple[int, int],
 ) -> tuple[np.ndarray, float]:
-    """Coarse grid of g = smooth(ref − m·frame) and the smoothing used."""
+    """Coarse grid of g = smooth(ref − m·frame) and the smoothing used.
+
+    sig_d is the pixel noise of ref − m·frame, √(σ_ref² + m²σ²) from the pre-resampling noises
+    (the bin median of resampled, correlated noise has about the pre-resampling variance).
+    """
     h, w = shape2
     bh = (h + step - 1) // step
     bw = (w + step - 1) // step
     med = np.empty((bh, bw), np.float64)
-    _bin_medians(np.ascontiguousarray(rc), np.ascontiguousarray(xc), float(m), gmask, bad, step, 0.3, 0.01, med)
+    cnt_px = np.zeros((bh, bw), np.int64)
+    _bin_medians(
+        np.ascontiguousarray(rc), np.ascontiguousarray(xc), float(m), gmask, bad, step, float(sig_d),
+        np.array([0.3, 0.01]), med, cnt_px,
+    )
     gshape = ((h - 1) // node + 2, (w - 1) // node + 2)
     valid = np.isfinite(med)
     if np.count_nonzero(valid) < 3:
@@ -876,47 +1115,82 @@ def _gradient_grid(
     cy = np.array([(i * step + min(h, i * step + step) - 1) / 2.0 for i in range(bh)])
     cx = np.array([(j * step + min(w, j * step + step) - 1) / 2.0 for j in range(bw)])
     yy, xx = np.meshgrid(cy, cx, indexing="ij")
-    # outlier bins: robust quadratic, drop > 4σ_MAD, twice
+    # outlier bins (trails, residual stars): > 4σ from the median of their 5×5 neighbourhood
+    # after removing a robust quadratic, twice. The quadratic alone (§8.2) also rejected genuine
+    # bins along an edge where a light dome curves more than a quadratic (the surface was then
+    # extrapolated there); the neighbourhood alone is one-sided at the edges and biased by steep
+    # slopes. Together they follow the sky and still single out trails and star residuals.
+    sxy = float(max(h, w))
     for _ in range(2):
         iy, ix = np.nonzero(valid)
         if iy.size < 10:
             break
-        u = xx[iy, ix] / max(h, w) - 0.5
-        v = yy[iy, ix] / max(h, w) - 0.5
-        z = med[iy, ix]
-        coef = _poly_fit_robust(u, v, z, 2)
-        r = z - _poly_terms(u, v, 2) @ coef
-        s = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        u = xx / sxy - 0.5
+        v = yy / sxy - 0.5
+        coef = _poly_fit_robust(u[iy, ix], v[iy, ix], med[iy, ix], 2)
+        rq = np.where(valid, med - (_poly_terms(u.ravel(), v.ravel(), 2) @ coef).reshape(bh, bw), np.nan)
+        pad = np.pad(rq, 2, constant_values=np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neighbourhoods
+            local = np.nanmedian(sliding_window_view(pad, (5, 5)), axis=(2, 3))
+        r = np.where(valid & np.isfinite(local), rq - local, 0.0)
+        rv = r[valid]
+        s = 1.4826 * float(np.median(np.abs(rv - np.median(rv))))
         if not np.isfinite(sig0) or sig0 <= 0:
             sig0 = s
-        lim = 4.0 * max(s, sig0)
-        badb = np.abs(r) > lim
+        badb = valid & (np.abs(r) > 4.0 * max(s, sig0))
         if not badb.any():
             break
-        valid[iy[badb], ix[badb]] = False
+        valid &= ~badb
     if not np.isfinite(sig0) or sig0 <= 0:
         sig0 = 1e-6
+    # per-bin noise of a median: 1.2533·σ_d/√n. The second-difference estimate above also holds
+    # the sky's curvature at the bin scale (a light dome near an edge), which made the spline too
+    # smooth there; it only lowers the theoretical value (noise inputs that overstate the noise)
+    if math.isfinite(sig_d) and sig_d > 0:
+        var = np.where(valid, (1.2533 * sig_d) ** 2 / np.maximum(cnt_px, 1), 0.0)
+        theo = math.sqrt(float(np.median(var[valid])))
+        if sig0 < theo:
+            var *= (sig0 / theo) ** 2
+    else:
+        var = np.where(valid, sig0 * sig0, 0.0)
     # block-average fine bins until at most max_samples remain
     k = 1
     while np.count_nonzero(valid) / (k * k) > max_samples and k < max(bh, bw):
         k *= 2
-    if k > 1:
-        ph, pw = (-bh) % k, (-bw) % k
-        vz = np.pad(np.where(valid, med, 0.0), ((0, ph), (0, pw)))
-        vc = np.pad(valid.astype(np.float64), ((0, ph), (0, pw)))
-        vy = np.pad(np.where(valid, yy, 0.0), ((0, ph), (0, pw)))
-        vx = np.pad(np.where(valid, xx, 0.0), ((0, ph), (0, pw)))
-        sh = (vz.shape[0] // k, k, vz.shape[1] // k, k)
-        cnt = vc.reshape(sh).sum(axis=(1, 3))
-        ok = cnt >= max(1.0, 0.25 * k * k)
-        z = (vz.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
-        py = (vy.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
-        px = (vx.reshape(sh).sum(axis=(1, 3))[ok]) / cnt[ok]
-        sg = sig0 / np.sqrt(cnt[ok])
-    else:
+    vz = np.where(valid, med, 0.0)
+    vc = valid.astype(np.float64)
+    vy = np.where(valid, yy, 0.0)
+    vx = np.where(valid, xx, 0.0)
+    if k == 1:
         iy, ix = np.nonzero(valid)
-        z, py, px = med[iy, ix], yy[iy, ix], xx[iy, ix]
-        sg = np.full(z.shape, sig0)
+        z, py, px, sg = med[iy, ix], yy[iy, ix], xx[iy, ix], np.sqrt(var[iy, ix])
+    else:
+        ey, ex = _block_edges(bh, k), _block_edges(bw, k)
+        parts: list[tuple[np.ndarray, ...]] = []
+        # interior blocks of k×k bins, and edge-anchored samples: the outermost row/column of bins
+        # averaged along each edge in groups of k, so the surface is pinned ~s/2 from the border
+        # instead of extrapolated over the half block (k·s/2 px) beyond the outer block centres
+        for sl, gy, gx in (
+            ((slice(None), slice(None)), ey, ex),
+            ((slice(0, 1), slice(None)), None, ex),
+            ((slice(bh - 1, bh), slice(None)), None, ex),
+            ((slice(None), slice(0, 1)), ey, None),
+            ((slice(None), slice(bw - 1, bw)), ey, None),
+        ):
+            c = _group_sums(vc[sl], gy, gx)
+            full = _group_sums(np.ones_like(vc[sl]), gy, gx)
+            ok = (c >= np.maximum(1.0, 0.25 * full)).ravel()
+            cc = c.ravel()[ok]
+            parts.append(
+                (
+                    _group_sums(vz[sl], gy, gx).ravel()[ok] / cc,
+                    _group_sums(vy[sl], gy, gx).ravel()[ok] / cc,
+                    _group_sums(vx[sl], gy, gx).ravel()[ok] / cc,
+                    np.sqrt(_group_sums(var[sl], gy, gx).ravel()[ok]) / cc,
+                )
+            )
+        z, py, px, sg = (np.concatenate([p[i] for p in parts]) for i in range(4))
     grid, lam, _model = _fit_surface(py, px, z, sg, shape2, node)
     return grid, lam
 

@@ -84,11 +84,12 @@ def test_scale_and_gradient_vs_truth() -> None:
     print("scale", norm.scale, "err", norm.scale_err, "pairs", norm.n_pairs,
           "gradient resid/σ: rms", np.sqrt(np.mean(resid**2)), "max", np.abs(resid).max(),
           "max ≥ 32 px from the edges", np.abs(inner).max())
-    # away from stars: below 0.2σ everywhere but the outer 32 px (beyond the outermost bin centres the
-    # surface is extrapolated); below 0.5σ including the corners; RMS below 0.1σ
+    # away from stars: below 0.2σ everywhere but the outer 32 px, below 0.3σ including the edges and
+    # corners (0.47σ before the degree-2 spline, the edge stars' own mask radii, the quadratic ghost
+    # nodes and the outlier test that keeps the edge bins); RMS below 0.06σ (was 0.066σ)
     assert np.abs(inner).max() < 0.2
-    assert np.abs(resid).max() < 0.5
-    assert np.sqrt(np.mean(resid**2)) < 0.1
+    assert np.abs(resid).max() < 0.3
+    assert np.sqrt(np.mean(resid**2)) < 0.06
 
 
 def test_cloud_60_percent_scaled_back() -> None:
@@ -226,3 +227,88 @@ def test_seeing_difference_corrected_with_psf_beta() -> None:
     print("seeing 3.0 → 3.6 px: scale without β", raw.scale, "with β", fixed.scale, "truth 1.25")
     assert raw.scale / 1.25 - 1 > 0.005  # the bias the correction removes
     assert abs(fixed.scale / 1.25 - 1) < 0.003
+
+
+def _nebula(rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.zeros((H, W))
+    for _ in range(4):
+        cx, cy, s, a = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(20, 80), rng.uniform(0.01, 0.04)
+        img += a * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+    return img
+
+
+def _light_dome(rng: np.random.Generator, amp: float) -> np.ndarray:
+    """A light dome from beyond the left or right edge (exponential), a tilt and a vignetting-like term."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    cx, cy = rng.choice([-0.3, 1.3]) * W, rng.uniform(-0.3, 1.3) * H
+    g = amp * np.exp(-np.hypot(xx - cx, yy - cy) / np.hypot(H, W) / 0.35)
+    g += amp * 0.3 * (rng.uniform(-1, 1) * xx / W + rng.uniform(-1, 1) * yy / H)
+    g -= amp * 0.2 * rng.uniform(0, 1) * ((xx - W / 2) ** 2 + (yy - H / 2) ** 2) / (0.25 * (H * H + W * W))
+    return g
+
+
+@pytest.mark.parametrize("max_samples", [600, 60])
+def test_stack_keeps_only_the_reference_gradient_up_to_the_edges(max_samples: int) -> None:
+    """Six frames, each with its own light dome (10σ of frame noise across the frame), transparency
+    0.6-1 and noise, over a sky with nebulae: the weighted stack of the normalised noise-free frames
+    (and the reference) differs from the reference sky by < 0.2σ of the stack noise, over the whole
+    frame and in the outer 32 px band alone. max_samples = 60 exercises the block-averaged samples
+    (and the edge-anchored ones) that 26 MP frames use."""
+    rng = np.random.default_rng(21)
+    st = _stars(rng, 300)
+    ref_true = 0.1 + 0.01 * (np.mgrid[0:H, 0:W][1] / W) + _nebula(rng) + _render(st)
+    sig = 0.002
+    ref = (ref_true + rng.normal(0, sig, (H, W))).astype(np.float32)
+    acc = np.zeros((H, W))
+    wsum = 1.0  # the reference, weight 1, contributes no residual
+    for _ in range(6):
+        t = rng.uniform(0.6, 1.0)
+        frame_true = t * ref_true + _light_dome(rng, 0.02)
+        frame = (frame_true + rng.normal(0, sig, (H, W))).astype(np.float32)
+        norm = nz.normalize(frame, ref, frame_stars=st[:, :2], ref_stars=st[:, :2], frame_noise=sig, ref_noise=sig,
+                            fwhm_px=FWHM, max_samples=max_samples)
+        assert norm.method == "nsg", norm.reason
+        acc += norm.weight * (nz.apply(frame_true.astype(np.float32), norm) - ref_true)
+        wsum += norm.weight
+    resid = acc / wsum / (sig / np.sqrt(wsum))  # in units of the stack's noise
+    ok = _away_from_stars(st, border=1)
+    band = np.ones((H, W), bool)
+    band[32:-32, 32:-32] = False
+    rms_all = float(np.sqrt(np.mean(resid[ok] ** 2)))
+    rms_band = float(np.sqrt(np.mean(resid[ok & band] ** 2)))
+    print(f"stack residual / σ_stack: rms {rms_all:.3f} (outer band {rms_band:.3f}), max {np.abs(resid[ok]).max():.3f}")
+    assert rms_all < 0.1 and rms_band < 0.15
+    assert np.abs(resid[ok]).max() < 0.5
+
+
+def test_coarse_grid_equals_full_spline_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stored coarse grid, upsampled in `apply`, equals the spline evaluated at every pixel."""
+    st, _, _, ref, frame = _scene(12, transmission=0.8)
+    seen: dict[str, object] = {}
+    fit = nz._fit_surface
+
+    def spy(by, bx, z, sig, shape2, step):  # type: ignore[no-untyped-def]
+        seen.update(by=by, bx=bx, z=z, sig=sig, shape2=shape2)
+        return fit(by, bx, z, sig, shape2, step)
+
+    monkeypatch.setattr(nz, "_fit_surface", spy)
+    norm = nz.normalize(frame, ref, frame_stars=st[:, :2], ref_stars=st[:, :2], frame_noise=0.002, ref_noise=0.002,
+                        fwhm_px=FWHM, max_samples=60)
+    coarse = nz.apply(np.zeros((H, W), np.float32), norm).astype(np.float64)
+    full, _, model = fit(seen["by"], seen["bx"], seen["z"], seen["sig"], seen["shape2"], 1)  # type: ignore[arg-type]
+    assert model == "tps"
+    d = (coarse - full[:H, :W]) / 0.002
+    print("coarse vs full / σ: rms", np.sqrt(np.mean(d**2)), "max", np.abs(d).max())
+    assert np.sqrt(np.mean(d**2)) < 1e-3 and np.abs(d).max() < 5e-3
+
+
+def test_saturated_mask_dilation_matches_scipy() -> None:
+    from scipy.ndimage import binary_dilation
+
+    rng = np.random.default_rng(13)
+    mask = rng.random((90, 70)) > 0.995
+    mask[40:44, 0:3] = True
+    out = np.zeros_like(mask)
+    nz._dilate_into(mask, 5, out)
+    np.testing.assert_array_equal(out, binary_dilation(mask, structure=np.ones((11, 11), bool)))

@@ -1,0 +1,229 @@
+"""Benchmark NSG normalisation (engine.normalize) at 26 MP mono (6248 x 4176): fit and apply.
+
+A seeded scene: ~2700 stars, a sky with a tilt, the frame = 0.8·reference + a light dome from beyond
+the left edge + its own noise. After a warm-up on a 512² crop (compiles or loads the numba cache),
+each variant is timed ``--repeat`` times (median): ``normalize`` (fit) and ``apply``, wall and CPU
+(time.process_time: all threads of the process), and the peak of traced (numpy) memory. Variants:
+
+- ``engine``: stackwatch.engine.normalize as installed;
+- ``--module FILE`` (repeatable): another normalize.py in the same process, e.g. the previous
+  version from git (``git show REV:engine/normalize.py > /tmp/normalize_before.py``);
+- ``numpy_scipy``: a plain numpy/scipy path doing the same work, the baseline of the ratios: bin
+  medians with np.nanmedian on a masked reshape, scipy RBFInterpolator thin-plate spline with the
+  discrepancy principle by refitting, evaluated on the node grid, and
+  scipy.ndimage.map_coordinates (cubic) to upsample inside y = m·x + g.
+
+Accuracy: each variant's gradient (apply of a zero frame) against the truth, RMS and max in units
+of the frame noise σ (in the whole frame and the outer 32 px band, on a 1-in-8 pixel lattice away
+from stars), and its scale against 1.25. The machine is shared: compare CPU times, and ratios
+measured in the same run. Writes bench/results/normalize.json.
+
+    .venv/bin/python bench/bench_normalize.py [--repeat 3] [--max-samples 600] [--module FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.interpolate import RBFInterpolator
+from scipy.ndimage import map_coordinates
+from stackwatch.engine import normalize as nz
+
+H, W = 4176, 6248
+SIG = 0.002
+
+
+def _scene(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    ref = (0.1 + 0.01 * np.linspace(0, 1, w, dtype=np.float32)[None, :]) + rng.normal(0, SIG, (h, w)).astype(np.float32)
+    ref = ref.astype(np.float32)
+    yy, xx = np.mgrid[0:h:97, 0:w:97]
+    xs = (xx.ravel() + 48.3).astype(np.float64)
+    ys = (yy.ravel() + 48.7).astype(np.float64)
+    ok = (xs < w - 20) & (ys < h - 20)
+    xs, ys = xs[ok], ys[ok]
+    r = 6
+    psf = np.exp(-(np.arange(-r, r + 1)[:, None] ** 2 + np.arange(-r, r + 1)[None, :] ** 2) / (2 * 1.3**2)).astype(np.float32)
+    amp = 10 ** rng.uniform(-2, -0.7, xs.size)
+    for x, y0, a in zip(xs, ys, amp, strict=True):
+        ix, iy = round(x), round(y0)
+        ref[iy - r : iy + r + 1, ix - r : ix + r + 1] += np.float32(a) * psf
+    gy = np.arange(h, dtype=np.float32)[:, None] / max(h, w)
+    gx = np.arange(w, dtype=np.float32)[None, :] / max(h, w)
+    # a light dome from beyond the left edge (8σ at the edge) and a tilt
+    dome = (0.016 * np.exp(-np.hypot(gx + 0.2, gy - 0.3) / 0.35) + 0.004 * gy).astype(np.float32)
+    frame = (0.8 * ref + dome).astype(np.float32)
+    frame += rng.normal(0, SIG, (h, w)).astype(np.float32)
+    return ref, frame, dome, np.column_stack([xs, ys])
+
+
+def _load(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"normalize_{abs(hash(path))}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _NumpyScipy:
+    """The gradient fit and the apply in plain numpy/scipy (the baseline). The photometric scale and
+    the node grid geometry are the engine's, computed before timing: the fit time here is the
+    gradient only (bins, spline, nodes), so the ratio understates the engine's gain."""
+
+    scale = 1.0
+    node = 64
+    gshape = (2, 2)
+
+    @classmethod
+    def normalize(cls, frame: np.ndarray, ref: np.ndarray, **kw: Any) -> Any:
+        m = cls.scale
+        s = int(kw.get("bin_px", 32))
+        h, w = frame.shape
+        bh, bw = h // s, w // s
+        d = (ref[: bh * s, : bw * s] - np.float32(m) * frame[: bh * s, : bw * s]).astype(np.float64)
+        stars = kw["ref_stars"]
+        mask = np.zeros_like(d, bool)
+        for x, y in stars:
+            ix, iy = round(x), round(y)
+            mask[max(0, iy - 12) : iy + 13, max(0, ix - 12) : ix + 13] = True
+        d[mask] = np.nan
+        blocks = d.reshape(bh, s, bw, s).transpose(0, 2, 1, 3).reshape(bh, bw, s * s)
+        med = np.nanmedian(blocks, axis=2)
+        k = 1
+        while bh * bw / (k * k) > kw.get("max_samples", 600):
+            k *= 2
+        zb = np.nanmean(med[: bh // k * k, : bw // k * k].reshape(bh // k, k, bw // k, k), axis=(1, 3))
+        cy = (np.arange(bh // k) * k * s + k * s / 2 - 0.5) / max(h, w)
+        cx = (np.arange(bw // k) * k * s + k * s / 2 - 0.5) / max(h, w)
+        py, px = np.meshgrid(cy, cx, indexing="ij")
+        ok = np.isfinite(zb)
+        pts = np.column_stack([py[ok], px[ok]])
+        z = zb[ok]
+        sig = 1.2533 * math.sqrt(SIG**2 + (m * SIG) ** 2) / math.sqrt(0.8 * s * s) / k
+        lo, hi = -8.0, 4.0
+        best = None
+        for _ in range(14):
+            mid = 0.5 * (lo + hi)
+            rbf = RBFInterpolator(pts, z / sig, kernel="thin_plate_spline", smoothing=10.0**mid, degree=1)
+            if float(np.sqrt(np.mean((z / sig - rbf(pts)) ** 2))) >= 1.0:
+                hi, best = mid, rbf
+            else:
+                lo = mid
+            if hi - lo < 0.1:
+                break
+        if best is None:
+            best = RBFInterpolator(pts, z / sig, kernel="thin_plate_spline", smoothing=10.0**hi, degree=1)
+        node = cls.node
+        gh, gw = cls.gshape
+        ny, nx = np.meshgrid(np.arange(gh) * node / max(h, w), np.arange(gw) * node / max(h, w), indexing="ij")
+        grid = best(np.column_stack([ny.ravel(), nx.ravel()])).reshape(gh, gw) * sig
+        return (m, grid.astype(np.float32), node)
+
+    @staticmethod
+    def apply(frame: np.ndarray, norm: Any) -> np.ndarray:
+        m, grid, node = norm
+        h, w = frame.shape
+        out = np.empty_like(frame)
+        cols = np.arange(w, dtype=np.float64) / node
+        for y0 in range(0, h, 512):
+            y1 = min(h, y0 + 512)
+            yy, xx = np.meshgrid(np.arange(y0, y1) / node, cols, indexing="ij")
+            g = map_coordinates(grid, [yy, xx], order=3, mode="nearest")
+            np.multiply(frame[y0:y1], np.float32(m), out=out[y0:y1])
+            out[y0:y1] += g
+        return out
+
+
+def _time(fn: Any, repeat: int) -> tuple[float, float, float, Any]:
+    walls, cpus, peaks = [], [], []
+    res = None
+    for _ in range(repeat):
+        tracemalloc.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        peaks.append(tracemalloc.get_traced_memory()[1] / 1e6)
+        tracemalloc.stop()
+    return statistics.median(walls), statistics.median(cpus), max(peaks), res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-samples", type=int, default=600)
+    ap.add_argument("--module", action="append", default=[], help="another normalize.py to time in the same run")
+    ap.add_argument("--width", type=int, default=W)
+    ap.add_argument("--height", type=int, default=H)
+    args = ap.parse_args()
+    h, w = args.height, args.width
+    ref, frame, dome, stars = _scene(h, w)
+    truth = -1.25 * dome.astype(np.float64)  # g = ref − m·frame on the sky
+    lattice = np.zeros((h, w), bool)
+    lattice[::8, ::8] = True
+    for x, y in stars:
+        ix, iy = round(x), round(y)
+        lattice[max(0, iy - 15) : iy + 16, max(0, ix - 15) : ix + 16] = False
+    band = np.ones((h, w), bool)
+    band[32:-32, 32:-32] = False
+    kw = dict(frame_stars=stars, ref_stars=stars, frame_noise=SIG, ref_noise=SIG, fwhm_px=3.0, max_samples=args.max_samples)
+    variants: list[tuple[str, Any]] = [("engine", nz)] + [(Path(p).name, _load(p)) for p in args.module]
+    variants.append(("numpy_scipy", _NumpyScipy))
+    results: dict[str, Any] = {"shape": [h, w], "cpus": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0],
+                               "max_samples": args.max_samples,
+                               "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS", "")}
+    zero = np.zeros((h, w), np.float32)
+    eng = nz.normalize(frame, ref, **kw)
+    _NumpyScipy.scale, _NumpyScipy.node, _NumpyScipy.gshape = eng.scale, eng.step_px, eng.channels[0].offset.shape
+    del eng
+    for name, mod in variants:
+        if mod is not _NumpyScipy:  # warm-up: numba compile or cache load
+            mod.normalize(frame[:512, :512], ref[:512, :512], **{**kw, "frame_stars": stars[:40], "ref_stars": stars[:40]})
+            mod.apply(frame[:512, :512], mod.normalize(frame[:512, :512], ref[:512, :512], **{**kw, "frame_stars": stars[:40], "ref_stars": stars[:40]}))
+        fw, fc, fm, norm = _time(lambda mod=mod: mod.normalize(frame, ref, **kw), args.repeat)
+        aw, ac, am, _ = _time(lambda mod=mod, norm=norm: mod.apply(frame, norm), args.repeat)
+        grad = mod.apply(zero, norm).astype(np.float64)
+        err = (grad - truth) / SIG
+        scale = norm[0] if isinstance(norm, tuple) else norm.scale
+        r = {"fit_wall_s": fw, "fit_cpu_s": fc, "fit_peak_traced_mb": fm, "apply_wall_s": aw, "apply_cpu_s": ac,
+             "apply_peak_traced_mb": am, "total_wall_s": fw + aw, "total_cpu_s": fc + ac, "scale": scale,
+             "scale_err_rel": scale / 1.25 - 1,
+             "gradient_rms_sigma": float(np.sqrt(np.mean(err[lattice] ** 2))),
+             "gradient_max_sigma": float(np.abs(err[lattice]).max()),
+             "gradient_band_rms_sigma": float(np.sqrt(np.mean(err[lattice & band] ** 2))),
+             "gradient_band_max_sigma": float(np.abs(err[lattice & band]).max())}
+        results[name] = r
+        print(f"{name:>22}: fit {fw:.3f} s (cpu {fc:.3f}, peak {fm:.0f} MB)  apply {aw:.3f} s (cpu {ac:.3f}, peak {am:.0f} MB)"
+              f"  scale {scale:.5f}  gradient err/σ rms {r['gradient_rms_sigma']:.4f} max {r['gradient_max_sigma']:.3f}"
+              f"  band rms {r['gradient_band_rms_sigma']:.4f} max {r['gradient_band_max_sigma']:.3f}", flush=True)
+        del norm, grad, err
+    base = results["numpy_scipy"]
+    for name, _ in variants[:-1]:
+        r = results[name]
+        r["ratio_total_wall_vs_numpy_scipy"] = r["total_wall_s"] / base["total_wall_s"]
+        r["ratio_total_cpu_vs_numpy_scipy"] = r["total_cpu_s"] / base["total_cpu_s"]
+        print(f"{name}: total wall {r['total_wall_s']:.3f} s, cpu {r['total_cpu_s']:.3f} s; "
+              f"ratio vs numpy/scipy wall {r['ratio_total_wall_vs_numpy_scipy']:.3f} cpu {r['ratio_total_cpu_vs_numpy_scipy']:.3f}")
+    results["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["load_average_1min_end"] = os.getloadavg()[0]
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "normalize.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
+
+
+if __name__ == "__main__":
+    main()
