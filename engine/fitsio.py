@@ -421,33 +421,58 @@ def _looks_wrapped16(raw: np.ndarray) -> bool:
     )
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _be16_row(raw: np.ndarray, out: np.ndarray, y: int, oy: int, bscale: float, bzero: float, scale: float) -> None:
+    for x in range(out.shape[1]):
+        v = (np.int32(raw[y, 2 * x]) << 8) | np.int32(raw[y, 2 * x + 1])
+        if v >= 32768:
+            v -= 65536
+        out[oy, x] = np.float32((v * bscale + bzero) * scale)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _k_be16(raw: np.ndarray, out: np.ndarray, bscale: float, bzero: float, scale: float, flip: bool) -> None:
     """Big-endian 16-bit bytes (H, 2W) -> float32 (H, W), (raw*bscale + bzero)*scale, optional flip."""
     h = out.shape[0]
-    w = out.shape[1]
     for yy in prange(h):
         y = np.int64(yy)
-        oy = h - 1 - y if flip else y
-        for x in range(w):
-            v = (np.int32(raw[y, 2 * x]) << 8) | np.int32(raw[y, 2 * x + 1])
-            if v >= 32768:
-                v -= 65536
-            out[oy, x] = np.float32((v * bscale + bzero) * scale)
+        _be16_row(raw, out, y, h - 1 - y if flip else y, bscale, bzero, scale)
+
+
+@njit(cache=True, nogil=True)
+def _k_be16_serial(raw: np.ndarray, out: np.ndarray, bscale: float, bzero: float, scale: float, flip: bool) -> None:
+    """`_k_be16` on one thread: for row bands, where starting the thread team (~20 ms under load)
+    costs more than the conversion (masters read their members in many thin bands)."""
+    h = out.shape[0]
+    for y in range(h):
+        _be16_row(raw, out, y, h - 1 - y if flip else y, bscale, bzero, scale)
+
+
+#: below this many pixels the serial kernels are used
+_PARALLEL_MIN_PX = 1 << 20
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scale_finite_row(out: np.ndarray, y: int, scale: float) -> None:
+    for x in range(out.shape[1]):
+        v = out[y, x]
+        if np.isinf(v):
+            out[y, x] = np.nan
+        elif scale != 1.0:
+            out[y, x] = np.float32(np.float64(v) * scale)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _k_scale_finite(out: np.ndarray, scale: float) -> None:
     """In place on a (N, W) float32 array: multiply by scale (unless 1) and turn +-inf into NaN."""
-    h = out.shape[0]
-    w = out.shape[1]
-    for y in prange(h):
-        for x in range(w):
-            v = out[y, x]
-            if np.isinf(v):
-                out[y, x] = np.nan
-            elif scale != 1.0:
-                out[y, x] = np.float32(np.float64(v) * scale)
+    for y in prange(out.shape[0]):
+        _scale_finite_row(out, y, scale)
+
+
+@njit(cache=True, nogil=True)
+def _k_scale_finite_serial(out: np.ndarray, scale: float) -> None:
+    for y in range(out.shape[0]):
+        _scale_finite_row(out, y, scale)
 
 
 def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
@@ -456,7 +481,8 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
         src = raw[..., ::-1, :] if flip else raw
         fout: np.ndarray = np.empty(raw.shape, dtype=np.float32)
         fout[...] = src  # byte swap, cast and flip in one copy
-        _k_scale_finite(fout.reshape(-1, fout.shape[-1]), sc.scale)
+        flat = fout.reshape(-1, fout.shape[-1])
+        (_k_scale_finite if fout.size >= _PARALLEL_MIN_PX else _k_scale_finite_serial)(flat, sc.scale)
         return fout
     out = np.empty(raw.shape, dtype=np.float32)
     fast16 = (
@@ -465,8 +491,9 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
     if fast16:
         planes = [raw] if raw.ndim == 2 else list(raw)
         outs = [out] if raw.ndim == 2 else list(out)
+        kernel = _k_be16 if out.size >= _PARALLEL_MIN_PX else _k_be16_serial
         for p, o in zip(planes, outs):
-            _k_be16(p.view(np.uint8), o, sc.bscale, sc.bzero, sc.scale, flip)
+            kernel(p.view(np.uint8), o, sc.bscale, sc.bzero, sc.scale, flip)
         return out
     band = 512
     height = raw.shape[-2]
