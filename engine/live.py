@@ -987,7 +987,9 @@ class LiveStack:
             b = np.broadcast_to(b, (self._c, *b.shape))
         if b.ndim != 3 or b.shape[0] != self._c:
             raise StackwatchError(f"background grid shape {b.shape} does not fit a stack of shape {self.shape}")
-        return np.ascontiguousarray(b, np.float64)
+        # a copy: a contiguous (1, gh, gw) broadcast view is read-only, a different numba type (a
+        # second 20 s compile of the update kernel on the first frame)
+        return np.array(b, np.float64, order="C", copy=True)
 
     def _rows(self, a: np.ndarray, what: str) -> np.ndarray:
         arr = np.asarray(a)

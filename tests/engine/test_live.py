@@ -448,3 +448,15 @@ def test_checkpoint_streams_and_verifies_every_file(tmp_path) -> None:
     hv.write_bytes(hv.read_bytes()[:-100])
     with pytest.raises(StackwatchError, match="truncated"):
         LiveStack.load(tmp_path / "ck")
+
+
+def test_background_grid_is_a_writable_copy() -> None:
+    """A contiguous 2-D grid broadcast to (1, gh, gw) is a read-only view: numba types it apart and
+    compiled the update kernel a second time (20 s) on the first frame."""
+    grid = np.full((3, 4), 0.1)
+    for bg in (grid, grid[:2, :3], 0.1):
+        st = LiveStack((64, 64), background=bg)
+        assert st._bgrid.flags.writeable and st._bgrid.flags.c_contiguous and st._bgrid.base is None
+    first = LiveStack((64, 64), background=grid)
+    grid[:] = 0.2  # the caller's array is not the stack's
+    assert float(first._bgrid.max()) == 0.1
