@@ -422,7 +422,7 @@ def _looks_wrapped16(raw: np.ndarray) -> bool:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _be16_row(raw: np.ndarray, out: np.ndarray, y: int, oy: int, bscale: float, bzero: float, scale: float) -> None:
+def _be16_row(raw: np.ndarray, out: np.ndarray, y: Any, oy: Any, bscale: float, bzero: float, scale: float) -> None:
     for x in range(out.shape[1]):
         v = (np.int32(raw[y, 2 * x]) << 8) | np.int32(raw[y, 2 * x + 1])
         if v >= 32768:
