@@ -361,7 +361,8 @@ def starlet_layer1(image: np.ndarray) -> np.ndarray:
     return w1
 
 
-def _ksigma(values: np.ndarray, valid: np.ndarray, *, k: float = 3.0, tol: float = 0.01, iters: int = 10) -> float:
+@njit(cache=True, nogil=True)
+def _ksigma_core(values: np.ndarray, valid: np.ndarray, k: float, tol: float, iters: int) -> float:  # pragma: no cover
     ones = np.zeros(values.shape, dtype=np.float32)  # ratio 0 everywhere: no support
     n, s1, s2 = _masked_moments(values, valid, ones, 1.0, 0.0, np.inf)
     if n < 2:
@@ -382,6 +383,10 @@ def _ksigma(values: np.ndarray, valid: np.ndarray, *, k: float = 3.0, tol: float
         if change < tol:
             break
     return sigma
+
+
+def _ksigma(values: np.ndarray, valid: np.ndarray, *, k: float = 3.0, tol: float = 0.01, iters: int = 10) -> float:
+    return float(_ksigma_core(values, valid, float(k), float(tol), int(iters)))
 
 
 def ksigma_noise(layer: np.ndarray, *, k: float = 3.0) -> float:
@@ -450,45 +455,71 @@ def mrs_noise(
     total = int(valid.sum())
     if total < 16:
         return NoiseEstimate(math.nan, "KSIGMA", 0.0, 0, 0)
+    stride = max(1, data.size // _KSIGMA_SAMPLE_PX)  # start value: a row subsample is plenty
+    # one nogil call for the whole estimate: stars.measure runs it in a thread while sep (which holds
+    # the GIL) extracts, and Python glue between kernels would stall it for the length of a sep call
+    sigma, n, nl, it = _mrs_core(data, valid, stride, max(layers, 2), max_iterations, tolerance, float(total),
+                                 min_fraction)
+    if nl > 0:
+        return NoiseEstimate(sigma / _MRS_BIAS, "MRS", n / total, nl, it)
+    return NoiseEstimate(sigma, "KSIGMA", 1.0, 0, 0)
+
+
+@njit(cache=True, nogil=True)
+def _smooth_core(c: np.ndarray, tmp: np.ndarray, out: np.ndarray, step: int) -> None:  # pragma: no cover
+    _b3_rows(c, tmp, step)
+    _b3_cols(tmp, out, step)
+
+
+@njit(cache=True, nogil=True)
+def _mrs_core(
+    data: np.ndarray, valid: np.ndarray, stride: int, layers: int, max_iterations: int, tolerance: float,
+    total: float, min_fraction: float,
+) -> tuple[float, float, int, int]:  # pragma: no cover - numba
+    """(sigma before the bias correction, noise-set size, layers, iterations) of the first accepted
+    support iteration for J = layers .. 2; layers 0 = none accepted, sigma is then the k-sigma value."""
     tmp = np.empty_like(data)
     c1 = np.empty_like(data)
-    _smooth(data, tmp, c1, 1)
+    _smooth_core(data, tmp, c1, 1)
     _sub(data, c1, tmp)
-    stride = max(1, data.size // _KSIGMA_SAMPLE_PX)  # start value: a row subsample is plenty
     w1_sample = np.ascontiguousarray(tmp[::stride])
-    sigma_k = _ksigma(w1_sample, np.ascontiguousarray(valid[::stride])) / MRS_LAYER_NOISE[0]
-    bufs = (np.empty_like(data), np.empty_like(data), np.empty_like(data))
-    for nl in range(max(layers, 2), 1, -1):
-        est = _mrs_try(data, c1, valid, tmp, bufs, nl, sigma_k, max_iterations, tolerance)
-        if est is not None and est[1] / total >= min_fraction:
-            sigma, n, it = est
-            return NoiseEstimate(sigma / _MRS_BIAS, "MRS", n / total, nl, it)
-    return NoiseEstimate(sigma_k, "KSIGMA", 1.0, 0, 0)
+    sigma_k = _ksigma_core(w1_sample, np.ascontiguousarray(valid[::stride]), 3.0, 0.01, 10) / MRS_LAYER_NOISE[0]
+    ratio = np.empty_like(data)
+    plane_a = np.empty_like(data)
+    plane_b = np.empty_like(data)
+    for nl in range(layers, 1, -1):
+        ok, sigma, n, it = _mrs_try(data, c1, valid, tmp, ratio, plane_a, plane_b, nl, sigma_k, max_iterations,
+                                    tolerance)
+        if ok and n / total >= min_fraction:
+            return sigma, n, nl, it
+    return sigma_k, 0.0, 0, 0
 
 
+@njit(cache=True, nogil=True)
 def _mrs_try(
     data: np.ndarray,
     c1: np.ndarray,
     valid: np.ndarray,
     tmp: np.ndarray,
-    bufs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ratio: np.ndarray,
+    plane_a: np.ndarray,
+    plane_b: np.ndarray,
     layers: int,
     sigma0: float,
     max_iterations: int,
     tolerance: float,
-) -> tuple[float, float, int] | None:
-    """Support iteration with ``layers`` starlet layers: (sigma, noise-set size, iterations) or None.
+) -> tuple[bool, float, float, int]:  # pragma: no cover - numba
+    """Support iteration with ``layers`` starlet layers: (converged, sigma, noise-set size, iterations).
 
-    c1 is the first smoothing of data (kept intact for retries); tmp and bufs are scratch planes of
-    data's shape (ratio and two smoothing planes).
+    c1 is the first smoothing of data (kept intact for retries); tmp, ratio, plane_a and plane_b are
+    scratch planes of data's shape.
     """
-    ratio, plane_a, plane_b = bufs
-    ratio.fill(0.0)
+    ratio[:, :] = 0.0
     _layer_update(data, c1, ratio, 1.0 / MRS_LAYER_NOISE[0])
     prev = c1
     for j in range(1, layers):
         out = plane_a if j % 2 == 1 else plane_b
-        _smooth(prev, tmp, out, 1 << j)
+        _smooth_core(prev, tmp, out, 1 << j)
         _layer_update(prev, out, ratio, 1.0 / MRS_LAYER_NOISE[j])
         prev = out
     resid = tmp
@@ -496,17 +527,17 @@ def _mrs_try(
     sigma = sigma0
     for it in range(1, max_iterations + 1):
         if not (sigma > 0.0):
-            return None
+            return False, sigma, 0.0, it
         n, s1, s2 = _masked_moments(resid, valid, ratio, 3.0 * sigma, 0.0, np.inf)
         if n < 2:
-            return None
+            return False, sigma, n, it
         mean = s1 / n
         new = math.sqrt(max((s2 - n * mean * mean) / (n - 1.0), 0.0))
         change = abs(new - sigma) / sigma
         sigma = new
         if change < tolerance:
-            return sigma, n, it
-    return None
+            return True, sigma, n, it
+    return False, sigma, 0.0, max_iterations
 
 
 _CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")

@@ -162,6 +162,45 @@ def test_background_and_noise() -> None:
     assert m.background_rms_map().shape == (H, W)
 
 
+def test_noise_thread_gives_the_window_estimate_and_ends_with_the_call() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stackwatch.engine import stats
+
+    img, *_ = _field(seed=9, sky=600.0, read=6.0)
+    img[:30, :] = np.nan  # outside the footprint: masked in the noise window too
+    sat = np.zeros(img.shape, bool)
+    sat[150:160, 200:240] = True
+    m = measure(img, saturated=sat, noise_window_px=256)
+    y0, x0 = (H - 256) // 2, (W - 256) // 2
+    win = np.ascontiguousarray(img[y0 : y0 + 256, x0 : x0 + 256])
+    bad = ~np.isfinite(win) | sat[y0 : y0 + 256, x0 : x0 + 256]
+    est = stats.mrs_noise(win, mask=bad, valid_range=(-np.inf, 0.99998))
+    assert (m.metrics.noise, m.metrics.noise_method) == (est.sigma, est.method)
+    assert m.metrics.noise != m.metrics.background_rms
+    assert not any(t.name == "stackwatch-noise" for t in threading.enumerate())
+    given = measure(img, saturated=sat, noise=1e-3)
+    assert (given.metrics.noise, given.metrics.noise_method) == (1e-3, "GIVEN")
+    # the daemon measures frames from several threads: each call's noise thread is its own
+    frames = [_field(seed=s)[0] for s in (21, 22, 23, 24)]
+    serial = [measure(f).metrics.noise for f in frames]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = [r.metrics.noise for r in pool.map(measure, frames)]
+    assert parallel == serial and len(set(serial)) == 4
+
+
+def test_noise_thread_error_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stackwatch.engine import stats
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise MemoryError("no room for the starlet planes")
+
+    monkeypatch.setattr(stats, "mrs_noise", broken)
+    with pytest.raises(MemoryError, match="starlet"):
+        measure(_field(seed=10)[0])
+
+
 def test_pixel_scale_and_arcsec() -> None:
     assert pixel_scale_arcsec(3.76, 530.0) == pytest.approx(1.4633, rel=1e-3)
     assert pixel_scale_arcsec(3.76, 530.0, 2) == pytest.approx(2.9266, rel=1e-3)

@@ -127,6 +127,51 @@ def test_mrs_noise_fallback_and_degenerate() -> None:
     assert math.isnan(stats.mrs_noise(tiny).sigma)
 
 
+def _mrs_numpy(img: np.ndarray, layers: int, sigma0: float) -> tuple[float, float]:
+    """§1.2 step 4 written out in numpy on stats.starlet_transform: (sigma / 0.974, noise-set fraction)."""
+    ws, c_j = stats.starlet_transform(img, layers=layers)
+    resid = img.astype(np.float64) - c_j
+    sigma = sigma0
+    for _ in range(17):
+        support = np.zeros(img.shape, bool)
+        for j, w in enumerate(ws):
+            support |= np.abs(w) > 3.0 * sigma * stats.MRS_LAYER_NOISE[j]
+        r = resid[~support]
+        new = float(np.std(r, ddof=1))
+        change = abs(new - sigma) / sigma
+        sigma = new
+        if change < 1e-4:
+            break
+    return sigma / 0.974, r.size / img.size
+
+
+def test_mrs_noise_matches_numpy_support_iteration() -> None:
+    # the fused nogil estimate (one numba call) against the algorithm written out in numpy (float64 planes)
+    rng = np.random.default_rng(11)
+    img = _sky(rng, 300, 360, 0.004, 120).astype(np.float32)
+    est = stats.mrs_noise(img)
+    assert est.method == "MRS" and est.layers == 4
+    sigma0 = stats.ksigma_noise(stats.starlet_layer1(img)) / stats.MRS_LAYER_NOISE[0]
+    ref_sigma, ref_fraction = _mrs_numpy(img, 4, sigma0)
+    assert est.sigma == pytest.approx(ref_sigma, rel=1e-4)
+    assert est.fraction == pytest.approx(ref_fraction, abs=1e-3)
+
+
+def test_mrs_noise_layer_retry_and_ksigma_fallback() -> None:
+    rng = np.random.default_rng(12)
+    img = _sky(rng, 200, 240, 0.004, 60).astype(np.float32)
+    full = stats.mrs_noise(img)
+    # a noise set of >= 99.9 % is never reached: J = 4, 3, 2 all refused, the k-sigma start value remains
+    ks = stats.mrs_noise(img, min_fraction=0.999)
+    assert ks.method == "KSIGMA" and ks.layers == 0
+    assert ks.sigma == pytest.approx(stats.ksigma_noise(stats.starlet_layer1(img)) / stats.MRS_LAYER_NOISE[0],
+                                     rel=1e-6)
+    # J = 2 on request (layers=2 is the last retry of the fallback chain)
+    two = stats.mrs_noise(img, layers=2)
+    assert two.layers == 2 and two.method == "MRS"
+    assert two.sigma != full.sigma and abs(two.sigma / full.sigma - 1) < 0.05
+
+
 def test_ksigma_noise_of_first_layer() -> None:
     rng = np.random.default_rng(9)
     img = rng.normal(0.2, 0.01, (300, 300))
