@@ -912,7 +912,7 @@ class LiveStack:
     k_high, k_low : retained extreme samples per pixel. Default is 2 and 1.
     kappa_low, kappa_high : rejection thresholds in σ of the noise model. Default is 4.0 and 3.0.
     n_min : no rejection before this many accepted samples. Default is 5.
-    epsilon : relative scale-noise term of the noise model. Default is 0.2.
+    epsilon : relative scale-noise term of the noise model. Default is 0.3 (see integrate.NoiseModel).
     background : the reference background b_ref: a scalar, or a coarse grid (C, gh, gw) / (gh, gw)
         with nodes every `background_step_px`. Default is 0.0.
     background_step_px : node spacing of the background grid. Default is 64.
@@ -932,7 +932,7 @@ class LiveStack:
         kappa_low: float = 4.0,
         kappa_high: float = 3.0,
         n_min: int = 5,
-        epsilon: float = 0.2,
+        epsilon: float = 0.3,
         background: float | np.ndarray = 0.0,
         background_step_px: int = 64,
         event_capacity: int | None = None,
