@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -861,8 +862,11 @@ def measure(
         iso = np.ones(n, dtype=bool)
     flags[blended] |= FLAG_BLENDED
     snr = flux / (rms * np.sqrt(np.maximum(npix[idx], 1)))
-    # windowed centroids (XWIN) and half-flux radii
-    rmax = np.maximum(3.0 * typical, 6.0 * a[idx])
+    # windowed centroids (XWIN) and half-flux radii. With normflux given, the aperture only has to reach the
+    # half-flux radius: 1.5x the moment FWHM (biased high by the threshold and binning) or 2 a is >= 1.8 HFR
+    # on every simulated field; 6 a cost 3x the time at 26 MP for radii within 0.025 px (radial bins
+    # scale with the aperture)
+    rmax = np.maximum(1.5 * typical, 2.0 * a[idx])
     hfr, _fl = sep.flux_radius(sub, x, y, rmax, 0.5, normflux=np.maximum(flux, 1e-30), mask=nanmask, subpix=5)
     hfr = np.asarray(hfr, dtype=np.float64)
     sig = np.where(np.isfinite(hfr) & (hfr > 0), 2.0 * hfr / _FWHM_GAUSS, typical / _FWHM_GAUSS)
@@ -879,7 +883,7 @@ def measure(
     half = int(min(20, max(4, math.ceil(2.5 * typical))))
     fits: list[_Fit] = []
     fit_idx: list[int] = []
-    for k in np.nonzero(cand)[0][: max(0, psf_fit_stars)]:
+    def fit_one(k: int) -> _Fit | None:
         xi, yi = round(x[k]), round(y[k])
         y0c, x0c = max(0, yi - half), max(0, xi - half)
         cut = sub[y0c : yi + half + 1, x0c : xi + half + 1].astype(np.float64)
@@ -887,9 +891,21 @@ def measure(
             cut = np.where(finite[y0c : yi + half + 1, x0c : xi + half + 1], cut, np.nan)
         f = fit_psf(cut, x0=x[k] - x0c, y0=y[k] - y0c, fwhm_guess_px=typical, model=psf_model)
         if f is None or not (0.5 <= f.fwhm <= 30.0) or math.hypot(f.x + x0c - x[k], f.y + y0c - y[k]) > 1.0:
+            return None
+        return f
+
+    fit_stars = [int(k) for k in np.nonzero(cand)[0][: max(0, psf_fit_stars)]]
+    if len(fit_stars) >= 16:
+        # the Levenberg-Marquardt kernel is nogil: two threads fit on both cores (same fits, same order)
+        with ThreadPoolExecutor(2, thread_name_prefix="stackwatch-psf") as pool:
+            results = list(pool.map(fit_one, fit_stars))
+    else:
+        results = [fit_one(k) for k in fit_stars]
+    for k, f in zip(fit_stars, results, strict=True):
+        if f is None:
             continue
         fits.append(f)
-        fit_idx.append(int(k))
+        fit_idx.append(k)
         fwhm[k] = f.fwhm
     nsat = int(np.count_nonzero(is_sat))
     reason = note
