@@ -883,6 +883,7 @@ def measure(
     half = int(min(20, max(4, math.ceil(2.5 * typical))))
     fits: list[_Fit] = []
     fit_idx: list[int] = []
+
     def fit_one(k: int) -> _Fit | None:
         xi, yi = round(x[k]), round(y[k])
         y0c, x0c = max(0, yi - half), max(0, xi - half)
@@ -894,19 +895,19 @@ def measure(
             return None
         return f
 
-    fit_stars = [int(k) for k in np.nonzero(cand)[0][: max(0, psf_fit_stars)]]
+    fit_stars = [int(i) for i in np.nonzero(cand)[0][: max(0, psf_fit_stars)]]
     if len(fit_stars) >= 16:
         # the Levenberg-Marquardt kernel is nogil: two threads fit on both cores (same fits, same order)
         with ThreadPoolExecutor(2, thread_name_prefix="stackwatch-psf") as pool:
             results = list(pool.map(fit_one, fit_stars))
     else:
-        results = [fit_one(k) for k in fit_stars]
-    for k, f in zip(fit_stars, results, strict=True):
+        results = [fit_one(i) for i in fit_stars]
+    for i_star, f in zip(fit_stars, results, strict=True):
         if f is None:
             continue
         fits.append(f)
-        fit_idx.append(k)
-        fwhm[k] = f.fwhm
+        fit_idx.append(i_star)
+        fwhm[i_star] = f.fwhm
     nsat = int(np.count_nonzero(is_sat))
     reason = note
     nan = float("nan")
