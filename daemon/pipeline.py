@@ -527,17 +527,22 @@ class Pipeline:
             image=np.load(ref_path, mmap_mode="r"),
             saturated=np.load(sat_path),
         )
-        stack.live = self._new_live(tuple(prep.data.shape), float(meas.metrics.background))
+        stack.live = self._new_live(stack.id, tuple(prep.data.shape), float(meas.metrics.background))
         stack.last_matrix = None
         stack.history = []
         stack.rewrite_log = True
 
-    def _new_live(self, shape: tuple[int, ...], background: float) -> LiveStack:
+    def _rejections_dir(self, stack_id: str) -> Path:
+        """Where a stack's live rejection lists are spilled (RAM stays flat over the night)."""
+        return self.stacks_dir / stack_id / "rejections"
+
+    def _new_live(self, stack_id: str, shape: tuple[int, ...], background: float) -> LiveStack:
         live = self.config.live
         return LiveStack(
             shape, k_high=live.k_high, k_low=live.k_low, kappa_low=live.kappa_low, kappa_high=live.kappa_high,
             n_min=live.n_min, epsilon=live.noise_epsilon_frac,
             background=background if math.isfinite(background) else 0.0,
+            rejections_dir=self._rejections_dir(stack_id),
         )
 
     def _process_next(self, stack: _Stack, prep: _Prepared | None = None) -> None:
@@ -602,6 +607,7 @@ class Pipeline:
         else:
             warped = resample.warp(prep.data, reg.matrix, ref.shape, method=cfg.registration.interpolation,
                                    clamp=cfg.registration.lanczos_clamp,
+                                   clamp_method=cfg.registration.lanczos_clamp_method,
                                    relative_clamp=cfg.registration.lanczos_relative_clamp)
             warped_data, rho = warped.data, warped.variance_factor
             footprint_sat = resample.warp_mask(prep.saturated, reg.matrix, ref.shape)
@@ -1011,6 +1017,10 @@ class Pipeline:
             coverage = np.asarray(live.coverage())
             weight = np.asarray(live.weight_sum())
             header = self._fits_header(stack, result.rejection, result.params)
+            valid = float(coverage.sum(dtype=np.float64))
+            if valid > 0:  # §7.6: global fractions of the valid samples rejected
+                header["REJLOW"] = (float(np.sum(r_lo, dtype=np.float64)) / valid, "fraction of samples rejected low")
+                header["REJHIGH"] = (float(np.sum(r_hi, dtype=np.float64)) / valid, "fraction of samples rejected high")
             folder = self.stacks_dir / stack.id
             folder.mkdir(parents=True, exist_ok=True)
             extras = {"REJ_LOW": np.asarray(r_lo, np.float32), "REJ_HIGH": np.asarray(r_hi, np.float32),
@@ -1210,11 +1220,11 @@ class Pipeline:
         live_stack: LiveStack | None = None
         if (live_dir / "manifest.json").exists():
             try:
-                live_stack = LiveStack.load(live_dir)
+                live_stack = LiveStack.load(live_dir, rejections_dir=self._rejections_dir(stack.id))
             except StackwatchError as exc:
                 _log.warning("%s: %s; re-applying frames from the store", stack.id, exc)
         if live_stack is None:
-            live_stack = self._new_live(shape, float(r["background"]))
+            live_stack = self._new_live(stack.id, shape, float(r["background"]))
         stack.live = live_stack
         # frames stacked after the last live checkpoint are re-applied from the frame store
         have = set(live_stack.frame_ids)

@@ -58,6 +58,10 @@ def test_report_contract(stacked: tuple[Path, dict], night: tuple[Path, simulate
         assert hdul[0].data.dtype.byteorder in (">", "=") and hdul[0].data.shape == (384, 512)
         assert hdul[0].header["NCOMBINE"] == stack["ncombine"]
         assert {"REJ_LOW", "REJ_HIGH", "COVERAGE", "WEIGHT"} <= {h.name for h in hdul}
+        h0 = hdul[0].header
+        cov = hdul["COVERAGE"].data.astype(np.float64).sum()
+        assert h0["REJHIGH"] == pytest.approx(hdul["REJ_HIGH"].data.astype(np.float64).sum() / cov, rel=1e-6)
+        assert 0 <= h0["REJLOW"] < 0.01 and 0 < h0["REJHIGH"] < 0.05  # trails are rejected, little else
         assert any("stackwatch" in str(h) for h in hdul[0].header.get("HISTORY", []))
     for suffix in ("rejlow", "rejhigh", "coverage"):
         assert (out / f"stack_{suffix}.fits").exists()
