@@ -6,9 +6,11 @@ above what was resident before it (VmHWM reset through /proc/self/clear_refs), n
 or sep baseline measured in the same process, as a ratio:
 
 - ``measure``: `stars.measure` as the service runs it (detect_binning auto = 2 at 26 MP: background on
-  the decimated frame, detection on 2x2 means; MRS noise on the central 1024^2), with the noise given,
-  and at full resolution (detect_binning=1, the previous algorithm). Baseline: a bare
-  ``sep.Background`` + ``subfrom`` + ``sep.extract`` at 5 sigma (what any sep user pays at least).
+  the decimated frame, detection on 2x2 means; MRS noise on the central 1024^2, in a thread next to
+  sep), with the noise given, without sep's cleaning (detect_clean=False, an option; ``clean_off_vs_on``
+  compares star lists, FWHM, eccentricity, registration error and matched-star flux ratios of both), and
+  at full resolution (detect_binning=1). ``mrs_noise_1024`` times the noise estimate alone. Baseline: a
+  bare ``sep.Background`` + ``subfrom`` + ``sep.extract`` at 5 sigma (what any sep user pays at least).
 - ``match``: `register.register` of the frame's catalogue against the reference, fast path (previous
   transform given) and triangle fallback (no previous, 40 deg rotation); baseline
   ``astroalign.find_transform`` on the same star lists.
@@ -18,7 +20,8 @@ or sep baseline measured in the same process, as a ratio:
   spline, prefilter included).
 
 Targets (design.md): detect + measure <= 0.6 s, match <= 0.1 s, resample <= 0.7 s mono, 2 cores.
-On a shared machine wall times inflate with the load (reported): CPU time / 2 estimates the wall time
+On a shared machine wall times inflate with the load (the 1-minute load average is recorded next to
+every timing, ``<step>_load_1min``): CPU time / 2 estimates the wall time
 of the numba-parallel steps on 2 idle cores, CPU time that of the single-threaded sep steps.
 
     .venv/bin/python bench/bench_measure_register.py [--width 6248 --height 4176] [--repeat 3]
@@ -80,6 +83,7 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], Any], repeat: int) ->
     out[f"{name}_wall_s"] = round(best, 4)
     out[f"{name}_cpu_s"] = round(cpu, 4)
     out[f"{name}_peak_mb"] = round(peak, 1)
+    out[f"{name}_load_1min"] = round(os.getloadavg()[0], 2)
 
 
 def _rot(theta_deg: float, tx: float, ty: float, w: int, h: int) -> np.ndarray:
@@ -114,6 +118,50 @@ def _ratio(out: dict[str, Any], name: str, base: str) -> None:
     out[f"{name}_vs_{base}_wall"] = round(out[f"{name}_wall_s"] / out[f"{base}_wall_s"], 3)
 
 
+def _clean_comparison(folder: Path, ref_img: np.ndarray, img: np.ndarray, m_on: Any) -> dict[str, Any]:
+    """measure(detect_clean=False) against the default (sep's cleaning, §6.1) on the same frames: star
+    lists, PSF metrics, registration error and the ref/frame flux ratios of matched clean stars (what the
+    photometric normalisation fits)."""
+    from scipy.spatial import cKDTree
+    from stackwatch.engine.register import ReferenceCatalog, apply_transform, register, transform_error
+    from stackwatch.engine.stars import measure
+
+    truth = np.load(folder / "truth.npy")
+    h, w = img.shape
+    rec: dict[str, Any] = {}
+    tables = {}
+    for label, clean in (("on", True), ("off", False)):
+        m = m_on if clean else measure(img, detect_clean=False)
+        ref_m = measure(ref_img, detect_clean=clean)
+        tables[label] = m.stars
+        ref = ReferenceCatalog.from_stars(ref_m.stars, shape=(h, w))
+        r = register(ref, m.stars)
+        rec[f"{label}_stars"] = m.metrics.stars
+        rec[f"{label}_fwhm_px"] = m.metrics.fwhm_px
+        rec[f"{label}_eccentricity"] = m.metrics.eccentricity
+        rec[f"{label}_hfr"] = m.metrics.hfr
+        rec[f"{label}_registration_error_px"] = round(transform_error(r.matrix, truth, (h, w), step_px=256), 5)
+        rec[f"{label}_registration_inliers"] = r.n_inliers
+        # photometry: frame stars mapped into the reference, matched within 1 px, both unflagged
+        fs, rs = m.stars.select(m.stars.clean), ref_m.stars.select(ref_m.stars.clean)
+        mapped = apply_transform(truth, np.column_stack([fs.x, fs.y]))
+        d, j = cKDTree(np.column_stack([rs.x, rs.y])).query(mapped)
+        ok = d < 1.0
+        ratio = fs.flux[ok] / rs.flux[j[ok]]
+        med = float(np.median(ratio))
+        rec[f"{label}_photometry_pairs"] = int(ok.sum())
+        rec[f"{label}_flux_ratio_median"] = round(med, 5)
+        rec[f"{label}_flux_ratio_mad"] = round(1.4826 * float(np.median(np.abs(ratio - med))), 5)
+    on, off = tables["on"], tables["off"]
+    d, j = cKDTree(np.column_stack([off.x, off.y])).query(np.column_stack([on.x, on.y]))
+    rec["table_rows_on"] = len(on)
+    rec["table_rows_on_found_off"] = int(np.count_nonzero(d < 0.05))
+    rec["table_position_shift_max_px"] = round(float(d[d < 0.05].max()), 5) if np.any(d < 0.05) else None
+    rec["fwhm_rel_change"] = round(rec["off_fwhm_px"] / rec["on_fwhm_px"] - 1.0, 6)
+    rec["eccentricity_change"] = round(rec["off_eccentricity"] - rec["on_eccentricity"], 6)
+    return rec
+
+
 def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
     from stackwatch.engine.register import ReferenceCatalog, register, transform_error
     from stackwatch.engine.resample import warp
@@ -124,15 +172,20 @@ def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
     h, w = ref_img.shape
     if name == "measure":
         import sep
+        from stackwatch.engine import stats
 
         img = np.load(folder / "frame.npy")
-        for label, kw in (("measure", {}), ("measure_full_res", {"detect_binning": 1})):
+        for label, kw in (("measure", {}), ("measure_no_clean", {"detect_clean": False}),
+                          ("measure_full_res", {"detect_binning": 1})):
             m = measure(img, **kw)
             out[f"{label}_stars"] = m.metrics.stars
             out[f"{label}_fwhm_px"] = round(m.metrics.fwhm_px, 4)
             out[f"{label}_eccentricity"] = round(m.metrics.eccentricity, 4)
+            out[f"{label}_hfr"] = round(m.metrics.hfr, 4)
             out[f"{label}_psf_fits"] = m.metrics.psf_fits
+        m = measure(img)
         noise = m.metrics.noise
+        out["clean_off_vs_on"] = _clean_comparison(folder, ref_img, img, m)
 
         def sep_only() -> Any:
             b = sep.Background(img)
@@ -140,11 +193,16 @@ def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
             b.subfrom(sub)
             return sep.extract(sub, 5.0 * b.globalrms, minarea=5)
 
+        h0, w0 = (h - 1024) // 2, (w - 1024) // 2
+        window = np.ascontiguousarray(img[h0 : h0 + 1024, w0 : w0 + 1024])
         _step(out, "baseline_sep", sep_only, repeat)
+        # the noise estimate alone: measure runs it in a thread next to sep, off the wall time
+        _step(out, "mrs_noise_1024", lambda: stats.mrs_noise(window, valid_range=(-np.inf, 0.99998)), repeat)
         _step(out, "measure", lambda: measure(img), repeat)
         _step(out, "measure_noise_given", lambda: measure(img, noise=noise), repeat)
+        _step(out, "measure_no_clean", lambda: measure(img, detect_clean=False), repeat)
         _step(out, "measure_full_res", lambda: measure(img, detect_binning=1), repeat)
-        for label in ("measure", "measure_noise_given", "measure_full_res"):
+        for label in ("measure", "measure_noise_given", "measure_no_clean", "measure_full_res"):
             _ratio(out, label, "baseline_sep")
     elif name == "match":
         import astroalign

@@ -591,14 +591,15 @@ def _to_full_resolution(objs: np.ndarray, sub: np.ndarray) -> np.ndarray:
     return out
 
 
-def _extract(data: np.ndarray, thresh: float, mask: np.ndarray | None, minarea: int, kernel: np.ndarray) -> tuple[np.ndarray, float, str]:
+def _extract(data: np.ndarray, thresh: float, mask: np.ndarray | None, minarea: int, kernel: np.ndarray,
+             clean: bool = True) -> tuple[np.ndarray, float, str]:
     """sep.extract with retries on buffer overflow (threshold x1.5, up to 3 times)."""
     note = ""
     for attempt in range(4):
         try:
             objs = sep.extract(
                 data, thresh, mask=mask, minarea=minarea, filter_kernel=kernel, filter_type="matched",
-                deblend_nthresh=32, deblend_cont=0.005, clean=True,
+                deblend_nthresh=32, deblend_cont=0.005, clean=clean,
             )
             return objs, thresh, note
         except Exception as exc:  # sep raises a bare Exception on buffer overflow
@@ -690,6 +691,7 @@ def measure(
     refine_background: bool = False,
     noise_window_px: int = 1024,
     detect_binning: int | None = None,
+    detect_clean: bool = True,
 ) -> Measurement:
     """Detect and measure the stars of a calibrated frame.
 
@@ -714,6 +716,11 @@ def measure(
         frame and detection on 2x2 means (a third of the time at 26 MP; positions, peaks, radii and PSF
         fits stay at full resolution); None = 2 for frames of >= 4 M pixels whose expected FWHM is >= 2.5 px
         (an undersampled PSF would merge close pairs), else 1. Default is None.
+    detect_clean : sep's cleaning of spurious detections in bright stars' wings (§6.1). False saves sep's
+        O(N^2) cleaning pass (about half of the extraction's time at 26 MP) and keeps ~1 % more faint
+        detections, which are not removed by any cheaper test here: an option, measured by
+        bench/bench_measure_register.py (star lists, FWHM, eccentricity, registration error, photometry).
+        Default is True.
     refine_background : second background pass with the detected stars masked (better map near bright
         stars and nebulae, +1 sep.Background pass: ~25 % of the measurement time). Default is False.
     """
@@ -785,11 +792,11 @@ def measure(
             m = nanmask[: 2 * binned.shape[0], : 2 * binned.shape[1]]
             bmask_b = m[0::2, 0::2] | m[1::2, 0::2] | m[0::2, 1::2] | m[1::2, 1::2]
         objs_b, _thr, note = _extract(binned, detect_sigma * rms, bmask_b, max(2, math.ceil(minarea / 4)),
-                                      _gauss_kernel(fw_guess / 2.0))
+                                      _gauss_kernel(fw_guess / 2.0), detect_clean)
         del binned
         objs = _to_full_resolution(objs_b, sub)
     else:
-        objs, _thr, note = _extract(sub, detect_sigma * rms, nanmask, minarea, _gauss_kernel(fw_guess))
+        objs, _thr, note = _extract(sub, detect_sigma * rms, nanmask, minarea, _gauss_kernel(fw_guess), detect_clean)
     n_all = len(objs)
     if refine_background and n_all:
         step = binning
