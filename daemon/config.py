@@ -174,6 +174,7 @@ class LiveConfig:
     checkpoint_frames: int = _f(10, "checkpoint the running stack every N frames")
     checkpoint_interval_s: float = _f(600.0, "or every this many seconds")
     exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle")
+    exact_pass_max_s: float = _f(1.0, "when idle, run the exact re-integration after every new frame while it is estimated to take less than this many seconds (the live image then equals the batch result); 0 disables")
     frame_store_budget_gb: float = _f(50.0, "disk budget for the frame store used by exact re-integration")
 
 

@@ -1037,7 +1037,16 @@ class Service:
             return
         threshold = max(1, int(self.config.live.exact_pass_frames))
         quiet = self._clock() - self._last_processed >= float(self.config.service.exact_pass_idle_s)
-        due = [sid for sid, n in self._new_since_final.items() if n >= threshold or (n > 0 and quiet)]
+        cheap_s = float(self.config.live.exact_pass_max_s)
+        estimate = getattr(self.pipeline, "exact_pass_estimate_s", None)
+
+        def cheap(sid: str) -> bool:
+            # small frames or few of them: the exact pass costs less than a frame, so the live image
+            # is made equal to the batch result at every idle moment instead of every N frames
+            return estimate is not None and cheap_s > 0 and float(estimate(sid)) <= cheap_s
+
+        due = [sid for sid, n in self._new_since_final.items()
+               if n >= threshold or (n > 0 and (quiet or cheap(sid)))]
         if not due or self.pipeline is None:
             return
         sid = due[0]

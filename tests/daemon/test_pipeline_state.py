@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
@@ -57,6 +58,12 @@ def test_stack_json_stays_small_and_the_log_restores_the_stack(night: Path, tmp_
     (summary,) = pipe.stacks()
     members = pipe.members(summary["id"])
     history = list(pipe._stacks[summary["id"]].history)
+    # the service runs the exact pass after every frame while it is this cheap (small frames)
+    est = pipe.exact_pass_estimate_s(summary["id"])
+    live = pipe._stacks[summary["id"]].live
+    assert live is not None and 0 < est < 1.0
+    assert est == pytest.approx(live.n_frames * np.prod(live.shape) * 25e-9 * 2.4)
+    assert pipe.exact_pass_estimate_s("no-such-stack") == float("inf")
     pipe.checkpoint()
     pipe.close()
     logs = list(_stack_folder(state).glob("members-*.jsonl"))
