@@ -522,6 +522,20 @@ def _upsample2(small, out):  # pragma: no cover - numba
             out[y, x] = row[j] if x % 2 == 0 else 0.5 * (row[j] + row[min(j + 1, wb - 1)])
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _count_finite(a):  # pragma: no cover - numba
+    """Number of finite pixels, without a full-frame mask."""
+    h, w = a.shape
+    counts = np.zeros(h, dtype=np.int64)
+    for y in prange(h):
+        c = 0
+        for x in range(w):
+            if np.isfinite(a[y, x]):
+                c += 1
+        counts[y] = c
+    return counts.sum()
+
+
 class _DecimatedBackground:
     """A sep background measured on the decimated frame (every second pixel of every second row:
     single-pixel statistics, hence the RMS, are those of the full frame), maps served at full size."""
@@ -623,7 +637,8 @@ def _empty(shape: tuple[int, int], reason: str, *, background: float = float("na
     return Measurement(stars=StarTable.empty(), metrics=metrics, shape=shape, background_box_px=box, _background=bkg)
 
 
-def _noise(lum: np.ndarray, finite: np.ndarray, saturated: np.ndarray | None, window: int) -> tuple[float | None, str]:
+def _noise(lum: np.ndarray, finite: np.ndarray | None, saturated: np.ndarray | None,
+           window: int) -> tuple[float | None, str]:
     """Multiresolution noise (stats.mrs_noise, §1.2) on the central window; (None, "SEP_RMS") when it fails
     (the caller falls back to the sep background RMS)."""
     try:
@@ -637,7 +652,7 @@ def _noise(lum: np.ndarray, finite: np.ndarray, saturated: np.ndarray | None, wi
     y0 = max(0, (h - window) // 2)
     x0 = max(0, (w - window) // 2)
     win = lum[y0 : y0 + window, x0 : x0 + window]
-    bad = ~finite[y0 : y0 + window, x0 : x0 + window]
+    bad = ~(np.isfinite(win) if finite is None else finite[y0 : y0 + window, x0 : x0 + window])
     if saturated is not None:
         bad = bad | saturated[y0 : y0 + window, x0 : x0 + window]
     try:
@@ -655,7 +670,8 @@ class _NoiseJob:
     on the second core while sep, which holds the GIL and is single-threaded, models the background and
     extracts; at 26 MP this takes the noise estimate off the measurement's wall time."""
 
-    def __init__(self, lum: np.ndarray, finite: np.ndarray, saturated: np.ndarray | None, window: int) -> None:
+    def __init__(self, lum: np.ndarray, finite: np.ndarray | None, saturated: np.ndarray | None,
+                 window: int) -> None:
         self._args = (lum, finite, saturated, window)
         self._out: tuple[float | None, str] = (None, "SEP_RMS")
         self._exc: BaseException | None = None
@@ -736,18 +752,19 @@ def measure(
         sat = np.asarray(saturated, dtype=bool)
         if sat.shape != (h, w):
             raise StackwatchError(f"saturated mask shape {sat.shape} does not match the image {(h, w)}")
-    finite = np.isfinite(lum)
-    nfinite = int(finite.sum())
+    nfinite = int(_count_finite(lum))
     if nfinite < 64:
         return _empty((h, w), "no data (all NaN)", scale=scale)
     fw_guess = float(fwhm_guess_px) if fwhm_guess_px and math.isfinite(fwhm_guess_px) and fwhm_guess_px > 0 else 3.0
     box = _box_size(fwhm_guess_px, pixel_scale_arcsec)
     box = min(box, max(8, min(h, w)))
-    noise_job = None if noise is not None else _NoiseJob(lum, finite, sat, max(64, int(noise_window_px)))
     has_nan = nfinite < lum.size
-    if has_nan:
+    # the finite map is only needed (and only allocated: 26 MB at 26 MP) when the frame has NaN
+    finite = np.isfinite(lum) if has_nan else None
+    noise_job = None if noise is not None else _NoiseJob(lum, finite, sat, max(64, int(noise_window_px)))
+    if finite is not None:
         fill = float(np.median(lum[finite][:: max(1, nfinite // 1_000_000)]))
-        data = np.where(finite, lum, np.float32(fill)).astype(np.float32)
+        data = np.where(finite, lum, np.float32(fill)).astype(np.float32, copy=False)
         nanmask: np.ndarray | None = ~finite
     else:
         data = np.ascontiguousarray(lum, dtype=np.float32)
@@ -780,7 +797,7 @@ def measure(
         return _empty((h, w), "flat frame: background RMS is zero", background=float(bkg.globalback), rms=rms,
                       noise=noise_v, noise_method="GIVEN" if noise is not None else "NONE", scale=scale, box=box,
                       bkg=bkg)
-    if has_nan:
+    if finite is not None:
         sub[~finite] = 0.0
     minarea = max(5, math.ceil(0.5 * math.pi * (fw_guess / 2.0) ** 2))
     if binning == 2:
@@ -851,7 +868,7 @@ def measure(
     flags[is_sat] |= FLAG_SATURATED
     margin = max(10.0, 3.0 * typical)
     edge = (x < margin) | (y < margin) | (x > w - 1 - margin) | (y > h - 1 - margin)
-    if has_nan:
+    if finite is not None:
         mi = math.ceil(margin)
         for k in np.nonzero(~edge)[0]:
             yi, xi = round(y[k]), round(x[k])
@@ -895,7 +912,7 @@ def measure(
         xi, yi = round(x[k]), round(y[k])
         y0c, x0c = max(0, yi - half), max(0, xi - half)
         cut = sub[y0c : yi + half + 1, x0c : xi + half + 1].astype(np.float64)
-        if has_nan:
+        if finite is not None:
             cut = np.where(finite[y0c : yi + half + 1, x0c : xi + half + 1], cut, np.nan)
         f = fit_psf(cut, x0=x[k] - x0c, y0=y[k] - y0c, fwhm_guess_px=typical, model=psf_model)
         if f is None or not (0.5 <= f.fwhm <= 30.0) or math.hypot(f.x + x0c - x[k], f.y + y0c - y[k]) > 1.0:
