@@ -94,7 +94,9 @@ def test_twenty_clients_one_stalled_do_not_slow_processing(artifacts_dir: Path) 
         # Every reading client got every frame event; the silent one did not hold anyone up.
         assert result["finished"] == N_CLIENTS - 1
         assert figures["reader_frame_processed"] == [FRAMES]
-        assert hub.publish_time_max_s < 0.02
+        # publish only enqueues (a blocking send to the stalled client would take its whole send
+        # timeout, seconds); the bound is loose because a loaded 2-core machine once took 0.19 s
+        assert hub.publish_time_max_s < 0.5
         assert stalled or len(hub.clients) < N_CLIENTS  # the silent client is stalled (or was closed)
         assert ratio < 1.5, figures  # generous: shared machine; the measured figure is in the report
     finally:
