@@ -65,6 +65,11 @@ def test_stack_json_stays_small_and_the_log_restores_the_stack(night: Path, tmp_
     assert est == pytest.approx(live.n_frames * np.prod(live.shape) * 25e-9 * 2.4)
     assert pipe.exact_pass_estimate_s("no-such-stack") == float("inf")
     pipe.checkpoint()
+    # an unchanged live stack is not written again (0.8 GB each at 26 MP, one per target and filter)
+    manifest = _stack_folder(state) / "live" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    pipe.checkpoint()
+    assert manifest.stat().st_mtime_ns == before
     pipe.close()
     logs = list(_stack_folder(state).glob("members-*.jsonl"))
     assert len(logs) == 1  # older generations removed
