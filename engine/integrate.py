@@ -240,11 +240,24 @@ class NoiseModel:
         return np.ascontiguousarray(g)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _bg(bgrid: np.ndarray, ch: int, iy: int, iy1: int, fy: float, x: int, inv_step: float) -> float:
+    """The reference background grid (C, gh, gw) interpolated bilinearly at column x of a row whose
+    grid rows iy, iy1 and weight fy are given (nodes every 1/inv_step pixels; shared with LiveStack)."""
+    gw = bgrid.shape[2]
+    xx = x * inv_step
+    ix = min(int(xx), gw - 1)
+    ix1 = min(ix + 1, gw - 1)
+    fx = xx - ix if ix1 > ix else 0.0
+    return (1 - fy) * ((1 - fx) * bgrid[ch, iy, ix] + fx * bgrid[ch, iy, ix1]) + fy * (
+        (1 - fx) * bgrid[ch, iy1, ix] + fx * bgrid[ch, iy1, ix1]
+    )
+
+
 @njit(cache=True, nogil=True)
 def _background_rows(grid: np.ndarray, ch: int, y0: int, y1: int, width: int, step: float, out: np.ndarray) -> None:
-    """Bilinear interpolation of the background grid on rows [y0, y1) (LiveStack's formula)."""
+    """Bilinear interpolation of the background grid on rows [y0, y1), as LiveStack does."""
     gh = grid.shape[1]
-    gw = grid.shape[2]
     inv = 1.0 / step
     for r in range(y1 - y0):
         yy = (y0 + r) * inv
@@ -252,13 +265,7 @@ def _background_rows(grid: np.ndarray, ch: int, y0: int, y1: int, width: int, st
         iy1 = min(iy + 1, gh - 1)
         fy = yy - iy if iy1 > iy else 0.0
         for x in range(width):
-            xx = x * inv
-            ix = min(int(xx), gw - 1)
-            ix1 = min(ix + 1, gw - 1)
-            fx = xx - ix if ix1 > ix else 0.0
-            out[r, x] = (1 - fy) * ((1 - fx) * grid[ch, iy, ix] + fx * grid[ch, iy, ix1]) + fy * (
-                (1 - fx) * grid[ch, iy1, ix] + fx * grid[ch, iy1, ix1]
-            )
+            out[r, x] = _bg(grid, ch, iy, iy1, fy, x, inv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,14 +35,13 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numba import njit, prange
+from stackwatch.engine import integrate as _integrate
 from stackwatch.engine.errors import StackwatchError
-
-if TYPE_CHECKING:
-    from stackwatch.engine.integrate import NoiseModel
+from stackwatch.engine.integrate import NoiseModel, _bg
 
 __all__ = ["EMPTY", "ExactResult", "FrameRecord", "LiveStack", "UpdateResult"]
 
@@ -78,18 +77,6 @@ class _BandSource(Protocol):
 def _var(tab: np.ndarray, ch: int, f: int, s: float, eps2: float) -> float:
     """Noise-model variance of frame f's sample at signal s = max(0, c − b_ref) above the background."""
     return tab[ch, _T_A, f] + (tab[ch, _T_B, f] + eps2 * s) * s
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _bg(bgrid: np.ndarray, ch: int, iy: int, iy1: int, fy: float, x: int, inv_step: float) -> float:
-    gw = bgrid.shape[2]
-    xx = x * inv_step
-    ix = min(int(xx), gw - 1)
-    ix1 = min(ix + 1, gw - 1)
-    fx = xx - ix if ix1 > ix else 0.0
-    return (1 - fy) * ((1 - fx) * bgrid[ch, iy, ix] + fx * bgrid[ch, iy, ix1]) + fy * (
-        (1 - fx) * bgrid[ch, iy1, ix] + fx * bgrid[ch, iy1, ix1]
-    )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1287,7 +1274,6 @@ class LiveStack:
         noise_floor : floor the batch rejectors' σ by this stack's noise model (`noise_model`), so
             that batch and live decide alike and star cores survive. Default is True.
         """
-        from stackwatch.engine import integrate as _integrate  # owned by H3
         from stackwatch.engine import reject as _reject
 
         ids = list(self.frame_ids if frame_ids is None else frame_ids)
