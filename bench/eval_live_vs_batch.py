@@ -18,14 +18,27 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from stackwatch.daemon.config import load_config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
 from stackwatch.engine import simulate, stats
-from stackwatch.engine.integrate import NpySource, integrate
+from stackwatch.engine.integrate import Integration, NpySource, integrate
 from stackwatch.engine.reject import auto_rejection
 from stackwatch.engine.resample import warp_mask
+
+
+def _batch(pipe: Any, stack: Any, config: Any) -> tuple[Integration, list[NpySource]]:
+    """The batch integration of the stack's stored frames, as `stackwatch stack` runs it."""
+    live = stack.live
+    ids = list(live.frame_ids)
+    sources = [NpySource(pipe.frames_dir / stack.id / f"{fid}.npy") for fid in ids]
+    weights = [next(f.weight for f in live.frames if f.frame_id == fid) for fid in ids]
+    name, params = auto_rejection(len(ids))
+    batch = integrate(sources, weights=weights, rejection=name, params=params,
+                      noise_model=live.noise_model(ids), large_scale=config.integration.large_scale_rejection)
+    return batch, sources
 
 
 def main() -> None:
@@ -57,13 +70,8 @@ def main() -> None:
         live = stack.live
         if live is None or live.n_frames == 0:
             continue
+        batch, sources = _batch(pipe, stack, config)
         ids = list(live.frame_ids)
-        store = pipe.frames_dir / stack.id
-        sources = [NpySource(store / f"{fid}.npy") for fid in ids]
-        weights = [next(f.weight for f in live.frames if f.frame_id == fid) for fid in ids]
-        name, params = auto_rejection(len(ids))
-        batch = integrate(sources, weights=weights, rejection=name, params=params,
-                          noise_model=live.noise_model(ids), large_scale=config.integration.large_scale_rejection)
         img = np.asarray(batch.image, np.float32)
         lv = np.asarray(live.image(), np.float32)
         sigma = float(stats.mrs_noise(np.nan_to_num(img, nan=float(np.nanmedian(img)))).sigma)
@@ -74,7 +82,7 @@ def main() -> None:
                 trails |= warp_mask(np.load(tm), np.asarray(rec["transform"]), img.shape[-2:], dilate_px=3)
         ok = ~trails & np.isfinite(img) & np.isfinite(lv)
         d = (lv - img)[ok] / sigma
-        row = {"k": k, "n": len(ids), "rejection": name, "rms_sigma": float(np.sqrt(np.mean(d**2))),
+        row = {"k": k, "n": len(ids), "rejection": batch.rejection, "rms_sigma": float(np.sqrt(np.mean(d**2))),
                "max_sigma": float(np.abs(d).max()), "p999_sigma": float(np.quantile(np.abs(d), 0.999)),
                "trail_fraction": float(trails.mean()), "process_s": t_live}
         if args.debug and row["max_sigma"] > 5:
@@ -91,12 +99,7 @@ def main() -> None:
     pipe.finalize(sid)
     stack = pipe._stacks[sid]
     final = np.asarray(stack.live.image(), np.float32)
-    ids = list(stack.live.frame_ids)
-    sources = [NpySource(pipe.frames_dir / stack.id / f"{fid}.npy") for fid in ids]
-    weights = [next(f.weight for f in stack.live.frames if f.frame_id == fid) for fid in ids]
-    name, params = auto_rejection(len(ids))
-    batch = integrate(sources, weights=weights, rejection=name, params=params,
-                      noise_model=stack.live.noise_model(ids), large_scale=config.integration.large_scale_rejection)
+    batch, _ = _batch(pipe, stack, config)
     rel = np.nanmax(np.abs(final - batch.image) / (np.abs(batch.image) + 1e-12))
     print(json.dumps({"final_exact_pass_vs_batch_max_rel": float(rel),
                       "worst_rms_sigma": max(r["rms_sigma"] for r in rows),
