@@ -149,18 +149,10 @@ def main() -> None:
 
     if not args.skip_normalize:
         # NSG on the same frame size: stars on a grid, frame = 0.8·ref + gradient
+        from bench_normalize import add_star_grid  # beside this script
+
         ref = frame(1)
-        yy, xx = np.mgrid[0:h:97, 0:w:97]
-        xs = (xx.ravel() + 48.3).astype(np.float64)
-        ys = (yy.ravel() + 48.7).astype(np.float64)
-        ok = (xs < w - 20) & (ys < h - 20)
-        xs, ys = xs[ok], ys[ok]
-        r = 6
-        g = np.exp(-(np.arange(-r, r + 1)[:, None] ** 2 + np.arange(-r, r + 1)[None, :] ** 2) / (2 * 1.3**2)).astype(np.float32)
-        amp = 10 ** rng.uniform(-2, -0.7, xs.size)
-        for x, y0, a in zip(xs, ys, amp, strict=True):
-            ix, iy = round(x), round(y0)
-            ref[iy - r : iy + r + 1, ix - r : ix + r + 1] += np.float32(a) * g
+        xs, ys = add_star_grid(ref, rng)
         fr = (0.8 * ref + 0.005 * np.linspace(0, 1, h, dtype=np.float32)[:, None]).astype(np.float32)
         stars = np.column_stack([xs, ys])
         nz.normalize(fr[:512, :512], ref[:512, :512], frame_stars=stars[:5], ref_stars=stars[:5], frame_noise=0.002,
