@@ -69,6 +69,8 @@ _MIN_REFERENCE_STARS = 15
 
 
 _EXACT_NS_PER_SAMPLE = 25.0
+# recomputing an evicted frame from its raw file (read, calibrate, warp, normalise): ~2.5 s at 26 MP
+_RECOMPUTE_NS_PER_PX = 100.0
 
 
 def _slug(text: str) -> str:
@@ -153,6 +155,22 @@ def _retally(stack: _Stack) -> None:
 
 
 @dataclass
+class _Calibrated:
+    """A light after calibration (and debayering), before measurement."""
+
+    data: np.ndarray  # (H, W) or (3, H, W)
+    saturated: np.ndarray  # (H, W) bool
+    noise: tuple[float, ...]  # per channel
+    masters: MasterSet
+    notes: tuple[str, ...]
+    dark_scale: float
+    info: FrameInfo
+    bayer: str | None
+    timings: dict[str, float]
+    cpu: dict[str, float]
+
+
+@dataclass
 class _Prepared:
     """A light after calibration and measurement, before registration."""
 
@@ -202,6 +220,7 @@ class _Stack:
     final: dict[str, Any] | None = None  # the last exact pass (products)
     dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
     closed: bool = False  # a newer stack of the same target and filter takes the new lights
+    last_active: float = 0.0  # wall-clock time of its last stacked frame (the frame store evicts the oldest first)
     checked_library: str = ""  # library state under which every processed member had its best masters
     # derived, kept so that per-frame work does not scan the members
     index: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> member
@@ -258,11 +277,16 @@ class Pipeline:
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stackwatch-read")
         self._prefetch_lock = threading.Lock()
         self._prefetched: tuple[str, tuple[int, int], concurrent.futures.Future[fitsio.Image]] | None = None
+        # stack id -> frame id -> bytes of its file in the frame store (the budget is checked per frame)
+        self._store_bytes: dict[str, dict[str, int]] = {}
         for path in sorted(self.stacks_dir.glob("*/stack.json")):
             try:
                 self._load_stack(path)
             except (OSError, ValueError, KeyError, StackwatchError) as exc:
                 _log.warning("stack state %s unreadable (%s): the stack is rebuilt from its raw files", path, exc)
+        for folder in sorted(p for p in self.frames_dir.iterdir() if p.is_dir()):
+            self._store_bytes[folder.name] = {f.name[: -len(".npy")]: f.stat().st_size for f in folder.glob("*.npy")
+                                              if not f.name.endswith(".sat.npy")}
 
     def close(self) -> None:
         with self._lock:
@@ -355,6 +379,7 @@ class Pipeline:
                 self._process_next(stack)
                 if self._reference_choice(stack) != (stack.reference.path if stack.reference else None):
                     self._rebuild(stack)
+            self._enforce_store_budget(stack)
             t_save = time.perf_counter()
             self._save_stack(stack, changed=[member])
             out = dict(member["record"])
@@ -418,6 +443,31 @@ class Pipeline:
 
     def _prepare(self, path: str) -> _Prepared:
         """Calibrate, correct, estimate noise, debayer and measure one light."""
+        c = self._calibrate(path)
+        cfg = self.config
+        t_deb, c_deb = time.perf_counter(), time.process_time()
+        scale = c.info.pixel_scale_arcsec
+        if scale is not None and cfg.calibration.debayer == "superpixel" and c.bayer:
+            scale *= 2
+        meas = stars.measure(
+            c.data,
+            saturated=c.saturated,
+            pixel_scale_arcsec=scale,
+            detect_sigma=cfg.stars.detect_sigma,
+            max_stars=cfg.stars.max_stars,
+            psf_fit_stars=cfg.stars.psf_fit_stars,
+            psf_model=cfg.stars.psf_model,
+            noise=float(np.mean(c.noise)),
+            noise_window_px=cfg.stars.noise_window_px,
+            refine_background=cfg.stars.refine_background,
+        )
+        t_meas, c_meas = time.perf_counter(), time.process_time()
+        timings = {**c.timings, "measure_s": t_meas - t_deb}
+        cpu = {**c.cpu, "measure_s": c_meas - c_deb}
+        return _Prepared(c.data, c.saturated, c.noise, meas, c.masters, c.notes, timings, c.dark_scale, cpu)
+
+    def _calibrate(self, path: str) -> _Calibrated:
+        """Read, calibrate, correct, estimate the noise of and debayer one light."""
         cfg = self.config
         t0, c0 = time.perf_counter(), time.process_time()
         image = self._take_prefetched(path)
@@ -464,31 +514,9 @@ class Pipeline:
         else:
             noise = (float(stats.mrs_noise(data, window_px=cfg.stars.noise_window_px).sigma),)
         t_deb, c_deb = time.perf_counter(), time.process_time()
-        scale = info.pixel_scale_arcsec
-        if scale is not None and cfg.calibration.debayer == "superpixel" and bayer:
-            scale *= 2
-        meas = stars.measure(
-            data,
-            saturated=saturated,
-            pixel_scale_arcsec=scale,
-            detect_sigma=cfg.stars.detect_sigma,
-            max_stars=cfg.stars.max_stars,
-            psf_fit_stars=cfg.stars.psf_fit_stars,
-            psf_model=cfg.stars.psf_model,
-            noise=float(np.mean(noise)),
-            noise_window_px=cfg.stars.noise_window_px,
-            refine_background=cfg.stars.refine_background,
-        )
-        t_meas, c_meas = time.perf_counter(), time.process_time()
-        timings = {
-            "read_s": t_read - t0,
-            "calibrate_s": t_cal - t_read,
-            "noise_debayer_s": t_deb - t_cal,
-            "measure_s": t_meas - t_deb,
-        }
-        cpu = {"read_s": c_read - c0, "calibrate_s": c_cal - c_read, "noise_debayer_s": c_deb - c_cal,
-               "measure_s": c_meas - c_deb, "start": c0}
-        return _Prepared(data, saturated, noise, meas, ms, tuple(notes), timings, float(cal.dark_scale), cpu)
+        timings = {"read_s": t_read - t0, "calibrate_s": t_cal - t_read, "noise_debayer_s": t_deb - t_cal}
+        cpu = {"read_s": c_read - c0, "calibrate_s": c_cal - c_read, "noise_debayer_s": c_deb - c_cal, "start": c0}
+        return _Calibrated(data, saturated, noise, ms, tuple(notes), float(cal.dark_scale), info, bayer, timings, cpu)
 
     def _explain_masters(self, ms: MasterSet) -> dict[str, Any]:
         """Which master of each kind was used and why: kind -> explanation (with the master's id), e.g.
@@ -573,6 +601,10 @@ class Pipeline:
             self._fail(stack, member, f"{type(exc).__name__}: {exc}")
             return
         member["masters_sig"] = self._masters_signature(prep.masters)
+        try:  # the frame store may evict the frame later: it is then recomputed from this very file
+            member["raw"] = list(_file_signature(member["path"]))
+        except OSError:
+            member.pop("raw", None)
         masters = self._explain_masters(prep.masters)
         if "dark" in masters and prep.masters.dark is not None and abs(prep.dark_scale - prep.masters.dark_scale) > 1e-6:
             masters["dark"] += f", optimised k={prep.dark_scale:.3f}"
@@ -687,6 +719,9 @@ class Pipeline:
             # the frame is in the store before anything says it was stacked (a failed write raises here)
             store_s = write.result() if write is not None else 0.0
         member["live"] = {"weight": weight, "scale": list(scale), "noise": list(noise), "rho": rho}
+        member.pop("evicted", None)
+        self._store_bytes.setdefault(stack.id, {})[member["frame_id"]] = int(y.nbytes) + 128
+        stack.last_active = time.time()
         stack.version += 1
         stack.final = None
         return store_s, live_s
@@ -771,12 +806,13 @@ class Pipeline:
         store = self.frames_dir / stack.id
         if store.exists():
             shutil.rmtree(store)
+        self._store_bytes[stack.id] = {}
         stack.rewrite_log = True
         self._rebuilt.add(stack.id)
         for m in stack.members:
             _set_status(stack, m, "pending")
             m["record"] = {"path": m["path"], "kind": "light", "status": "pending", "stack_id": stack.id}
-            for key in ("norm", "live", "masters_sig"):
+            for key in ("norm", "live", "masters_sig", "raw", "evicted"):
                 m.pop(key, None)
         if not stack.fixed_reference:
             # measure candidates until enough usable ones exist (their records feed _reference_choice);
@@ -896,11 +932,13 @@ class Pipeline:
                     return {"path": apath, "excluded": bool(excluded), "stack_id": stack.id}
                 member["excluded"] = bool(excluded)
                 is_ref = stack.reference is not None and stack.reference.path == apath
-                store = self.frames_dir / stack.id / f"{member['frame_id']}.npy"
                 live = stack.live
+                frame = None
                 if (excluded and not is_ref and member.get("status") == "stacked" and live is not None
-                        and member["frame_id"] in live.frame_ids and store.exists()):
-                    live.exclude(member["frame_id"], np.load(store))
+                        and member["frame_id"] in live.frame_ids):
+                    frame = self._stored_frame(stack, member)
+                if frame is not None and live is not None:
+                    live.exclude(member["frame_id"], frame)
                     _set_status(stack, member, "rejected")
                     member["record"] = {**member["record"], "status": "rejected",
                                         "reason": "rejected: excluded by the user", "excluded": True}
@@ -953,6 +991,8 @@ class Pipeline:
             "final": s.final is not None,
             "stale": s.dirty,
             "closed": s.closed,
+            "store_bytes": sum(self._store_bytes.get(s.id, {}).values()),
+            "evicted": sum(1 for m in s.members if m.get("evicted")),
         }
 
     def members(self, stack_id: str) -> list[dict[str, Any]]:
@@ -1003,6 +1043,8 @@ class Pipeline:
             stack = self._get(stack_id)
             if stack.dirty or self._masters_changed(stack):
                 self._rebuild(stack)
+            if not self._restore_evicted(stack):
+                self._rebuild(stack)
             if stack.live is None or stack.live.n_frames == 0:
                 raise StackwatchError(f"stack {stack_id}: no frame could be stacked")
             live = stack.live
@@ -1040,6 +1082,7 @@ class Pipeline:
             stack.final = {"path": str(targets[-1]), "rejection": result.rejection, "params": result.params,
                            "n_frames": result.n_frames}
             self._save_stack(stack)
+            self._enforce_store_budget(stack)
             return {**self._stack_summary(stack), "path": str(targets[-1]), "rejection": result.rejection,
                     "exposure_s": self._total_exposure(stack)}
 
@@ -1077,7 +1120,8 @@ class Pipeline:
             return math.inf
         samples = live.n_frames * math.prod(live.shape)
         factor = 2.4 if self.config.integration.large_scale_rejection else 1.0
-        return samples * _EXACT_NS_PER_SAMPLE * 1e-9 * factor
+        evicted = sum(1 for m in stack.members if m.get("evicted"))
+        return samples * _EXACT_NS_PER_SAMPLE * 1e-9 * factor + evicted * math.prod(live.shape) * _RECOMPUTE_NS_PER_PX * 1e-9
 
     def checkpoint(self) -> None:
         """Write every stack's state and live accumulators (atomically).
@@ -1092,6 +1136,122 @@ class Pipeline:
                 self._save_stack(stack, live=not unchanged)
                 if live is not None and not unchanged:
                     self._saved_live[stack.id] = (weakref.ref(live), live.generation)
+
+    # ------------------------------------------------------------------ frame store budget
+
+    def _enforce_store_budget(self, active: _Stack) -> None:
+        """Keep the frame store within ``live.frame_store_budget_gb`` (<= 0: no limit).
+
+        Over the budget, stored frames are evicted, those of the least recently active stacks first
+        and the oldest of a stack first; the active stack's own frames go last. A frame is evicted only
+        when it can be recomputed exactly: its raw file unchanged since it was stacked, its transform
+        and normalisation kept. The reference stays (every frame is registered against it). Nothing
+        changes for the live image; an exact pass recomputes the evicted frames from their raw files
+        first (`_restore_evicted`), which is what the service's exact-pass estimate counts."""
+        budget = float(self.config.live.frame_store_budget_gb) * 1e9
+        if budget <= 0:
+            return
+        total = sum(sum(d.values()) for d in self._store_bytes.values())
+        if total <= budget:
+            return
+        others = sorted((s for s in self._stacks.values() if s is not active), key=lambda s: s.last_active)
+        for stack in [*others, active]:
+            if total <= budget:
+                break
+            sizes = self._store_bytes.get(stack.id, {})
+            store = self.frames_dir / stack.id
+            ref_id = stack.reference.frame_id if stack.reference is not None else None
+            evicted: list[dict[str, Any]] = []
+            for m in stack.members:
+                if total <= budget:
+                    break
+                fid = m["frame_id"]
+                if fid == ref_id or fid not in sizes or not self._recomputable(stack, m):
+                    continue
+                (store / f"{fid}.npy").unlink(missing_ok=True)
+                total -= sizes.pop(fid)
+                m["evicted"] = True
+                evicted.append(m)
+            if evicted:
+                self._save_stack(stack, changed=evicted)
+                _log.warning("frame store over its budget of %.1f GB: %d frames of stack %s evicted (recomputed "
+                             "from their raw files for the next exact integration)",
+                             budget / 1e9, len(evicted), stack.id)
+
+    def _recomputable(self, stack: _Stack, m: dict[str, Any]) -> bool:
+        """Whether a stacked frame can be recomputed from its raw file exactly as it was stored."""
+        if m.get("status") != "stacked" or not m.get("raw") or not m.get("live"):
+            return False
+        rec = m.get("record") or {}
+        if rec.get("transform") is None:
+            return False
+        if not (self.frames_dir / stack.id / f"{m['frame_id']}.norm.json").exists():
+            return False
+        try:
+            return list(_file_signature(m["path"])) == list(m["raw"])
+        except OSError:
+            return False
+
+    def _recompute_frame(self, stack: _Stack, m: dict[str, Any]) -> np.ndarray:
+        """The stored frame of a member, recomputed from its raw file with its kept transform and
+        normalisation (the same arrays as when it was stacked: same masters, same steps)."""
+        ref = stack.reference
+        if ref is None:
+            raise StackwatchError(f"{m['path']}: stack {stack.id} has no reference")
+        if not self._recomputable(stack, m):
+            raise StackwatchError(f"{m['path']}: changed or missing since it was stacked; cannot be recomputed")
+        rec = m["record"]
+        if rec.get("homography") is not None:
+            matrix = np.asarray(rec["homography"], np.float64)
+        else:
+            matrix = np.vstack([np.asarray(rec["transform"], np.float64), [0.0, 0.0, 1.0]])
+        norm_file = self.frames_dir / stack.id / f"{m['frame_id']}.norm.json"
+        norm = normalize.Normalization.from_dict(json.loads(norm_file.read_text()))
+        c = self._calibrate(m["path"])
+        cfg = self.config.registration
+        warped = resample.warp(c.data, matrix, ref.shape, method=cfg.interpolation, clamp=cfg.lanczos_clamp,
+                               clamp_method=cfg.lanczos_clamp_method, relative_clamp=cfg.lanczos_relative_clamp)
+        return np.asarray(normalize.apply(warped.data, norm), np.float32)
+
+    def _stored_frame(self, stack: _Stack, m: dict[str, Any]) -> np.ndarray | None:
+        """A stacked member's frame from the store (recomputed and stored again when it was evicted);
+        None when it is neither stored nor recomputable."""
+        f = self.frames_dir / stack.id / f"{m['frame_id']}.npy"
+        if f.exists():
+            return np.load(f)
+        if not m.get("evicted"):
+            return None
+        try:
+            y = self._recompute_frame(stack, m)
+        except (StackwatchError, OSError, ValueError) as exc:
+            _log.warning("%s", exc)
+            return None
+        _atomic_save_npy(f, y)
+        self._store_bytes.setdefault(stack.id, {})[m["frame_id"]] = int(y.nbytes) + 128
+        m.pop("evicted", None)
+        return y
+
+    def _restore_evicted(self, stack: _Stack) -> bool:
+        """Recompute the evicted frames of a stack into the store (before an exact pass). False when one
+        cannot be (its raw file changed or went): the stack must then be rebuilt."""
+        live = stack.live
+        ids = set(live.frame_ids) if live is not None else set()
+        restored: list[dict[str, Any]] = []
+        ok = True
+        for m in stack.members:
+            if not m.get("evicted"):
+                continue
+            if m.get("status") != "stacked" or m["frame_id"] not in ids:
+                m.pop("evicted", None)  # not part of the integration any more: nothing to restore
+                restored.append(m)
+                continue
+            if self._stored_frame(stack, m) is None:
+                ok = False
+                break
+            restored.append(m)
+        if restored:
+            self._save_stack(stack, changed=restored)
+        return ok
 
     # ------------------------------------------------------------------ persistence
 
@@ -1117,6 +1277,7 @@ class Pipeline:
             "filter": stack.filter,
             "fixed_reference": stack.fixed_reference,
             "closed": stack.closed,
+            "last_active": stack.last_active,
             "version": stack.version,
             "processed_upto": stack.processed_upto,
             "dirty": stack.dirty,
@@ -1210,7 +1371,8 @@ class Pipeline:
                        members=members, fixed_reference=state.get("fixed_reference"),
                        version=int(state.get("version", 0)), processed_upto=int(state.get("processed_upto", 0)),
                        final=state.get("final"), dirty=bool(state.get("dirty", False)),
-                       closed=bool(state.get("closed", False)), history=history)
+                       closed=bool(state.get("closed", False)), history=history,
+                       last_active=float(state.get("last_active", 0.0)))
         if fmt == _STACK_FORMAT:
             stack.log_gen, stack.log_bytes = int(log["generation"]), int(log["bytes"])
             stack.log_lines, stack.history_logged = int(log.get("lines", 0)), len(history)
@@ -1259,12 +1421,12 @@ class Pipeline:
         for m in stack.members[: stack.processed_upto]:
             if m.get("status") != "stacked" or m["frame_id"] in have:
                 continue
-            f = store / f"{m['frame_id']}.npy"
             lv = m.get("live")
-            if not f.exists() or lv is None:
+            frame = self._stored_frame(stack, m) if lv is not None else None
+            if frame is None or lv is None:
                 stack.dirty = True
                 continue
-            live_stack.update(m["frame_id"], np.load(f), weight=float(lv["weight"]), scale=lv["scale"],
+            live_stack.update(m["frame_id"], frame, weight=float(lv["weight"]), scale=lv["scale"],
                               noise=lv["noise"], rho=float(lv["rho"]))
         # members processed but not in stack.json's order (a crash mid-frame) are redone
         for m in stack.members[stack.processed_upto:]:

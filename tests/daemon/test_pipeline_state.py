@@ -163,3 +163,74 @@ def test_prefetched_light_is_used_only_while_the_file_is_unchanged(night: Path, 
         assert pipe._take_prefetched(str(target)) is None
     finally:
         pipe.close()
+
+
+def _final_image(pipe: Pipeline, stack_id: str, out: Path) -> np.ndarray:
+    from astropy.io import fits
+
+    pipe.finalize(stack_id, out)
+    return np.asarray(fits.getdata(out), np.float64)
+
+
+def test_frame_store_budget_evicts_and_the_exact_pass_recomputes_from_raw(night: Path, tmp_path: Path) -> None:
+    """Over `frame_store_budget_gb` the oldest stored frames are evicted (never the reference); the live
+    image is untouched and the exact pass recomputes them from the raw files: the same product, to the
+    bit, as with an unlimited store. A raw file that changed since makes the stack rebuild instead."""
+    cal = _calibration(night, "biases", "darks", "darkflats", "flats")
+    lights = _lights(night)
+
+    def run(state: Path, budget_gb: float) -> Pipeline:
+        config = _config()
+        config.live.frame_store_budget_gb = budget_gb
+        pipe = Pipeline(config, state)
+        for path, info in cal:
+            pipe.add_calibration(path, info)
+        for path, info in lights:
+            pipe.process_light(path, info)
+        return pipe
+
+    full = run(tmp_path / "full", 0.0)  # <= 0: no limit
+    (s_full,) = full.stacks()
+    frame_bytes = max(full._store_bytes[s_full["id"]].values())
+    budget_frames = 3
+    tight = run(tmp_path / "tight", budget_frames * frame_bytes / 1e9)
+    try:
+        (s_tight,) = tight.stacks()
+        sid = s_tight["id"]
+        assert s_tight["ncombine"] == s_full["ncombine"] >= 5
+        store = tmp_path / "tight" / "frames" / sid
+        stored = [f for f in store.glob("*.npy") if not f.name.endswith(".sat.npy")]
+        assert len(stored) <= budget_frames
+        assert s_tight["store_bytes"] <= budget_frames * frame_bytes
+        assert s_tight["evicted"] == s_full["ncombine"] - len(stored) > 0
+        ref_id = tight._stacks[sid].reference.frame_id  # type: ignore[union-attr]
+        assert (store / f"{ref_id}.npy").exists()
+        # the live image does not depend on the store
+        np.testing.assert_array_equal(tight.stack_products(sid)["image"], full.stack_products(sid)["image"])  # type: ignore[index]
+        # the exact pass recomputes the evicted frames: bit-identical product
+        a = _final_image(full, sid, tmp_path / "full.fits")
+        b = _final_image(tight, sid, tmp_path / "tight.fits")
+        np.testing.assert_array_equal(a, b)
+        # and evicts again afterwards
+        assert tight.stacks()[0]["store_bytes"] <= budget_frames * frame_bytes
+        # the estimate counts the recomputation
+        assert tight.exact_pass_estimate_s(sid) > full.exact_pass_estimate_s(sid)
+        tight.checkpoint()  # (without a live checkpoint a restart re-applies, hence recomputes, every frame)
+    finally:
+        tight.close()
+        full.close()
+    # after a restart the evicted frames are still known; a raw file that changed since it was stacked
+    # cannot be recomputed: the exact pass rebuilds the stack from the raw files instead
+    again = Pipeline(_config(), tmp_path / "tight")
+    try:
+        stack = again._stacks[sid]
+        victim = next(m for m in stack.members if m.get("evicted"))
+        assert again._recomputable(stack, victim)
+        Path(victim["path"]).touch()
+        assert not again._recomputable(stack, victim)
+        again.config.live.frame_store_budget_gb = 0.0
+        c = _final_image(again, sid, tmp_path / "again.fits")
+        np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-7, equal_nan=True)
+        assert again.stacks()[0]["evicted"] == 0
+    finally:
+        again.close()
