@@ -1116,12 +1116,12 @@ class Pipeline:
         Called from the service's event loop: reads without the lock (a long rebuild may hold it)."""
         stack = self._stacks.get(stack_id)
         live = None if stack is None else stack.live
-        if live is None or live.n_frames == 0:
+        if stack is None or live is None or live.n_frames == 0:
             return math.inf
-        samples = live.n_frames * math.prod(live.shape)
+        pixels = math.prod(live.shape)
         factor = 2.4 if self.config.integration.large_scale_rejection else 1.0
-        evicted = sum(1 for m in stack.members if m.get("evicted"))
-        return samples * _EXACT_NS_PER_SAMPLE * 1e-9 * factor + evicted * math.prod(live.shape) * _RECOMPUTE_NS_PER_PX * 1e-9
+        evicted = len([m for m in list(stack.members) if m.get("evicted")])  # recomputed from raw first
+        return (live.n_frames * pixels * _EXACT_NS_PER_SAMPLE * factor + evicted * pixels * _RECOMPUTE_NS_PER_PX) * 1e-9
 
     def checkpoint(self) -> None:
         """Write every stack's state and live accumulators (atomically).
