@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ _log = logging.getLogger("stackwatch.service")
 
 _BACKLOG_INTAKE_S = 120.0  # at start, read the backlog's headers this long before processing begins
 _PRODUCTS_WANTED_S = 600.0  # keep prefetching a stack's products this long after someone asked for them
+_FORCED_EXACT_PASS = 10**9  # a stack's count of new frames that asks for an exact pass at the next idle moment
 
 CALIBRATION_KINDS = frozenset({"bias", "dark", "flat", "darkflat"})
 
@@ -307,6 +309,9 @@ class Service:
         self._retry_handles: dict[str, asyncio.TimerHandle] = {}
         self._attempts: dict[str, int] = {}
         self._arrived: dict[str, float] = {}
+        # when the last lights arrived: the usual gap between frames says how long an exact pass may take
+        # without holding the next frame back
+        self._light_arrivals: deque[float] = deque(maxlen=12)
         self._infos: dict[str, Any] = {}
         self._products_cache: dict[str, dict[str, Any] | None] = {}
         self._products_wanted: dict[str, float] = {}
@@ -802,6 +807,8 @@ class Service:
             self._calibration_added_at = self._clock()
             await self._after_calibration(record.get("masters_updated") or [])
         elif status in ("stacked", "rejected"):
+            if arrived is not None:
+                self._light_arrivals.append(arrived)
             self._since_checkpoint += 1
             sid = str(record.get("stack_id"))
             self._new_since_final[sid] = self._new_since_final.get(sid, 0) + 1
@@ -1045,8 +1052,16 @@ class Service:
             # is made equal to the batch result at every idle moment instead of every N frames
             return estimate is not None and cheap_s > 0 and float(estimate(sid)) <= cheap_s
 
+        gap = self.frame_gap_s()
+
+        def fits(sid: str) -> bool:
+            # the exact pass holds the pipeline: one longer than half the usual gap between frames (100
+            # frames of 26 MP: ~2.5 min, against 2-min subs) would delay the next frame by minutes, so
+            # it waits for the end of the night (`quiet`) or a request
+            return estimate is None or gap is None or float(estimate(sid)) <= 0.5 * gap
+
         due = [sid for sid, n in self._new_since_final.items()
-               if n >= threshold or (n > 0 and (quiet or cheap(sid)))]
+               if n >= _FORCED_EXACT_PASS or (n >= threshold and fits(sid)) or (n > 0 and (quiet or cheap(sid)))]
         if not due or self.pipeline is None:
             return
         sid = due[0]
@@ -1054,6 +1069,14 @@ class Service:
         self._finalizing = asyncio.create_task(self._finalize(sid), name=f"finalize-{sid}")
         self._background.add(self._finalizing)
         self._finalizing.add_done_callback(self._background.discard)
+
+    def frame_gap_s(self) -> float | None:
+        """The median time between the last lights' arrivals (None before three have arrived)."""
+        times = sorted(self._light_arrivals)
+        if len(times) < 3:
+            return None
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        return gaps[len(gaps) // 2]
 
     async def _finalize(self, stack_id: str) -> dict[str, Any]:
         assert self.pipeline is not None
@@ -1378,7 +1401,7 @@ class Service:
         self.catalog.set_excluded(row["id"], bool(excluded))
         await self._refresh_stacks()
         if row.get("stack_id"):
-            self._new_since_final[str(row["stack_id"])] = 10**9  # exact pass at the next idle moment
+            self._new_since_final[str(row["stack_id"])] = _FORCED_EXACT_PASS  # exact pass at the next idle moment
         self.events.emit("frame_processed", {"id": row["id"], "name": row["name"], "excluded": bool(excluded),
                                              "status": row["status"], "stack_id": row.get("stack_id")})
         return {"id": row["id"], "excluded": bool(excluded), **(result if isinstance(result, dict) else {})}

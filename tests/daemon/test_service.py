@@ -625,3 +625,56 @@ def test_process_sigkill_twice_then_sigterm(tmp_path: Path) -> None:
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     assert "stackwatch service stopped" in text
+
+
+def test_long_exact_pass_waits_unless_it_fits_between_frames(tmp_path: Path) -> None:
+    """After `exact_pass_frames` new frames the idle exact pass runs only while its estimate fits in
+    half the usual gap between frames (else the next frame would wait minutes behind it); a quiet
+    night, a request (exclusion) or a cheap pass still run it."""
+    now = [1000.0]
+    cfg = Config()
+    cfg.live.exact_pass_frames = 3
+    cfg.live.exact_pass_max_s = 1.0
+    service = Service(cfg, watch_dir=tmp_path / "watch", state_dir=tmp_path / "state", clock=lambda: now[0])
+    started: list[str] = []
+    estimate = {"s": 100.0}
+
+    class _Pipe:
+        def exact_pass_estimate_s(self, sid: str) -> float:
+            return estimate["s"]
+
+    async def fake_finalize(sid: str) -> dict[str, Any]:
+        started.append(sid)
+        return {}
+
+    service.pipeline = _Pipe()  # type: ignore[assignment]
+    service._finalize = fake_finalize  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        for t in (0.0, 120.0, 240.0, 360.0):  # 2-min subs
+            service._light_arrivals.append(t)
+        assert service.frame_gap_s() == 120.0
+        service._new_since_final["m27"] = 3
+        now[0] = 400.0
+        service._maybe_finalize()  # 100 s > 60 s: waits
+        await asyncio.sleep(0)
+        assert started == []
+        estimate["s"] = 50.0  # fits in half the gap
+        service._maybe_finalize()
+        await asyncio.sleep(0)
+        assert started == ["m27"]
+        estimate["s"] = 100.0
+        service._new_since_final["m27"] = 5
+        now[0] = 400.0 + cfg.service.exact_pass_idle_s  # the end of the night
+        service._last_processed = 400.0
+        service._maybe_finalize()
+        await asyncio.sleep(0)
+        assert started == ["m27", "m27"]
+        now[0] = 5000.0
+        service._last_processed = 5000.0
+        service._new_since_final["m27"] = 10**9  # an exclusion asks for one
+        service._maybe_finalize()
+        await asyncio.sleep(0)
+        assert started == ["m27"] * 3
+
+    asyncio.run(scenario())
