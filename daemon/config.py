@@ -173,7 +173,7 @@ class LiveConfig:
     noise_epsilon_frac: float = _f(0.3, "relative scale-noise term of the noise model that floors live and batch rejection (protects star cores when seeing changes; 0.3 keeps a core 1.9x brighter than the others)")
     checkpoint_frames: int = _f(10, "checkpoint the running stack every N frames")
     checkpoint_interval_s: float = _f(600.0, "or every this many seconds")
-    exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle")
+    exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle, if it is estimated to take less than half the usual gap between frames (else at the end of the night, service.exact_pass_idle_s)")
     exact_pass_max_s: float = _f(1.0, "when idle, run the exact re-integration after every new frame while it is estimated to take less than this many seconds (the live image then equals the batch result); 0 disables")
     frame_store_budget_gb: float = _f(50.0, "disk budget of the frame store (the normalised frames the exact re-integration reads; 104 MB per 26 MP mono frame); over it the oldest frames of the least recently active stacks are evicted and recomputed from their raw files when an exact pass needs them; <= 0: no limit")
 
