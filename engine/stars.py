@@ -120,8 +120,9 @@ class FrameMetrics:
     """Per-frame measurements. NaN where a value could not be measured (``reason`` says why).
 
     stars: detected stars (not capped by ``max_stars``, hot pixels and artefacts excluded);
-    fwhm_px / fwhm_arcsec: median PSF FWHM (geometric mean of the axes); eccentricity: median
-    sqrt(1 - b^2/a^2); hfr: median half-flux radius of the fitted stars (px); background: median of
+    fwhm_px / fwhm_arcsec: median PSF FWHM (geometric mean of the axes, the pixel's own width taken
+    out); eccentricity: sqrt(1 - b^2/a^2) of the PSF as sampled (pixel included, as PixInsight
+    measures it) from the median ellipticity vector (`_frame_eccentricity`); hfr: median half-flux radius of the fitted stars (px); background: median of
     the sky mesh (data units); background_rms: sep's global RMS; noise: multiresolution noise
     (§1.2, central window) when available, else the background RMS (``noise_method`` says which); psf_snr:
     (sum of star fluxes)^2 / (noise^2 * sum of their areas), a PSF signal-to-noise figure;
@@ -306,8 +307,10 @@ class _Fit:
     x: float
     y: float
     fwhm: float
-    fwhm_a: float
+    fwhm_a: float  # axes of the PSF without the pixel (FWHM, px)
     fwhm_b: float
+    sampled_a: float  # axes as sampled (pixel included): what eccentricity is measured on
+    sampled_b: float
     ecc: float
     beta: float
     angle: float  # major axis position angle (radians from +x towards +y)
@@ -386,10 +389,15 @@ def fit_psf(
         return None
     fa = math.sqrt(fa2)
     fb = math.sqrt(fb2)
-    ecc = math.sqrt(max(0.0, 1.0 - (fb / fa) ** 2))
+    # FWHM without the pixel (the seeing), eccentricity as sampled (as PixInsight reports it, so that its
+    # approval thresholds mean the same here): taking the pixel out of both axes inflates the
+    # eccentricity of undersampled stars, e.g. 0.70 instead of 0.66 on a real 1.6 px frame
+    sa = k * ax_major
+    sb = k * ax_minor
+    ecc = math.sqrt(max(0.0, 1.0 - (sb / sa) ** 2))
     angle = math.atan2(float(vec[1, 0]), float(vec[0, 0]))
-    return _Fit(x=float(p[2]), y=float(p[3]), fwhm=math.sqrt(fa * fb), fwhm_a=fa, fwhm_b=fb, ecc=ecc, beta=beta,
-                angle=angle)
+    return _Fit(x=float(p[2]), y=float(p[3]), fwhm=math.sqrt(fa * fb), fwhm_a=fa, fwhm_b=fb, sampled_a=sa,
+                sampled_b=sb, ecc=ecc, beta=beta, angle=angle)
 
 
 def _frame_eccentricity(fits: list[_Fit], zones: np.ndarray | None = None) -> float:
@@ -402,8 +410,8 @@ def _frame_eccentricity(fits: list[_Fit], zones: np.ndarray | None = None) -> fl
     tilt) is kept by taking the vector median within 3x3 zones (>= 5 fits each) and the median of the
     zone magnitudes. Returns sqrt(2 chi/(1 + chi)).
     """
-    fa = np.array([f.fwhm_a for f in fits])
-    fb = np.array([f.fwhm_b for f in fits])
+    fa = np.array([f.sampled_a for f in fits])
+    fb = np.array([f.sampled_b for f in fits])
     ang = np.array([f.angle for f in fits])
     chi = (fa * fa - fb * fb) / (fa * fa + fb * fb)
     c1 = chi * np.cos(2.0 * ang)

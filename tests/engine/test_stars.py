@@ -398,3 +398,17 @@ def test_binned_detection_nan_region_and_errors() -> None:
     assert odd.metrics.stars > 50 and odd.background_map().shape == (399, 499)
     with pytest.raises(StackwatchError, match="detect_binning"):
         measure(img, detect_binning=3)
+
+
+def test_eccentricity_is_of_the_sampled_psf_on_undersampled_stars() -> None:
+    """Eccentricity is measured on the PSF as sampled (pixel included), as PixInsight reports it: an
+    undersampled PSF with optical axes 1.9 x 1.4 px (e = 0.676) is 2.02 x 1.56 px on the pixels (e = 0.637).
+    Taking the pixel out of both axes (the old way) reported the optical 0.676 and, on a real MicroObservatory
+    night, rejected frames as trailed that PixInsight's 0.7 threshold keeps."""
+    fa, fb = 1.9, 1.4
+    img, *_ = _field(fwhm=math.sqrt(fa * fb), ecc=math.sqrt(1 - (fb / fa) ** 2), angle=20.0, n=600, seed=5)
+    m = measure(img)
+    pix = 8.0 * math.log(2.0) / 12.0  # FWHM^2 of a 1-px box
+    sampled = math.sqrt(1 - (fb * fb + pix) / (fa * fa + pix))
+    assert abs(m.metrics.eccentricity - sampled) < 0.025, (m.metrics.eccentricity, sampled)
+    assert abs(m.metrics.fwhm_px / math.sqrt(fa * fb) - 1.0) < 0.06  # FWHM still without the pixel
