@@ -80,9 +80,15 @@ def _star_field(h: int, w: int, rng: np.random.Generator, n_stars: int) -> np.nd
     return img
 
 
+_DITHER = 8  # px; the field is drawn this much larger on each side and each frame is a shifted window
+
+
 def _frame(base: np.ndarray, i: int, rng: np.random.Generator, colour: bool) -> np.ndarray:
-    dy, dx = int(rng.integers(-8, 9)), int(rng.integers(-8, 9))
-    img = np.roll(base, (dy, dx), axis=(0, 1))
+    # a window, not np.roll: rolling wraps the sky gradient into a 150 ADU step at the border, which
+    # sep detects as a 1000 px line (a trail-like artefact in every frame)
+    dy, dx = int(rng.integers(-_DITHER, _DITHER + 1)), int(rng.integers(-_DITHER, _DITHER + 1))
+    h, w = base.shape[0] - 2 * _DITHER, base.shape[1] - 2 * _DITHER
+    img = base[_DITHER + dy : _DITHER + dy + h, _DITHER + dx : _DITHER + dx + w]
     noisy = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(12.0)
     if colour:  # RGGB: dim the R and B sites a little so the CFA is visible
         noisy[0::2, 0::2] *= 0.8
@@ -159,7 +165,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         factory = NumpyPipeline
     rng = np.random.default_rng(5)
     h, w = args.height, args.width
-    base = _star_field(h, w, rng, n_stars=max(200, int(h * w / 40000)))
+    base = _star_field(h + 2 * _DITHER, w + 2 * _DITHER, rng, n_stars=max(200, int(h * w / 40000)))
     closed: dict[str, float] = {}
     done: dict[str, float] = {}
     rss: list[float] = []
