@@ -21,21 +21,26 @@ A pure translation (every output pixel has the same fractional offsets) takes a 
 one set of weights: columns, then rows, in the same summation order as the per-pixel kernel.
 
 An affine map close to a translation (a dither with field rotation, a scale change, a meridian flip:
-|b|, |d| <= tan 2 deg * |e| for u = a x + b y + c, v = d x + e y + f) takes a separable two-pass path
-(Catmull-Smith): pass 1 resamples each source row j at u(x, j) = alpha x + beta j + gamma, pass 2 those
-rows at v, 6 taps each, per-pixel normalised LUT weights, in tiles of output pixels. Its taps in row j
-sit beta (j - v) px (beta = b / e) from the 2-D kernel's: a kernel sheared by beta, which departs from
-the 2-D result by at most ~3 |beta| times the local gradient (0.05 deg: 5e-4 of a saturated star's
-edge, 7.6e-4 sigma RMS over a 26 MP star field) and not at all when b = 0 (a scale; a 180-degree
-rotation needs no flipped copy of the source: the decomposition only needs e away from 0). Against the
-true band-limited image both kernels err the same (RMS within 1 % up to 10 deg); the bound is 2 deg
-because the departure from the 2-D kernel grows as tan(theta) (1.1 sigma at saturated cores, 0.025
-sigma RMS at 2 deg) and because the Catmull-Smith bottleneck (pass 1 compresses rows by cos(theta),
-e -> 0 at 90 deg) and the intermediate rows per tile (128 + 128 tan(theta)) grow with it. Beyond it,
+|b|, |d| <= 0.035 |e| ~ tan 2 deg, for u = a x + b y + c, v = d x + e y + f) takes a separable two-pass
+path (Catmull-Smith): pass 1 resamples each source row j at u(x, j) = alpha x + beta j + gamma, pass 2
+those rows at v, 6 taps each with per-pixel normalised LUT weights, in tiles of output pixels (26 MP,
+0.05 deg: 0.87 CPU-s against 1.25 for the 2-D kernel, bench/bench_resample.py). Its taps in row j sit
+beta (j - v) px (beta = b / e) from the 2-D kernel's: a kernel sheared by beta, which departs from the
+2-D result in proportion to beta and the local gradient (26 MP star field, in sky sigma: 0.05 deg 0.0019
+RMS, at most 0.6 beside the brightest stars; 2 deg 0.077 RMS, 2.1, and 9.5 at saturated cores) and not
+at all when b = 0 (a scale; a 180-degree rotation is a = e = -1 and needs no flipped copy of the source:
+the decomposition only needs e away from 0). Against the true band-limited image both kernels err the
+same (RMS within 1 % of each other up to 10 deg). The bound is 2 deg because the departure from the 2-D
+kernel grows as tan(theta), and with it the Catmull-Smith bottleneck (pass 1 compresses the rows by
+cos(theta) and e -> 0 at 90 deg) and the intermediate rows per tile (136 + 128 tan(theta)). Beyond it,
 for homographies and for ``clamp_method="pixinsight"`` the 2-D kernel runs. Same contracts: NaN outside
 the source, mirrored taps, a NaN among the taps used -> bilinear on the finite central 2x2, the local
 bound over the central 4x4 of the sheared kernel, the footprint (identical to the 2-D kernel's), and
-the variance factor of the weights used (mean over every 4th output column).
+the variance factor of the weights used (its mean over every 4th output column: 26 MP, within 4e-5 of
+the 2-D kernel's mean over every pixel). Measured (tests/engine/test_resample.py, there and back at
+0.01-0.5 deg, scale 1.005 and 180.4 deg): star flux +0.020-0.032 % at FWHM 2-5 px, as the 2-D kernel's
++0.03 %; one way, no pixel below the sky on the noiseless field, nor around hot pixels and saturated
+cores.
 
 Clamping, ``clamp_method="local"`` (default): the result is never below the lowest of the 16 source
 pixels of the central 4x4 taps. Lanczos undershoots (the ringing next to hot pixels, cosmic rays and
@@ -776,6 +781,9 @@ def warp(
         no ringing, star flux kept; see module doc) or "pixinsight" (PCL's rule). Default is "local".
     relative_clamp : with "pixinsight", never clamp below the weights' own negative/positive ratio
         (see module doc). Default is False.
+
+    A pure translation and an affine map within ~2 deg of a translation or of a 180-degree rotation run
+    as two 1-D passes, anything else as the per-pixel 2-D kernel (module doc).
     """
     if method not in METHODS:
         raise StackwatchError(f"unknown resampling method {method!r} (expected one of {', '.join(METHODS)})")

@@ -613,16 +613,154 @@ def _to_full_resolution(objs: np.ndarray, sub: np.ndarray) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------------- cleaning (§6.1)
+
+_CLEAN_BETA = 1.0  # SExtractor's CLEAN_PARAM: Moffat beta of the extrapolated wing (1 = r^-2, generous)
+_CLEAN_ZONE = 10.0  # a neighbour is considered within CLEAN_ZONE * (a_bright + median a), SExtractor's zone
+_CLEAN_CELL_PX = 16.0
+
+
+@njit(cache=True, nogil=True)
+def _clean_kernel(x, y, shape, wing, margin, order, cell_start, cell_members, grid, eater):  # pragma: no cover
+    """For every detection j, the brighter detection i whose extrapolated wing is the largest at j's position
+    among those whose wing exceeds j's detection margin: eater[j] = i, or -1.
+
+    shape[i] = (cxx, cyy, cxy, zone radius^2) of detection i; wing[i] = (amplitude, alpha) of its Moffat wing
+    amp (1 + alpha q)^-beta (q = cxx dx^2 + cyy dy^2 + cxy dx dy, beta = wing[0, 2]); margin[j]: how far j's
+    peak stands above the detection threshold; order[i]: rank by filtered flux (0 = brightest), which only
+    a brighter detection can remove. Detections are binned in square cells of grid[0] px (grid[1] x grid[2]
+    cells), cell_members listing detection indices cell by cell from cell_start; each source visits only
+    the cells of its zone, so the work is the number of pairs within the zones, not N^2.
+    """
+    n = x.shape[0]
+    beta = wing[0, 2]
+    cell = grid[0]
+    ncx = int(grid[1])
+    ncy = int(grid[2])
+    best = np.zeros(n)
+    for i in range(n):
+        amp = wing[i, 0]
+        alpha = wing[i, 1]
+        if not alpha > 0.0:
+            continue
+        cxx = shape[i, 0]
+        cyy = shape[i, 1]
+        cxy = shape[i, 2]
+        zone2 = shape[i, 3]
+        r = math.sqrt(zone2)
+        cx0 = max(0, int((x[i] - r) // cell))
+        cx1 = min(ncx - 1, int((x[i] + r) // cell))
+        cy0 = max(0, int((y[i] - r) // cell))
+        cy1 = min(ncy - 1, int((y[i] + r) // cell))
+        for cy in range(cy0, cy1 + 1):
+            for cx in range(cx0, cx1 + 1):
+                c = cy * ncx + cx
+                for k in range(cell_start[c], cell_start[c + 1]):
+                    j = cell_members[k]
+                    if order[j] <= order[i]:
+                        continue
+                    dx = x[j] - x[i]
+                    dy = y[j] - y[i]
+                    if dx * dx + dy * dy > zone2:
+                        continue
+                    q = cxx * dx * dx + cyy * dy * dy + cxy * dx * dy
+                    w = amp * (1.0 + alpha * q) ** (-beta)
+                    if w > margin[j] and w > best[j]:
+                        best[j] = w
+                        eater[j] = i
+
+
+def _clean(objs: np.ndarray, thresh: float, minarea: int, beta: float = _CLEAN_BETA) -> np.ndarray:
+    """Remove spurious detections in brighter detections' wings (SExtractor's CLEAN rule, §6.1) from a sep
+    catalogue extracted with clean=False; removed detections' flux and area go to the detection that
+    accounts for them. O(N log N): a spatial grid instead of sep's pairwise pass.
+
+    The rule (Bertin & Arnouts 1996, §3.4; CLEAN_PARAM = beta): a detection is kept only if it would still
+    have been detected without its brighter neighbours. Each detection's light is extrapolated by a Moffat
+    profile amp (1 + alpha q)^-beta in its own moment ellipse (q = cxx dx^2 + cyy dy^2 + cxy dx dy): amp is
+    the larger of the filtered peak and the Gaussian-equivalent peak of the filtered flux cflux / (2 pi a b)
+    (saturated cores are clipped, their flux much less so), alpha makes the profile fall to the threshold t
+    on the isophote (area npix = pi a b q_iso). beta = 1 (SExtractor's default) falls as r^-2, slower than
+    any real star's wing (beta 2-5): a generous estimate of the light a bright star puts there.
+    A fainter detection j is removed when that wing at its centre exceeds its detection margin: the height
+    of its minarea-th brightest filtered pixel above t, which is what the wing lifted it by at most. The
+    margin is modelled from sep's catalogue (sep does not report it): for a profile with a peak P_j (cpeak)
+    whose area above a level L falls as log(P_j / L) (a Gaussian), the minarea-th brightest pixel is at
+    L = P_j (t / P_j)^((minarea - 1/2) / (npix_j + 1/2)): the k-th brightest pixel centre encloses an area of
+    ~k - 1/2 pixels, the isophote ~npix + 1/2 (without the halves a detection of exactly minarea pixels
+    would have no margin at all and any neighbour's wing would remove it: 2.3x sep's removals of real
+    faint stars on binned frames, where minarea is 2). Only detections within _CLEAN_ZONE (a_i + median a) are compared,
+    SExtractor's zone. The pairwise comparison uses the strongest wing at each position (not the sum).
+    """
+    n = len(objs)
+    if n < 2 or not thresh > 0:
+        return objs
+    x = np.ascontiguousarray(objs["x"], dtype=np.float64)
+    y = np.ascontiguousarray(objs["y"], dtype=np.float64)
+    a = np.maximum(np.asarray(objs["a"], dtype=np.float64), 0.1)
+    b = np.maximum(np.asarray(objs["b"], dtype=np.float64), 0.1)
+    npix = np.maximum(np.asarray(objs["npix"], dtype=np.float64), 1.0)
+    cflux = np.asarray(objs["cflux"], dtype=np.float64)
+    peak = np.maximum(np.asarray(objs["cpeak"], dtype=np.float64), thresh)
+    unit = math.pi * a * b
+    amp = np.maximum(peak, cflux / (2.0 * unit))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        alpha = ((amp / thresh) ** (1.0 / beta) - 1.0) * unit / npix
+        level = peak * (thresh / peak) ** np.minimum(1.0, (minarea - 0.5) / (npix + 0.5))
+    alpha = np.where(np.isfinite(alpha), alpha, 0.0)
+    margin = np.where(np.isfinite(level), level - thresh, 0.0)
+    zone = _CLEAN_ZONE * (a + float(np.median(a)))
+    shape = np.ascontiguousarray(np.column_stack([objs["cxx"], objs["cyy"], objs["cxy"], zone * zone]),
+                                 dtype=np.float64)
+    wing = np.zeros((n, 3))
+    wing[:, 0] = amp
+    wing[:, 1] = alpha
+    wing[0, 2] = beta
+    # rank by filtered flux, ties by index: only a strictly brighter detection removes another
+    order = np.empty(n, dtype=np.int64)
+    order[np.lexsort((np.arange(n), -cflux))] = np.arange(n)
+    x0, y0 = float(x.min()), float(y.min())
+    ncx = int((x.max() - x0) // _CLEAN_CELL_PX) + 1
+    ncy = int((y.max() - y0) // _CLEAN_CELL_PX) + 1
+    cid = ((y - y0) // _CLEAN_CELL_PX).astype(np.int64) * ncx + ((x - x0) // _CLEAN_CELL_PX).astype(np.int64)
+    members = np.argsort(cid, kind="stable").astype(np.int64)
+    start = np.searchsorted(cid[members], np.arange(ncx * ncy + 1)).astype(np.int64)
+    eater = np.full(n, -1, dtype=np.int64)
+    _clean_kernel(x - x0, y - y0, shape, wing, margin, order, start, members,
+                  np.array([_CLEAN_CELL_PX, ncx, ncy], dtype=np.float64), eater)
+    removed = eater >= 0
+    if not removed.any():
+        return objs
+    # a removed detection's light goes to the detection that finally holds its eater (chains end: the
+    # eater is always brighter)
+    root = eater.copy()
+    while True:
+        nxt = np.where(root >= 0, eater[np.maximum(root, 0)], -1)
+        chained = nxt >= 0
+        if not chained.any():
+            break
+        root = np.where(chained, nxt, root)
+    out = objs.copy()
+    src = np.nonzero(removed)[0]
+    for name in ("flux", "cflux", "npix", "tnpix"):
+        if name in (objs.dtype.names or ()):
+            np.add.at(out[name], root[src], objs[name][src])
+    return out[~removed]
+
+
 def _extract(data: np.ndarray, thresh: float, mask: np.ndarray | None, minarea: int, kernel: np.ndarray,
-             clean: bool = True) -> tuple[np.ndarray, float, str]:
-    """sep.extract with retries on buffer overflow (threshold x1.5, up to 3 times)."""
+             clean: str = "moffat") -> tuple[np.ndarray, float, str]:
+    """sep.extract with retries on buffer overflow (threshold x1.5, up to 3 times), cleaned by `_clean`
+    ("moffat"), by sep ("sep") or not ("none")."""
     note = ""
     for attempt in range(4):
         try:
             objs = sep.extract(
                 data, thresh, mask=mask, minarea=minarea, filter_kernel=kernel, filter_type="matched",
-                deblend_nthresh=32, deblend_cont=0.005, clean=clean,
+                deblend_nthresh=32, deblend_cont=0.005, clean=clean == "sep",
             )
+            if clean == "moffat":
+                objs = _clean(objs, thresh, minarea)
             return objs, thresh, note
         except Exception as exc:  # sep raises a bare Exception on buffer overflow
             text = str(exc)
@@ -715,7 +853,7 @@ def measure(
     refine_background: bool = False,
     noise_window_px: int = 1024,
     detect_binning: int | None = None,
-    detect_clean: bool = True,
+    detect_clean: str = "moffat",
 ) -> Measurement:
     """Detect and measure the stars of a calibrated frame.
 
@@ -740,16 +878,19 @@ def measure(
         frame and detection on 2x2 means (a third of the time at 26 MP; positions, peaks, radii and PSF
         fits stay at full resolution); None = 2 for frames of >= 4 M pixels whose expected FWHM is >= 2.5 px
         (an undersampled PSF would merge close pairs), else 1. Default is None.
-    detect_clean : sep's cleaning of spurious detections in bright stars' wings (§6.1). False saves sep's
-        O(N^2) cleaning pass (about half of the extraction's time at 26 MP) and keeps ~1 % more faint
-        detections, which are not removed by any cheaper test here: an option, measured by
-        bench/bench_measure_register.py (star lists, FWHM, eccentricity, registration error, photometry).
-        Default is True.
+    detect_clean : removal of spurious detections in bright stars' wings (§6.1): "moffat" = SExtractor's
+        CLEAN rule (a detection goes when a brighter one's extrapolated Moffat wing, beta 1, accounts for
+        its detection margin) applied to sep's uncleaned catalogue on a spatial grid, O(N log N) (`_clean`);
+        "sep" = sep's own cleaning, the same rule pairwise, O(N^2): 2 s more CPU than "moffat" at 40 000
+        stars; "none" = no cleaning (~1 % more faint detections). Measured against simulated truth by
+        bench/bench_measure_register.py (case ``clean``). Default is "moffat".
     refine_background : second background pass with the detected stars masked (better map near bright
         stars and nebulae, +1 sep.Background pass: ~25 % of the measurement time). Default is False.
     """
     if psf_model not in ("moffat", "gaussian"):
         raise StackwatchError(f"unknown PSF model {psf_model!r} (expected moffat or gaussian)")
+    if detect_clean not in ("moffat", "sep", "none"):
+        raise StackwatchError(f"unknown detect_clean {detect_clean!r} (expected moffat, sep or none)")
     lum = luminance(image)
     h, w = lum.shape
     scale = float(pixel_scale_arcsec) if pixel_scale_arcsec and pixel_scale_arcsec > 0 else float("nan")
