@@ -4,8 +4,10 @@ Per update n = 1..N (after a warm-up that compiles or loads the numba cache on a
 and CPU time (time.process_time: all threads of the process), retroactive removals and arrival
 rejections; peak RSS; snapshot, checkpoint save and load (wall and CPU); and in the same run a
 numpy baseline, a plain running weighted mean of the same frames (S += w*y; W += w; S/W, no
-rejection), reported as a ratio. ``--live-module FILE`` (repeatable) also runs another version of
-live.py (e.g. one saved from git) in the same process, for before/after figures. Also times
+rejection), reported as a ratio; per update the 1-min load average and the fraction of pixels the
+k21 kernel sent through its full logic. ``--live-module FILE`` (repeatable) also runs another version
+of live.py (e.g. one saved from git: ``git show REV:engine/live.py > /tmp/live_before.py``) in the
+same process, for before/after figures. Also times
 normalize.apply and a normalize() fit unless --skip-normalize. Writes bench/results/live.json.
 Budget (design.md, §10): live update <= 0.3 s mono on 2 cores.
 
@@ -65,10 +67,15 @@ def _bench_stack(mod: Any, label: str, frame: Any, shape: tuple[int, int], bgrid
     for i in range(nfr):
         y = frame(i)
         r, wall, cpu = _timed(lambda y=y, i=i: st.update(f"f{i}", y, weight=1.0 + 0.02 * i, noise=0.002))
+        # pixels the k21 kernel sent through its full logic (the rest took the simple pass); None
+        # for versions without the pass
+        full = getattr(st, "_full_path_px", None)
         per.append({"n": i + 1, "wall_s": wall, "cpu_s": cpu, "retro": r.retro_removed,
-                    "arrival": r.rejected_high + r.rejected_low})
+                    "arrival": r.rejected_high + r.rejected_low, "load_1min": os.getloadavg()[0],
+                    "full_path_fraction": None if full is None else full / (h * w)})
         print(f"[{label}] update {i + 1:2d}: wall {wall:.3f} s cpu {cpu:.3f} s  retro {r.retro_removed}"
-              f"  arrival {r.rejected_high + r.rejected_low}  load {os.getloadavg()[0]:.1f}", flush=True)
+              f"  arrival {r.rejected_high + r.rejected_low}  load {os.getloadavg()[0]:.1f}"
+              + ("" if full is None else f"  full logic {full / (h * w):.2%}"), flush=True)
         del y
     out: dict[str, Any] = {"updates": per, "state_mb": st.nbytes / 1e6}
     tested = [p for p in per if p["n"] > 5] or per
@@ -76,6 +83,7 @@ def _bench_stack(mod: Any, label: str, frame: Any, shape: tuple[int, int], bgrid
     out["update_cpu_s_median_n_gt_5"] = statistics.median(p["cpu_s"] for p in tested)
     early = [p for p in per[1:5]] or per
     out["update_cpu_s_median_n_2_to_5"] = statistics.median(p["cpu_s"] for p in early)
+    out["load_1min_median_n_gt_5"] = statistics.median(p["load_1min"] for p in tested)
     out["rss_peak_mb_after_updates"] = _rss_mb()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         snap, out["snapshot_wall_s"], out["snapshot_cpu_s"] = _timed(st.snapshot)

@@ -465,3 +465,72 @@ def test_background_grid_is_a_writable_copy() -> None:
     first = LiveStack((64, 64), background=grid)
     grid[:] = 0.2  # the caller's array is not the stack's
     assert float(first._bgrid.max()) == 0.1
+
+
+def test_simple_pass_matches_full_logic_bit_for_bit(integrate_mod) -> None:
+    """The k21 kernel's vectorised simple pass (accept and insert where no decision can change) leaves
+    the state, events and rejection lists bit for bit as the full logic alone (`_simple = False`) and
+    the generic kernel do: colour with a noise level per channel, gain and ρ (a shot-noise term),
+    heavy-tailed noise (many samples near κσ), NaN edges, an exclusion and an exact pass in between."""
+    rng = np.random.default_rng(21)
+    n = 16
+    night = _night(n, seed=4)
+    shape = (3, H, W)
+    frames = []
+    for i in range(n):
+        f = night.frames[i]
+        y = np.stack([f, 0.8 * f, 1.2 * f]) + 0.002 * rng.standard_t(3, size=shape)
+        y[:, :, : (i % 4) * 3] = np.nan  # footprint edge
+        frames.append(y.astype(np.float32))
+    stacks = [LiveStack(shape, background=SKY) for _ in range(3)]
+    stacks[1]._simple = False
+    stacks[2]._generic = True
+
+    def add(i: int) -> list:
+        s = float(night.sigmas[i])
+        return [st.update(f"f{i}", frames[i], weight=float(night.weights[i]), noise=[s, 0.8 * s, 1.2 * s], rho=0.8,
+                          gain=400.0) for st in stacks]
+
+    npx = 3 * H * W
+    full = []
+    for i in range(10):
+        res = add(i)
+        assert res[0] == res[1] == res[2], i
+        full.append(stacks[0]._full_path_px / npx)
+    for st in stacks:
+        st.exclude("f3", frames[3])
+    ids = stacks[0].frame_ids
+    for st in stacks:
+        st.exact_pass(_sources([frames[int(f[1:])] for f in ids], integrate_mod))
+    for i in range(10, n):
+        res = add(i)
+        assert res[0] == res[1] == res[2], i
+        full.append(stacks[0]._full_path_px / npx)
+    print("fraction of pixels through the full logic per update:", np.round(full, 3))
+    # both paths did a share of the work (heavy tails and star cores send 20-40 % to the full logic
+    # here; ~1 % of a Gaussian sky frame)
+    assert max(full[5:]) < 0.6 and min(full[5:]) > 0.01
+    assert stacks[1]._full_path_px > 0.9 * npx
+    for name, arr in stacks[0]._arrays().items():
+        for other in stacks[1:]:
+            assert np.array_equal(arr, other._arrays()[name], equal_nan=True), name
+    for f in stacks[0].frame_ids:
+        la = stacks[0].rejections(f)
+        for other in stacks[1:]:
+            lb = other.rejections(f)
+            assert np.array_equal(la[0], lb[0]) and np.array_equal(la[1], lb[1]), f
+
+
+def test_a_snapshot_takes_updates() -> None:
+    """A snapshot is a full stack: it takes the next frame exactly as the original does (its scratch
+    buffers are reallocated, the arrival plane is not copied)."""
+    night = _night(8)
+    a = _stack(night)
+    for i in range(6):
+        _add(a, night, i)
+    snap = a.snapshot()
+    assert snap._arrival is None and snap._events is None
+    for i in range(6, 8):
+        assert _add(snap, night, i) == _add(a, night, i)
+    for name, arr in a._arrays().items():
+        assert np.array_equal(arr, snap._arrays()[name], equal_nan=True), name
