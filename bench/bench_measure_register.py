@@ -7,10 +7,14 @@ or sep baseline measured in the same process, as a ratio:
 
 - ``measure``: `stars.measure` as the service runs it (detect_binning auto = 2 at 26 MP: background on
   the decimated frame, detection on 2x2 means; MRS noise on the central 1024^2, in a thread next to
-  sep), with the noise given, without sep's cleaning (detect_clean=False, an option; ``clean_off_vs_on``
-  compares star lists, FWHM, eccentricity, registration error and matched-star flux ratios of both), and
-  at full resolution (detect_binning=1). ``mrs_noise_1024`` times the noise estimate alone. Baseline: a
-  bare ``sep.Background`` + ``subfrom`` + ``sep.extract`` at 5 sigma (what any sep user pays at least).
+  sep; our grid cleaning, detect_clean="moffat"), with the noise given, with sep's pairwise cleaning
+  (detect_clean="sep") and without cleaning ("none"; ``clean_modes`` compares star lists, FWHM,
+  eccentricity, registration error and matched-star flux ratios of the three), and at full resolution
+  (detect_binning=1). ``mrs_noise_1024`` times the noise estimate alone. Baseline: a bare
+  ``sep.Background`` + ``subfrom`` + ``sep.extract`` at 5 sigma (what any sep user pays at least).
+- ``clean``: the three cleanings against rendered truth (`_clean_truth`): real stars found, spurious
+  detections (overall and in bright stars' wings) and the CPU of sep.extract (+ our rule) on the frame sep
+  sees in `stars.measure`, for ~8 000 and ~34 000 detections at 26 MP and FWHM 1.6 / 5 px at 3 MP.
 - ``match``: `register.register` of the frame's catalogue against the reference, fast path (previous
   transform given) and triangle fallback (no previous, 40 deg rotation); baseline
   ``astroalign.find_transform`` on the same star lists.
@@ -25,6 +29,7 @@ every timing, ``<step>_load_1min``): CPU time / 2 estimates the wall time
 of the numba-parallel steps on 2 idle cores, CPU time that of the single-threaded sep steps.
 
     .venv/bin/python bench/bench_measure_register.py [--width 6248 --height 4176] [--repeat 3]
+        [--cases measure,clean,match,resample]
 
 Writes bench/results/measure_register.json.
 """
@@ -119,9 +124,9 @@ def _ratio(out: dict[str, Any], name: str, base: str) -> None:
 
 
 def _clean_comparison(folder: Path, ref_img: np.ndarray, img: np.ndarray, m_on: Any) -> dict[str, Any]:
-    """measure(detect_clean=False) against the default (sep's cleaning, §6.1) on the same frames: star
-    lists, PSF metrics, registration error and the ref/frame flux ratios of matched clean stars (what the
-    photometric normalisation fits)."""
+    """measure(detect_clean="sep") (sep's pairwise cleaning) and "none" against the default ("moffat", our
+    grid cleaning, §6.1) on the same frames: star lists, PSF metrics, registration error and the
+    ref/frame flux ratios of matched clean stars (what the photometric normalisation fits)."""
     from scipy.spatial import cKDTree
     from stackwatch.engine.register import ReferenceCatalog, apply_transform, register, transform_error
     from stackwatch.engine.stars import measure
@@ -130,9 +135,9 @@ def _clean_comparison(folder: Path, ref_img: np.ndarray, img: np.ndarray, m_on: 
     h, w = img.shape
     rec: dict[str, Any] = {}
     tables = {}
-    for label, clean in (("on", True), ("off", False)):
-        m = m_on if clean else measure(img, detect_clean=False)
-        ref_m = measure(ref_img, detect_clean=clean)
+    for label in ("moffat", "sep", "none"):
+        m = m_on if label == "moffat" else measure(img, detect_clean=label)
+        ref_m = measure(ref_img, detect_clean=label)
         tables[label] = m.stars
         ref = ReferenceCatalog.from_stars(ref_m.stars, shape=(h, w))
         r = register(ref, m.stars)
@@ -152,13 +157,113 @@ def _clean_comparison(folder: Path, ref_img: np.ndarray, img: np.ndarray, m_on: 
         rec[f"{label}_photometry_pairs"] = int(ok.sum())
         rec[f"{label}_flux_ratio_median"] = round(med, 5)
         rec[f"{label}_flux_ratio_mad"] = round(1.4826 * float(np.median(np.abs(ratio - med))), 5)
-    on, off = tables["on"], tables["off"]
-    d, j = cKDTree(np.column_stack([off.x, off.y])).query(np.column_stack([on.x, on.y]))
-    rec["table_rows_on"] = len(on)
-    rec["table_rows_on_found_off"] = int(np.count_nonzero(d < 0.05))
-    rec["table_position_shift_max_px"] = round(float(d[d < 0.05].max()), 5) if np.any(d < 0.05) else None
-    rec["fwhm_rel_change"] = round(rec["off_fwhm_px"] / rec["on_fwhm_px"] - 1.0, 6)
-    rec["eccentricity_change"] = round(rec["off_eccentricity"] - rec["on_eccentricity"], 6)
+    ours = tables["moffat"]
+    for label in ("sep", "none"):
+        other = tables[label]
+        d, _j = cKDTree(np.column_stack([other.x, other.y])).query(np.column_stack([ours.x, ours.y]))
+        rec[f"table_rows_moffat_found_{label}"] = int(np.count_nonzero(d < 0.05))
+        rec[f"{label}_fwhm_rel_change"] = round(rec[f"{label}_fwhm_px"] / rec["moffat_fwhm_px"] - 1.0, 6)
+        rec[f"{label}_eccentricity_change"] = round(rec[f"{label}_eccentricity"] - rec["moffat_eccentricity"], 6)
+    rec["table_rows_moffat"] = len(ours)
+    return rec
+
+
+_SKY_E, _READ_E = 800.0, 5.0
+
+
+def _truth_field(h: int, w: int, n: int, fwhm: float, beta: float, n_bright: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A mono field of n stars (power-law fluxes, most near the detection limit) and n_bright bright stars
+    (3e5-3e7 e-, most saturated: clipped at 65535 e-, gain 1), sky 800 e-, read noise 5 e-."""
+    from stackwatch.engine.simulate_sky import render_stars
+
+    rng = np.random.default_rng(seed)
+    xs = np.r_[rng.uniform(-20, w + 20, n), rng.uniform(30, w - 30, n_bright)]
+    ys = np.r_[rng.uniform(-20, h + 20, n), rng.uniform(30, h - 30, n_bright)]
+    fl = np.r_[10 ** (rng.uniform(0, 1, n) ** 0.6 * 2.6 + 2.3), 10 ** rng.uniform(5.5, 7.5, n_bright)]
+    img = np.full((h, w), _SKY_E, dtype=np.float32)
+    render_stars(img, xs, ys, fl, fwhm_px=fwhm, beta=beta)
+    img = rng.poisson(img).astype(np.float32) + rng.normal(0, _READ_E, img.shape).astype(np.float32)
+    img = np.minimum(img, 65535.0) / np.float32(65535.0)
+    return img.astype(np.float32), xs, ys, fl
+
+
+def _clean_truth(h: int, w: int, n: int, fwhm: float, beta: float, n_bright: int, seed: int) -> dict[str, Any]:
+    """sep's cleaning, ours and none on the frame sep sees inside `stars.measure` (binned at >= 4 MP),
+    against the rendered truth: a detection is real when a true star (of peak >= 1 sigma of the sky: nothing
+    fainter can make a 5 sigma detection) lies within max(1.5, FWHM/2) px, else spurious; "in wings" = within
+    the radius where a bright star's (peak >= 300 sigma) true profile is above 1 sigma. CPU of sep.extract
+    (+ our rule) on that frame, best of 2."""
+    import sep
+    from scipy.spatial import cKDTree
+    from stackwatch.engine import stars
+    from stackwatch.engine.simulate_sky import moffat_alpha
+
+    img, xs, ys, fl = _truth_field(h, w, n, fwhm, beta, n_bright, seed)
+    cap: dict[str, Any] = {}
+    orig = stars._extract
+
+    def spy(data: np.ndarray, thresh: float, mask: Any, minarea: int, kernel: np.ndarray,
+            clean: str = "moffat") -> Any:
+        cap.update(data=data.copy(), thresh=thresh, mask=mask, minarea=minarea, kernel=kernel)
+        return orig(data, thresh, mask, minarea, kernel, clean)
+
+    stars._extract = spy  # type: ignore[assignment]
+    try:
+        stars.measure(img, fwhm_guess_px=fwhm, saturation=1.0)
+    finally:
+        stars._extract = orig  # type: ignore[assignment]
+    data, thresh, minarea = cap["data"], cap["thresh"], cap["minarea"]
+    kw = {"mask": cap["mask"], "minarea": minarea, "filter_kernel": cap["kernel"], "filter_type": "matched",
+          "deblend_nthresh": 32, "deblend_cont": 0.005}
+    binned = data.shape[0] < img.shape[0]
+    sigma = math.sqrt(_SKY_E + _READ_E**2)
+    alpha = moffat_alpha(fwhm, beta)
+    peak_e = fl * (beta - 1) / (math.pi * alpha * alpha)
+    visible = peak_e >= sigma
+    tx, ty = xs[visible], ys[visible]
+    bright = peak_e >= 300 * sigma
+    r_wing = alpha * np.sqrt(np.maximum((peak_e[bright] / sigma) ** (1 / beta) - 1, 0))
+    btree = cKDTree(np.column_stack([xs[bright], ys[bright]]))
+    r_match = max(1.5, 0.5 * fwhm)
+    ttree = cKDTree(np.column_stack([tx, ty]))
+
+    def in_wing(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        out = np.zeros(px.size, dtype=bool)
+        if px.size == 0 or not bright.any():
+            return out
+        for k, members in enumerate(btree.query_ball_point(np.column_stack([px, py]), r=float(r_wing.max()))):
+            for i in members:
+                dd = math.hypot(px[k] - xs[bright][i], py[k] - ys[bright][i])
+                out[k] |= r_match < dd < r_wing[i]
+        return out
+
+    rec: dict[str, Any] = {"shape": [h, w], "fwhm_px": fwhm, "beta": beta, "binned_detection": binned,
+                           "true_stars_visible": int(visible.sum()), "bright_stars": int(bright.sum()),
+                           "load_1min": round(os.getloadavg()[0], 2)}
+    for mode in ("sep", "moffat", "none"):
+        best = rule = math.inf
+        for _ in range(2):
+            c0 = time.process_time()
+            o = sep.extract(data, thresh, clean=mode == "sep", **kw)
+            c1 = time.process_time()
+            if mode == "moffat":
+                o = stars._clean(o, thresh, minarea)
+            c2 = time.process_time()
+            if c2 - c0 < best:
+                best, rule = c2 - c0, c2 - c1
+        x, y = np.asarray(o["x"]), np.asarray(o["y"])
+        if binned:
+            x, y = 2.0 * x + 0.5, 2.0 * y + 0.5
+        d, j = ttree.query(np.column_stack([x, y]))
+        real = d <= r_match
+        found = np.unique(j[real])
+        rec[mode] = {"detections": len(o), "real_stars_found": int(found.size),
+                     "real_found_in_wings": int(in_wing(tx[found], ty[found]).sum()),
+                     "spurious": int((~real).sum()), "spurious_in_wings": int((~real & in_wing(x, y)).sum()),
+                     "extract_cpu_s": round(best, 4)}
+        if mode == "moffat":
+            rec[mode]["rule_cpu_s"] = round(rule, 4)
     return rec
 
 
@@ -175,7 +280,8 @@ def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
         from stackwatch.engine import stats
 
         img = np.load(folder / "frame.npy")
-        for label, kw in (("measure", {}), ("measure_no_clean", {"detect_clean": False}),
+        for label, kw in (("measure", {}), ("measure_sep_clean", {"detect_clean": "sep"}),
+                          ("measure_no_clean", {"detect_clean": "none"}),
                           ("measure_full_res", {"detect_binning": 1})):
             m = measure(img, **kw)
             out[f"{label}_stars"] = m.metrics.stars
@@ -185,7 +291,7 @@ def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
             out[f"{label}_psf_fits"] = m.metrics.psf_fits
         m = measure(img)
         noise = m.metrics.noise
-        out["clean_off_vs_on"] = _clean_comparison(folder, ref_img, img, m)
+        out["clean_modes"] = _clean_comparison(folder, ref_img, img, m)
 
         def sep_only() -> Any:
             b = sep.Background(img)
@@ -200,10 +306,18 @@ def _case(name: str, folder: Path, repeat: int) -> dict[str, Any]:
         _step(out, "mrs_noise_1024", lambda: stats.mrs_noise(window, valid_range=(-np.inf, 0.99998)), repeat)
         _step(out, "measure", lambda: measure(img), repeat)
         _step(out, "measure_noise_given", lambda: measure(img, noise=noise), repeat)
-        _step(out, "measure_no_clean", lambda: measure(img, detect_clean=False), repeat)
+        _step(out, "measure_sep_clean", lambda: measure(img, detect_clean="sep"), repeat)
+        _step(out, "measure_no_clean", lambda: measure(img, detect_clean="none"), repeat)
         _step(out, "measure_full_res", lambda: measure(img, detect_binning=1), repeat)
-        for label in ("measure", "measure_noise_given", "measure_no_clean", "measure_full_res"):
+        for label in ("measure", "measure_noise_given", "measure_sep_clean", "measure_no_clean", "measure_full_res"):
             _ratio(out, label, "baseline_sep")
+    elif name == "clean":
+        # (label, h, w, rendered stars, FWHM, beta, bright stars): ~8 000 and ~34 000 detections at 26 MP
+        # (binned detection, 1.6 px stars on the binned frame), and undersampled / wide PSFs at 3 MP
+        fields = [("26mp_8k", 4176, 6248, 13000, 3.2, 2.5, 30), ("26mp_40k", 4176, 6248, 70000, 3.2, 2.5, 30),
+                  ("3mp_fwhm1.6", 1500, 2000, 3000, 1.6, 2.5, 12), ("3mp_fwhm5_beta2", 1500, 2000, 3000, 5.0, 2.0, 12)]
+        for k, (label, hh, ww, n, fw, beta, nb) in enumerate(fields):
+            out[label] = _clean_truth(hh, ww, n, fw, beta, nb, seed=11 + k)
     elif name == "match":
         import astroalign
 
@@ -270,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=4176)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--case", default="")
+    ap.add_argument("--cases", default="measure,clean,match,resample", help="cases to run, comma-separated")
     ap.add_argument("--folder", default="")
     args = ap.parse_args(argv)
     if args.case:
@@ -285,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         _render(folder / "frame.npy", args.height, args.width, truth, seed=3)
         np.save(folder / "truth.npy", truth)
         print(f"rendered two {args.width}x{args.height} frames in {time.perf_counter() - t0:.1f} s", flush=True)
-        for case in ("measure", "match", "resample"):
+        for case in args.cases.split(","):
             proc = subprocess.run(
                 [sys.executable, __file__, "--case", case, "--folder", str(folder), "--repeat", str(args.repeat)],
                 capture_output=True, text=True, check=False,
