@@ -83,8 +83,9 @@ CLAMP_METHODS = ("local", "pixinsight")
 _LUT_STEPS = 4096  # LUT entries per unit of fractional offset
 _TWO_PASS_MAX_SHEAR = 0.035  # ~tan(2 deg): see the module doc
 _TWO_PASS_TILE = (128, 128)  # output rows, columns of one two-pass tile (buffers ~350 kB: in L2)
-# warp_mask: per True pixel the forward path tests 16 candidates (and writes 9 per hit), about 32
-# inverse-mapped output pixels' worth of work; below one True pixel in that many output pixels it wins
+# warp_mask: per True pixel the forward path tests ~25 candidates (the bounding box of the pixel's image
+# and a pixel of margin) and writes 9 per hit, about 32 inverse-mapped output pixels' worth of work; below
+# one True pixel in that many output pixels it wins (26 MP, 8549 saturated pixels: 14 ms vs 134 ms CPU)
 _SPARSE_MASK_COST = 32
 _SPARSE_MASK_MAX_SPAN = 16.0  # output pixels one source pixel's square may span before the dense path takes over
 
