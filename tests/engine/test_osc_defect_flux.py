@@ -37,6 +37,10 @@ def test_defect_at_a_star_core_keeps_the_channel_flux(fwhm: float) -> None:
     defects = cosmetic.DefectMap.from_arrays((SIZE, SIZE), {"HOT": np.array([32 * SIZE + 32])})
     fixed = cosmetic.correct(cfa_img, defects=defects, bayer="RGGB", auto=False).data
     r = cfa.debayer(fixed, "RGGB")[0].astype(np.float64) - 0.01
+    if np.isnan(r).any():
+        # the other fix: the defect stays "no data" and the frame drops out of the stack there
+        assert np.isnan(r[32, 32])
+        return
     # 2 %: the debayer alone is 0.7 % off for this phase (a star centred on an R sample, see test_cfa)
     assert abs(r.sum() / truth.sum(dtype=np.float64) - 1.0) < 0.02
 
