@@ -499,7 +499,7 @@ class Pipeline:
             defects = self.library.defects(ms.dark, bias=ms.bias, flat=ms.flat, hot_sigma=cfg.calibration.hot_sigma)
             cc = cosmetic.correct(data, defects=defects, bayer=bayer, auto=True, sigma=cfg.calibration.auto_cosmetic_sigma)
             data = cc.data
-            notes.append(f"cosmetic: {cc.replaced} replaced, {cc.nan} set to NaN")
+            notes.append(f"cosmetic: {cc.replaced} replaced, {cc.nan} set to NaN, {cc.kept_in_stars} mapped kept in stars")
         t_cal, c_cal = time.perf_counter(), time.process_time()
         saturated = cal.saturated
         if bayer:

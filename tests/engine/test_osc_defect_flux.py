@@ -2,10 +2,12 @@
 
 The simulated OSC night's brightest stars lost up to 28 % of one channel's flux in single frames (3.8 %
 in the stack): warm pixels of the master dark's defect map landed on their cores as the frames were
-dithered. `cosmetic.correct` replaces a defect by the median of its same-colour neighbours; on a CFA
+dithered. `cosmetic.correct` replaced a defect by the median of its same-colour neighbours; on a CFA
 those are 2 px away (R, B) where a FWHM-3 star holds a fifth of its core value, and the core R sample
-carries a third of the star's R flux. A mono frame loses far less (adjacent neighbours). No rejection
-catches it: the deficit is below the noise floor of the star core (ε = 0.3).
+carries a third of the star's R flux (-24 % R at FWHM 3, -11 % at 4; G -12 %, -6 %; mono -3 %, -1 %).
+No rejection catches it: the deficit is below the noise floor of the star core (ε = 0.3). Now a mapped
+hot/cold pixel inside a star keeps its calibrated value (the dark fixed it), unless that value is not
+one a star pixel can have (a residual the dark did not remove), which is replaced as before.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ def _star(fwhm: float, x: float, y: float, flux: np.ndarray, cmap: np.ndarray) -
     return img
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cosmetic.correct replaces a CFA defect by the median of its same-colour neighbours 2 px away: -24 % of "
-    "the R flux for a FWHM-3 star centred on the defect, -11 % at FWHM 4 (G -12 %, -6 %; mono -3 %, -1 %) (fix in engine/cosmetic.py: estimate the value from "
-    "the edge-adjacent pixels with the local colour ratio, or leave NaN so the frame drops out of the stack there)"))
 @pytest.mark.parametrize("fwhm", [3.0, 4.0])
 def test_defect_at_a_star_core_keeps_the_channel_flux(fwhm: float) -> None:
     flux = np.array([0.8, 1.0, 0.7])
@@ -54,3 +52,21 @@ def test_defect_off_the_star_leaves_the_channel_flux() -> None:
     r = cfa.debayer(fixed, "RGGB")[0].astype(np.float64) - 0.01
     r0 = cfa.debayer(cfa_img, "RGGB")[0].astype(np.float64) - 0.01
     assert abs(r.sum() / r0.sum() - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize(("bayer", "fwhm"), [("RGGB", 3.0), (None, 3.0), (None, 2.0)])
+def test_defect_the_dark_did_not_fix_is_still_replaced_in_a_star(bayer: str | None, fwhm: float) -> None:
+    flux = np.array([0.8, 1.0, 0.7])
+    cmap = simulate_sky.bayer_channel_map("RGGB") if bayer else np.zeros((2, 2), np.int64)
+    rng = np.random.default_rng(3)
+    img = _star(fwhm, 32.0, 32.0, flux, cmap) + rng.normal(0, 1e-4, (SIZE, SIZE)).astype(np.float32)
+    clean = img.copy()
+    p = 32 * SIZE + 32
+    img.ravel()[p] += 5.0 * float(img.ravel()[p])  # a residual 5x the star's core: not a star pixel
+    defects = cosmetic.DefectMap.from_arrays((SIZE, SIZE), {"HOT": np.array([p])})
+    res = cosmetic.correct(img, defects=defects, bayer=bayer, auto=False)
+    assert res.kept_in_stars == 0 and res.replaced == 1
+    assert res.data.ravel()[p] < 1.5 * clean.ravel()[p]
+    # and the same defect with a value the dark did fix is kept as it is
+    res2 = cosmetic.correct(clean, defects=defects, bayer=bayer, auto=False)
+    assert res2.kept_in_stars == 1 and res2.data.ravel()[p] == clean.ravel()[p]
