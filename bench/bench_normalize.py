@@ -13,17 +13,26 @@ each variant is timed ``--repeat`` times (median): ``normalize`` (fit) and ``app
   discrepancy principle by refitting, evaluated on the node grid, and
   scipy.ndimage.map_coordinates (cubic) to upsample inside y = m·x + g.
 
+Colour case (``--cases``, default both): the same scene as three channels of different brightness
+and noise ((3, H, W); reference c = k_c·mono reference + an offset, frame c = 0.8·reference c + the
+dome × d_c + noise k_c·σ), timed for ``engine`` and every ``--module`` in the same run, with each
+module's scales and gradient grids against the engine's (identical results expected after a pure
+speed change). BLAS runs on one thread as in the service (daemon/cli.py sets OPENBLAS_NUM_THREADS=1
+before numpy loads: threaded OpenBLAS took 0.5-3.8 s for the 500-sample eigendecomposition on the
+loaded 2-core machine instead of 0.03 s); the environment's value wins.
+
 Accuracy: each variant's gradient (apply of a zero frame) against the truth, RMS and max in units
 of the frame noise σ (in the whole frame and the outer 32 px band, on a 1-in-8 pixel lattice away
 from stars), and its scale against 1.25. The machine is shared: compare CPU times, and ratios
 measured in the same run. Writes bench/results/normalize.json.
 
-    .venv/bin/python bench/bench_normalize.py [--repeat 3] [--max-samples 600] [--module FILE]
+    .venv/bin/python bench/bench_normalize.py [--repeat 3] [--max-samples 600] [--module FILE] [--cases mono,colour]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -36,10 +45,14 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy.interpolate import RBFInterpolator
-from scipy.ndimage import map_coordinates
-from stackwatch.engine import normalize as nz
+# as the service (daemon/cli.py): numba has the cores, BLAS threads on top oversubscribe them
+for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
+
+import numpy as np  # noqa: E402 (after the BLAS setting)
+from scipy.interpolate import RBFInterpolator  # noqa: E402
+from scipy.ndimage import map_coordinates  # noqa: E402
+from stackwatch.engine import normalize as nz  # noqa: E402
 
 H, W = 4176, 6248
 SIG = 0.002
@@ -77,7 +90,10 @@ def _scene(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def _load(path: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"normalize_{abs(hash(path))}", path)
+    # a name stable across runs: numba's on-disk cache of the module's kernels records it, and a
+    # salted hash(path) made the next run's cache load fail (ModuleNotFoundError)
+    name = "normalize_" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -168,6 +184,95 @@ def _time(fn: Any, repeat: int) -> tuple[float, float, float, Any]:
     return statistics.median(walls), statistics.median(cpus), max(peaks), res
 
 
+COLOUR_GAIN = (1.0, 0.6, 1.3)  # k_c: channel brightness and noise relative to the mono scene
+COLOUR_DOME = (1.0, 0.7, 1.4)  # d_c: the light dome's colour
+
+
+def _colour_scene(h: int, w: int, dome: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) reference and frame: the mono scene's sky and stars scaled per channel, the frame
+    = 0.8·reference + the dome × d_c, each channel with its own noise k_c·σ (independent channels,
+    so their outlier bins differ as in a real one-shot-colour frame)."""
+    rng = np.random.default_rng(6)
+    scene = np.zeros((h, w), np.float32)
+    add_star_grid(scene, rng)  # the mono scene's star positions (a fixed grid), other amplitudes
+    scene += 0.1 + 0.01 * np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    ref = np.empty((3, h, w), np.float32)
+    frame = np.empty((3, h, w), np.float32)
+    for c, (k, d) in enumerate(zip(COLOUR_GAIN, COLOUR_DOME, strict=True)):
+        ref[c] = k * scene + 0.01 * c
+        ref[c] += rng.normal(0, k * SIG, (h, w)).astype(np.float32)
+        frame[c] = 0.8 * k * scene + 0.008 * c + d * dome
+        frame[c] += rng.normal(0, k * SIG, (h, w)).astype(np.float32)
+    return ref, frame
+
+
+def _colour_case(dome: np.ndarray, stars: np.ndarray, variants: list[tuple[str, Any]], args: Any) -> dict[str, Any]:
+    """Times normalize + apply on a 26 MP (3, H, W) frame for every variant; each module's results
+    against the first variant's (scales, gradient grids, the applied frame)."""
+    h, w = dome.shape
+    ref, frame = _colour_scene(h, w, dome)
+    sig = [k * SIG for k in COLOUR_GAIN]
+    kw = dict(frame_stars=stars, ref_stars=stars, frame_noise=sig, ref_noise=sig, fwhm_px=3.0,
+              max_samples=args.max_samples)
+    lattice = np.zeros((h, w), bool)
+    lattice[::8, ::8] = True
+    for x, y in stars:
+        ix, iy = round(x), round(y)
+        lattice[max(0, iy - 15) : iy + 16, max(0, ix - 15) : ix + 16] = False
+    out: dict[str, Any] = {"load_average_1min_start": os.getloadavg()[0]}
+    first: tuple[Any, np.ndarray] | None = None
+    small = _crop_kw(kw, stars)
+    for name, mod in variants:
+        mod.apply(frame[:, :1024, :1024], mod.normalize(frame[:, :1024, :1024], ref[:, :1024, :1024], **small))  # warm-up
+        load0 = os.getloadavg()[0]
+        fw, fc, fm, norm = _time(lambda mod=mod: mod.normalize(frame, ref, **kw), args.repeat)
+        aw, ac, am, y = _time(lambda mod=mod, norm=norm: mod.apply(frame, norm), args.repeat)
+        r: dict[str, Any] = {"fit_wall_s": fw, "fit_cpu_s": fc, "fit_peak_traced_mb": fm, "apply_wall_s": aw,
+                             "apply_cpu_s": ac, "apply_peak_traced_mb": am, "total_wall_s": fw + aw,
+                             "total_cpu_s": fc + ac, "load_average_1min": [load0, os.getloadavg()[0]],
+                             "scales": [c.scale for c in norm.channels]}
+        rows = min(h, 1024)
+        grad = mod.apply(np.zeros_like(frame[:, :rows]), _crop_norm(mod, norm, rows)).astype(np.float64)
+        errs = []
+        for c, d in enumerate(COLOUR_DOME):
+            e = (grad[c] + 1.25 * d * dome[:rows].astype(np.float64)) / sig[c]
+            errs.append(float(np.sqrt(np.mean(e[lattice[:rows]] ** 2))))
+        r["gradient_rms_sigma_top_1024_rows"] = errs
+        if first is None:
+            first = (norm, y)
+        else:
+            n0, y0 = first
+            r["vs_" + variants[0][0]] = {
+                "scale_rel_max": max(abs(a.scale / b.scale - 1) for a, b in zip(norm.channels, n0.channels, strict=True)),
+                "offset_max_over_sigma": max(
+                    float(np.max(np.abs(a.offset.astype(np.float64) - b.offset))) / sg
+                    for a, b, sg in zip(norm.channels, n0.channels, sig, strict=True)
+                ),
+                "apply_identical": bool(np.array_equal(y, y0, equal_nan=True)),
+            }
+        out[name] = r
+        print(f"colour {name:>15}: fit {fw:.3f} s (cpu {fc:.3f}, peak {fm:.0f} MB)  apply {aw:.3f} s (cpu {ac:.3f})"
+              f"  total {fw + aw:.3f} s (cpu {fc + ac:.3f})  load {load0:.2f}-{os.getloadavg()[0]:.2f}  scales "
+              + " ".join(f"{v:.6f}" for v in r["scales"]) + "  gradient err/σ rms " + " ".join(f"{v:.4f}" for v in errs)
+              + (f"  vs {variants[0][0]}: {r['vs_' + variants[0][0]]}" if "vs_" + variants[0][0] in r else ""),
+              flush=True)
+        del norm, y, grad
+    return out
+
+
+def _crop_kw(kw: dict[str, Any], stars: np.ndarray) -> dict[str, Any]:
+    """Arguments for the warm-up on the top-left 1024² crop: its ~100 stars take the NSG path, so
+    every kernel is compiled or loaded before timing (a 512² crop fell back to global)."""
+    inside = stars[(stars[:, 0] < 1000) & (stars[:, 1] < 1000)]
+    return {**kw, "frame_stars": inside, "ref_stars": inside}
+
+
+def _crop_norm(mod: Any, norm: Any, rows: int) -> Any:
+    """The normalisation restricted to the top rows (the gradient check on a crop: less memory)."""
+    return mod.Normalization(channels=norm.channels, shape=(norm.shape[0], rows, norm.shape[2]), step_px=norm.step_px,
+                             method=norm.method, reason=norm.reason, reference_id=norm.reference_id)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
@@ -175,7 +280,9 @@ def main() -> None:
     ap.add_argument("--module", action="append", default=[], help="another normalize.py to time in the same run")
     ap.add_argument("--width", type=int, default=W)
     ap.add_argument("--height", type=int, default=H)
+    ap.add_argument("--cases", default="mono,colour", help="comma-separated: mono, colour")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
     h, w = args.height, args.width
     ref, frame, dome, stars = _scene(h, w)
     truth = -1.25 * dome.astype(np.float64)  # g = ref − m·frame on the sky
@@ -196,10 +303,9 @@ def main() -> None:
     eng = nz.normalize(frame, ref, **kw)
     _NumpyScipy.scale, _NumpyScipy.node, _NumpyScipy.gshape = eng.scale, eng.step_px, eng.channels[0].offset.shape
     del eng
-    for name, mod in variants:
+    for name, mod in variants if "mono" in cases else []:
         if mod is not _NumpyScipy:  # warm-up: numba compile or cache load
-            mod.normalize(frame[:512, :512], ref[:512, :512], **{**kw, "frame_stars": stars[:40], "ref_stars": stars[:40]})
-            mod.apply(frame[:512, :512], mod.normalize(frame[:512, :512], ref[:512, :512], **{**kw, "frame_stars": stars[:40], "ref_stars": stars[:40]}))
+            mod.apply(frame[:1024, :1024], mod.normalize(frame[:1024, :1024], ref[:1024, :1024], **_crop_kw(kw, stars)))
         fw, fc, fm, norm = _time(lambda mod=mod: mod.normalize(frame, ref, **kw), args.repeat)
         aw, ac, am, _ = _time(lambda mod=mod, norm=norm: mod.apply(frame, norm), args.repeat)
         grad = mod.apply(zero, norm).astype(np.float64)
@@ -217,13 +323,16 @@ def main() -> None:
               f"  scale {scale:.5f}  gradient err/σ rms {r['gradient_rms_sigma']:.4f} max {r['gradient_max_sigma']:.3f}"
               f"  band rms {r['gradient_band_rms_sigma']:.4f} max {r['gradient_band_max_sigma']:.3f}", flush=True)
         del norm, grad, err
-    base = results["numpy_scipy"]
-    for name, _ in variants[:-1]:
+    for name, _ in variants[:-1] if "mono" in cases else []:
+        base = results["numpy_scipy"]
         r = results[name]
         r["ratio_total_wall_vs_numpy_scipy"] = r["total_wall_s"] / base["total_wall_s"]
         r["ratio_total_cpu_vs_numpy_scipy"] = r["total_cpu_s"] / base["total_cpu_s"]
         print(f"{name}: total wall {r['total_wall_s']:.3f} s, cpu {r['total_cpu_s']:.3f} s; "
               f"ratio vs numpy/scipy wall {r['ratio_total_wall_vs_numpy_scipy']:.3f} cpu {r['ratio_total_cpu_vs_numpy_scipy']:.3f}")
+    if "colour" in cases:
+        del ref, frame, zero, lattice, band
+        results["colour"] = _colour_case(dome, stars, variants[:-1], args)
     results["rss_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["load_average_1min_end"] = os.getloadavg()[0]
     out = Path(__file__).parent / "results"

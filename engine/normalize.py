@@ -153,6 +153,20 @@ class Normalization:
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _plane_values(img: np.ndarray, yy: int, xx: int, with_luma: bool, vals: np.ndarray) -> None:
+    """vals[c] = img[c, yy, xx] (as float32 values), and vals[C] = their float32 mean when with_luma."""
+    nch = img.shape[0]
+    acc = img[0, yy, xx]
+    vals[0] = acc
+    for c in range(1, nch):
+        v = img[c, yy, xx]
+        vals[c] = v
+        acc = acc + v
+    if with_luma:
+        vals[nch] = np.float32(acc / nch)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _phot_kernel(
     img: np.ndarray,
@@ -160,26 +174,44 @@ def _phot_kernel(
     xs: np.ndarray,
     ys: np.ndarray,
     radii: np.ndarray,
+    with_luma: bool,
     out: np.ndarray,
 ) -> None:
-    """Aperture photometry with annulus-median background.
+    """Aperture photometry with annulus-median background on every plane of img (C, H, W).
 
-    radii = (r_ap, r_in, r_out). out[:, k] = flux, bkg, bkg_sigma, peak (above bkg), ok (1/0),
-    n_ap, n_ann, peak_ok (1/0). ok = 0 when any aperture pixel is outside the image, NaN or
-    flagged bad, or the annulus has < 8 px. Boundary pixels of the aperture are 5×5 sub-sampled.
-    peak_ok = 1 when the peak could be measured from the part of the aperture inside the image
-    with ≥ 8 annulus pixels and no bad pixel in the aperture: stars at the frame edge then get a
-    star-avoidance radius from their brightness rather than the cap (which emptied edge bins).
+    out[p, s, k] for plane p (the C channels, then their mean when with_luma) and star s; k = flux,
+    bkg, bkg_sigma, peak (above bkg), ok (1/0), n_ap, n_ann, peak_ok (1/0). radii = (r_ap, r_in,
+    r_out). ok = 0 when any aperture pixel is outside the image, NaN or flagged bad, or the annulus
+    has < 8 px. Boundary pixels of the aperture are 5×5 sub-sampled. peak_ok = 1 when the peak
+    could be measured from the part of the aperture inside the image with ≥ 8 annulus pixels and no
+    bad pixel in the aperture: stars at the frame edge then get a star-avoidance radius from their
+    brightness rather than the cap (which emptied edge bins).
+
+    The aperture geometry (distances, sub-pixel fractions) is computed once per pixel for all
+    planes, and the mean plane is formed on the aperture pixels only: a colour frame's three
+    channels and its luminance cost one pass instead of a full-frame mean and six passes. The
+    mean is float32 ((c0 + c1) + c2, then / C in float64 rounded to float32), bit for bit
+    np.mean(np.stack(channels), axis=0, dtype=np.float32).
     """
-    h, w = img.shape
+    nch, h, w = img.shape
+    npl = nch + 1 if with_luma else nch
     r_ap, r_in, r_out = radii[0], radii[1], radii[2]
     rb = math.ceil(r_out) + 1
     for s in prange(xs.size):
-        buf = np.empty((2 * rb + 1) * (2 * rb + 1), np.float64)
+        side = 2 * rb + 1
+        buf = np.empty((npl, side * side), np.float64)
+        vals = np.empty(npl, np.float64)
+        nb = np.zeros(npl, np.int64)
+        okp = np.ones(npl, np.bool_)
+        flux = np.zeros(npl, np.float64)
+        area = np.zeros(npl, np.float64)
+        peak = np.full(npl, -np.inf)
+        bk = np.empty(npl, np.float64)
         x0 = xs[s]
         y0 = ys[s]
-        out[s, 4] = 0.0
-        out[s, 7] = 0.0
+        for p in range(npl):
+            out[p, s, 4] = 0.0
+            out[p, s, 7] = 0.0
         if not (np.isfinite(x0) and np.isfinite(y0)):
             continue
         ix = math.floor(x0 + 0.5)
@@ -189,31 +221,30 @@ def _phot_kernel(
         inside = ix - rb >= 0 and iy - rb >= 0 and ix + rb < w and iy + rb < h
         ya, yb = max(0, iy - rb), min(h - 1, iy + rb)
         xa, xb = max(0, ix - rb), min(w - 1, ix + rb)
-        ok = True
         bad_ap = False
-        nb = 0
         for yy in range(ya, yb + 1):
             for xx in range(xa, xb + 1):
                 d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
-                if d >= r_in and d <= r_out:
-                    v = img[yy, xx]
-                    if np.isfinite(v) and not bad[yy, xx]:
-                        buf[nb] = v
-                        nb += 1
-                elif d <= r_ap + 0.75:
-                    v = img[yy, xx]
-                    if bad[yy, xx]:
+                ann = d >= r_in and d <= r_out
+                if not ann and d > r_ap + 0.75:
+                    continue
+                _plane_values(img, yy, xx, with_luma, vals)
+                b = bad[yy, xx]
+                if ann:
+                    if not b:
+                        for p in range(npl):
+                            if np.isfinite(vals[p]):
+                                buf[p, nb[p]] = vals[p]
+                                nb[p] += 1
+                else:
+                    if b:
                         bad_ap = True
-                    if not np.isfinite(v) or bad[yy, xx]:
-                        ok = False
-        if nb < 8:
-            continue
-        bk = np.median(buf[:nb])
-        dev = np.abs(buf[:nb] - bk)
-        bsig = 1.4826 * np.median(dev)
-        flux = 0.0
-        area = 0.0
-        peak = -np.inf
+                    for p in range(npl):
+                        if b or not np.isfinite(vals[p]):
+                            okp[p] = False
+        for p in range(npl):
+            if nb[p] >= 8:
+                bk[p] = np.median(buf[p, : nb[p]])
         for yy in range(ya, yb + 1):
             for xx in range(xa, xb + 1):
                 d = math.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
@@ -231,22 +262,31 @@ def _phot_kernel(
                                 cnt += 1
                     frac = cnt / 25.0
                 if frac > 0.0:
-                    v = img[yy, xx] - bk
-                    if np.isfinite(v):
-                        flux += frac * v
-                        area += frac
-                        if v > peak:
-                            peak = v
-        out[s, 1] = bk
-        out[s, 2] = bsig
-        out[s, 3] = peak
-        out[s, 6] = nb
-        if not bad_ap and np.isfinite(peak):
-            out[s, 7] = 1.0
-        if ok and inside:
-            out[s, 0] = flux
-            out[s, 4] = 1.0
-            out[s, 5] = area
+                    _plane_values(img, yy, xx, with_luma, vals)
+                    for p in range(npl):
+                        if nb[p] < 8:
+                            continue
+                        v = vals[p] - bk[p]
+                        if np.isfinite(v):
+                            flux[p] += frac * v
+                            area[p] += frac
+                            if v > peak[p]:
+                                peak[p] = v
+        for p in range(npl):
+            n = nb[p]
+            if n < 8:
+                continue
+            dev = np.abs(buf[p, :n] - bk[p])
+            out[p, s, 1] = bk[p]
+            out[p, s, 2] = 1.4826 * np.median(dev)
+            out[p, s, 3] = peak[p]
+            out[p, s, 6] = n
+            if not bad_ap and np.isfinite(peak[p]):
+                out[p, s, 7] = 1.0
+            if okp[p] and inside:
+                out[p, s, 0] = flux[p]
+                out[p, s, 4] = 1.0
+                out[p, s, 5] = area[p]
 
 
 @njit(cache=True, nogil=True)
@@ -605,8 +645,58 @@ def _tps_poly(y: np.ndarray, x: np.ndarray, deg: int) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+@dataclass
+class _SplineBasis:
+    """The λ-independent part of a whitened thin-plate fit (see `_fit_surface`) for one sample set."""
+
+    py: np.ndarray
+    px: np.ndarray
+    sn: np.ndarray
+    deg: int
+    kt: np.ndarray
+    q1: np.ndarray
+    q2: np.ndarray
+    r: np.ndarray
+    lam_e: np.ndarray
+    vec: np.ndarray
+
+    def fits(self, py: np.ndarray, px: np.ndarray, sn: np.ndarray, deg: int) -> bool:
+        # the channels of a colour frame usually keep the same bins, and their sample noises differ
+        # by one factor per channel, so sn = σ/median(σ) agrees to a few ulps: reusing the basis
+        # then changes the fit by ~1e-12 relative and saves the O(n³) eigendecomposition
+        return (
+            deg == self.deg
+            and py.shape == self.py.shape
+            and np.array_equal(py, self.py)
+            and np.array_equal(px, self.px)
+            and bool(np.all(np.abs(sn - self.sn) <= 1e-12 * self.sn))
+        )
+
+
+def _spline_basis(py: np.ndarray, px: np.ndarray, sn: np.ndarray, deg: int) -> _SplineBasis:
+    n = py.size
+    kern = np.empty((n, n))
+    _tps_matrix(py, px, py, px, kern)
+    poly = _tps_poly(py, px, deg)
+    npoly = poly.shape[1]
+    # whiten by the sample noise: K̃ = S⁻¹KS⁻¹, P̃ = S⁻¹P
+    kt = kern / np.outer(sn, sn)
+    pt = poly / sn[:, None]
+    q, r = np.linalg.qr(pt, mode="complete")
+    q1, q2, r = q[:, :npoly], q[:, npoly:], r[:npoly]
+    lam_e, vec = np.linalg.eigh(q2.T @ kt @ q2)
+    lam_e = np.maximum(lam_e, 0.0)
+    return _SplineBasis(py, px, sn, deg, kt, q1, q2, r, lam_e, vec)
+
+
 def _fit_surface(
-    by: np.ndarray, bx: np.ndarray, z: np.ndarray, sig: np.ndarray, shape2: tuple[int, int], step: int
+    by: np.ndarray,
+    bx: np.ndarray,
+    z: np.ndarray,
+    sig: np.ndarray,
+    shape2: tuple[int, int],
+    step: int,
+    bases: list[_SplineBasis] | None = None,
 ) -> tuple[np.ndarray, float, str]:
     """Smooth surface through samples at pixel positions (bx, by); evaluated at the node grid.
 
@@ -620,6 +710,8 @@ def _fit_surface(
     One symmetric eigendecomposition of the kernel projected off the polynomial space gives the
     residual of every λ in O(n), so λ is found exactly without refitting (scipy's
     RBFInterpolator refitted O(n³) per trial; same solution, verified to 1e-13).
+    ``bases`` (the channels of one frame): decompositions already made, reused when the samples
+    and their relative noise are the same, and the new one is added.
     Degree-3 (1 below 50 samples) robust polynomial if that fails. Returns (grid, λ, model name).
     """
     h, w = shape2
@@ -635,19 +727,15 @@ def _fit_surface(
             deg = 2 if n >= 50 else 1
             zs = float(np.median(sig)) or 1.0
             sn = sig / zs
-            kern = np.empty((n, n))
-            _tps_matrix(py, px, py, px, kern)
-            poly = _tps_poly(py, px, deg)
-            npoly = poly.shape[1]
-            # whiten by the sample noise: K̃ = S⁻¹KS⁻¹, P̃ = S⁻¹P, z̃ = S⁻¹z; the residual of the
-            # whitened system is λ·c̃ with c̃ = Q₂V(b/(Λ + λ)), b = VᵀQ₂ᵀz̃
-            kt = kern / np.outer(sn, sn)
-            pt = poly / sn[:, None]
+            basis = next((bs for bs in bases or () if bs.fits(py, px, sn, deg)), None)
+            if basis is None:
+                basis = _spline_basis(py, px, sn, deg)
+                if bases is not None:
+                    bases.append(basis)
+            kt, q1, q2, r, lam_e, vec = basis.kt, basis.q1, basis.q2, basis.r, basis.lam_e, basis.vec
+            # whitened by the sample noise (z̃ = S⁻¹z): the residual of the whitened system is λ·c̃
+            # with c̃ = Q₂V(b/(Λ + λ)), b = VᵀQ₂ᵀz̃
             zt = z / zs / sn
-            q, r = np.linalg.qr(pt, mode="complete")
-            q1, q2, r = q[:, :npoly], q[:, npoly:], r[:npoly]
-            lam_e, vec = np.linalg.eigh(q2.T @ kt @ q2)
-            lam_e = np.maximum(lam_e, 0.0)
             b = vec.T @ (q2.T @ zt)
 
             def rms(lam: float) -> float:
@@ -944,13 +1032,18 @@ def normalize(
 
     # star-avoidance radii from peaks measured on the reference (0.5σ of a Moffat β = 2.5)
     gmask = np.zeros(shape2, np.bool_)
-    ph_u = np.zeros((ux.size, 8))
-    ph_uf = np.zeros((ux.size, 8))
+    # photometry of every star of the union on every channel and on the luminance (channel mean;
+    # the channel itself for mono) in one pass per image: the luminance gives the star-avoidance
+    # radii, the channels the scale pairs (the reference stars come first in the union)
+    n_planes = nc + 1 if nc > 1 else 1
+    ph_r = np.zeros((n_planes, ux.size, 8))
+    ph_f = np.zeros((n_planes, ux.size, 8))
+    ph_u, ph_uf = ph_r[-1], ph_f[-1]
     if ux.size:
-        luma_r = rch[0] if nc == 1 else np.mean(np.stack(rch), axis=0, dtype=np.float32)
-        luma_f = fch[0] if nc == 1 else np.mean(np.stack(fch), axis=0, dtype=np.float32)
-        _phot_kernel(np.ascontiguousarray(luma_r), bad, ux, uy, radii, ph_u)
-        _phot_kernel(np.ascontiguousarray(luma_f), bad, ux, uy, radii, ph_uf)
+        planes_r = np.ascontiguousarray(rf.reshape((nc, *shape2)))
+        planes_f = np.ascontiguousarray(fr.reshape((nc, *shape2)))
+        _phot_kernel(planes_r, bad, ux, uy, radii, nc > 1, ph_r)
+        _phot_kernel(planes_f, bad, ux, uy, radii, nc > 1, ph_f)
         peak = np.fmax(np.where(ph_u[:, 7] > 0, ph_u[:, 3], np.nan), np.where(ph_uf[:, 7] > 0, ph_uf[:, 3], np.nan))
         t = 0.5 * float(np.mean(sig_r))
         beta = 2.5
@@ -977,23 +1070,14 @@ def normalize(
             cnt = np.array([len(v) for v in tree_u.query_ball_point(np.column_stack([rx, ry]), r_out)])
             dfr, _ = cKDTree(np.column_stack([fx, fy])).query(np.column_stack([rx, ry]))
             sel = (cnt <= 1) & (dfr <= max(2.0, fw))
-            px, py = rx[sel], ry[sel]
         else:
-            px, py = np.empty(0), np.empty(0)
             sel = np.zeros(rx.size, np.bool_)
+        n_sel = int(np.count_nonzero(sel))
         for c in range(nc):
-            if px.size < min_pairs:
-                scales.append((float("nan"), float("nan"), int(px.size)))
+            if n_sel < min_pairs:
+                scales.append((float("nan"), float("nan"), n_sel))
                 continue
-            if nc == 1:
-                # mono: the masking photometry above measured these stars already (same image,
-                # apertures and mask; the reference stars come first in the union)
-                a, b = ph_u[: rx.size][sel], ph_uf[: rx.size][sel]
-            else:
-                a = np.zeros((px.size, 8))
-                b = np.zeros((px.size, 8))
-                _phot_kernel(np.ascontiguousarray(rch[c]), bad, px, py, radii, a)
-                _phot_kernel(np.ascontiguousarray(fch[c]), bad, px, py, radii, b)
+            a, b = ph_r[c, : rx.size][sel], ph_f[c, : rx.size][sel]
             ok = (a[:, 4] > 0) & (b[:, 4] > 0)
             na, nn = a[:, 5], a[:, 6]
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -1028,10 +1112,11 @@ def normalize(
                 reason = f"photometric scale too uncertain (σ_m/m = {sm / m:.3g} > {max_scale_err_frac})"
             use = "global"
     if use == "nsg":
+        bases: list[_SplineBasis] = []
         for c in range(nc):
             m, sm, ne = scales[c]
             sig_d = math.sqrt(sig_r[c] ** 2 + (m * sig_f[c]) ** 2)
-            grid, lam = _gradient_grid(rch[c], fch[c], m, sig_d, bad, gmask, step, node, max_samples, shape2)
+            grid, lam = _gradient_grid(rch[c], fch[c], m, sig_d, bad, gmask, step, node, max_samples, shape2, bases)
             wgt = (sig_r[c] / (m * sig_f[c])) ** 2 if sig_f[c] > 0 else float("nan")
             chans.append(
                 ChannelNorm(scale=m, scale_err=sm, n_pairs=ne, noise=sig_f[c], weight=wgt, offset=grid, smoothing=lam)
@@ -1085,6 +1170,7 @@ def _gradient_grid(
     node: int,
     max_samples: int,
     shape2: tuple[int, int],
+    bases: list[_SplineBasis] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Coarse grid of g = smooth(ref − m·frame) and the smoothing used.
 
@@ -1191,7 +1277,7 @@ def _gradient_grid(
                 )
             )
         z, py, px, sg = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    grid, lam, _model = _fit_surface(py, px, z, sg, shape2, node)
+    grid, lam, _model = _fit_surface(py, px, z, sg, shape2, node, bases)
     return grid, lam
 
 

@@ -288,9 +288,9 @@ def test_coarse_grid_equals_full_spline_evaluation(monkeypatch: pytest.MonkeyPat
     seen: dict[str, object] = {}
     fit = nz._fit_surface
 
-    def spy(by, bx, z, sig, shape2, step):  # type: ignore[no-untyped-def]
+    def spy(by, bx, z, sig, shape2, step, bases=None):  # type: ignore[no-untyped-def]
         seen.update(by=by, bx=bx, z=z, sig=sig, shape2=shape2)
-        return fit(by, bx, z, sig, shape2, step)
+        return fit(by, bx, z, sig, shape2, step, bases)
 
     monkeypatch.setattr(nz, "_fit_surface", spy)
     norm = nz.normalize(frame, ref, frame_stars=st[:, :2], ref_stars=st[:, :2], frame_noise=0.002, ref_noise=0.002,
@@ -312,3 +312,103 @@ def test_saturated_mask_dilation_matches_scipy() -> None:
     out = np.zeros_like(mask)
     nz._dilate_into(mask, 5, out)
     np.testing.assert_array_equal(out, binary_dilation(mask, structure=np.ones((11, 11), bool)))
+
+
+def _aperture_reference(img: np.ndarray, bad: np.ndarray, x0: float, y0: float, radii: np.ndarray):  # type: ignore[no-untyped-def]
+    """Plain numpy aperture photometry of one star as `_phot_kernel` defines it (flux, bkg, σ_bkg, peak,
+    ok, area, n_ann, peak_ok), or None where the annulus has fewer than 8 usable pixels."""
+    r_ap, r_in, r_out = radii
+    h, w = img.shape
+    rb = int(np.ceil(r_out)) + 1
+    ix, iy = int(np.floor(x0 + 0.5)), int(np.floor(y0 + 0.5))
+    ya, yb, xa, xb = max(0, iy - rb), min(h - 1, iy + rb), max(0, ix - rb), min(w - 1, ix + rb)
+    yy, xx = np.mgrid[ya : yb + 1, xa : xb + 1]
+    sub, bsub = img[ya : yb + 1, xa : xb + 1].astype(np.float64), bad[ya : yb + 1, xa : xb + 1]
+    d = np.sqrt((xx - x0) ** 2 + (yy - y0) ** 2)
+    ann = (d >= r_in) & (d <= r_out) & np.isfinite(sub) & ~bsub
+    if np.count_nonzero(ann) < 8:
+        return None
+    bk = np.median(sub[ann])
+    sig = 1.4826 * np.median(np.abs(sub[ann] - bk))
+    near = d <= r_ap + 0.75
+    offs = -0.4 + 0.2 * np.arange(5)
+    frac = np.zeros_like(d)
+    for oy in offs:
+        for ox in offs:
+            frac += ((xx + ox - x0) ** 2 + (yy + oy - y0) ** 2 <= r_ap * r_ap) / 25.0
+    frac = np.where(d < r_ap - 0.75, 1.0, frac) * near
+    v = sub - bk
+    use = (frac > 0) & np.isfinite(v)
+    flux, area = float(np.sum(frac[use] * v[use])), float(np.sum(frac[use]))
+    peak = float(v[use].max()) if use.any() else -np.inf
+    inside = ix - rb >= 0 and iy - rb >= 0 and ix + rb < w and iy + rb < h
+    ok = inside and bool(np.all(np.isfinite(sub[near]) & ~bsub[near]))
+    peak_ok = not bsub[near].any() and np.isfinite(peak)
+    return flux, bk, sig, peak, ok, area, np.count_nonzero(ann), peak_ok
+
+
+def test_photometry_of_channels_and_luminance_in_one_pass() -> None:
+    """One kernel pass measures each channel and the channel mean exactly as separate passes would:
+    against a plain numpy reference per plane, the mean plane being np.mean(np.stack(...)) in float32
+    (the former luminance), with NaN, bad pixels and stars at and beyond the edges."""
+    rng = np.random.default_rng(21)
+    h, w = 90, 110
+    st = np.column_stack([rng.uniform(-4, w + 4, 60), rng.uniform(-4, h + 4, 60), 10 ** rng.uniform(0, 1.5, 60)])
+    base = _render(st, h, w)
+    img = np.stack([(k * base + 0.1 * k + rng.normal(0, 0.01, (h, w))) for k in (1.0, 0.6, 1.3)]).astype(np.float32)
+    img[1, 40:43, 50:53] = np.nan  # one channel without data in a star-sized patch
+    img[:, :, :3] = np.nan
+    bad = rng.random((h, w)) > 0.997
+    radii = np.array([6.0, 8.0, 12.0])
+    xs, ys = st[:, 0].copy(), st[:, 1].copy()
+    out = np.zeros((4, xs.size, 8))
+    nz._phot_kernel(img, bad, xs, ys, radii, True, out)
+    luma = np.mean(np.stack([img[0], img[1], img[2]]), axis=0, dtype=np.float32)
+    planes = [img[0], img[1], img[2], luma]
+    checked = 0
+    for p, plane in enumerate(planes):
+        single = np.zeros((1, xs.size, 8))
+        nz._phot_kernel(np.ascontiguousarray(plane)[None], bad, xs, ys, radii, False, single)
+        np.testing.assert_array_equal(out[p], single[0])  # bit for bit, the luminance included
+        for s in range(xs.size):
+            ref = _aperture_reference(plane, bad, xs[s], ys[s], radii)
+            if ref is None:
+                assert out[p, s, 4] == 0 and out[p, s, 7] == 0
+                continue
+            flux, bk, sig, peak, ok, area, n_ann, peak_ok = ref
+            assert out[p, s, 1] == pytest.approx(bk, abs=1e-12) and out[p, s, 2] == pytest.approx(sig, abs=1e-12)
+            assert out[p, s, 6] == n_ann and bool(out[p, s, 7]) == peak_ok and bool(out[p, s, 4]) == ok
+            if np.isfinite(peak):
+                assert out[p, s, 3] == pytest.approx(peak, abs=1e-9)
+            if ok:
+                assert out[p, s, 0] == pytest.approx(flux, rel=1e-9, abs=1e-9) and out[p, s, 5] == pytest.approx(area)
+                checked += 1
+    assert checked > 40
+
+
+def test_spline_basis_shared_between_channels_with_the_same_samples() -> None:
+    """A channel whose samples and relative noise equal an earlier channel's reuses its decomposition
+    and gets the fit it would get alone (to 1e-10 of the noise); other samples get their own."""
+    rng = np.random.default_rng(22)
+    shape2 = (400, 600)
+    n = 150
+    by, bx = rng.uniform(0, 400, n), rng.uniform(0, 600, n)
+    sig = 0.001 * (1.0 + rng.random(n))
+    z0 = 1e-3 * (bx / 600) ** 2 + rng.normal(0, 1.0, n) * sig
+    z1 = -3e-3 * (by / 400) + 0.02 + rng.normal(0, 1.0, n) * 2.5 * sig
+    bases: list = []
+    g0, lam0, _ = nz._fit_surface(by, bx, z0, sig, shape2, 16, bases)
+    g1, lam1, model = nz._fit_surface(by, bx, z1, 2.5 * sig, shape2, 16, bases)
+    assert model == "tps" and len(bases) == 1
+    alone, lam_alone, _ = nz._fit_surface(by, bx, z1, 2.5 * sig, shape2, 16)
+    assert lam1 == pytest.approx(lam_alone, rel=1e-9)
+    assert np.max(np.abs(g1.astype(np.float64) - alone)) <= 1e-10 + 1e-6 * np.abs(alone).max()
+    assert np.max(np.abs(g1.astype(np.float64) - alone)) / (2.5 * float(np.median(sig))) < 1e-3
+    moved = bx.copy()
+    moved[7] += 1.0
+    nz._fit_surface(by, moved, z1, 2.5 * sig, shape2, 16, bases)
+    sig2 = sig.copy()
+    sig2[3] *= 1.01
+    nz._fit_surface(by, bx, z1, sig2, shape2, 16, bases)
+    assert len(bases) == 3
+    assert np.isfinite(g0).all() and lam0 > 0
