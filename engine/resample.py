@@ -590,39 +590,46 @@ def _warp_lanczos_twopass(src, out, foot, inv, tab, steps, bounded, tile, tileva
         buf = np.empty((nc, nx, nr))
         bmin = np.empty((nc, nx, nr), dtype=np.float32)
         bsq = np.empty((nx, nr))
-        for c in range(nc):
-            for r in range(nr):
-                j = j0 + r
-                row = src[c, _mirror(j, h)]
-                uj = beta * j + gamma
-                for xl in range(nx):
-                    u = alpha * (tx0 + xl) + uj
-                    iu = math.floor(u)
-                    tx = (u - iu) * steps
-                    jx = min(int(tx), last)
-                    ax = tx - jx
-                    w0 = tab[jx, 0] + ax * tab[jx, 6]
-                    w1 = tab[jx, 1] + ax * tab[jx, 7]
-                    w2 = tab[jx, 2] + ax * tab[jx, 8]
-                    w3 = tab[jx, 3] + ax * tab[jx, 9]
-                    w4 = tab[jx, 4] + ax * tab[jx, 10]
-                    w5 = tab[jx, 5] + ax * tab[jx, 11]
-                    if c == 0:
-                        bsq[xl, r] = tab[jx, 12] + ax * tab[jx, 13]
-                    if iu >= 2 and iu + 3 < w:
-                        f0 = row[iu - 2]
-                        f1 = row[iu - 1]
-                        f2 = row[iu]
-                        f3 = row[iu + 1]
-                        f4 = row[iu + 2]
-                        f5 = row[iu + 3]
-                    else:
-                        f0 = row[_mirror(iu - 2, w)]
-                        f1 = row[_mirror(iu - 1, w)]
-                        f2 = row[_mirror(iu, w)]
-                        f3 = row[_mirror(iu + 1, w)]
-                        f4 = row[_mirror(iu + 2, w)]
-                        f5 = row[_mirror(iu + 3, w)]
+        # the weights once per tap position, for every channel (colour: 3 planes share them)
+        for r in range(nr):
+            j = j0 + r
+            jm = _mirror(j, h)
+            uj = beta * j + gamma
+            for xl in range(nx):
+                u = alpha * (tx0 + xl) + uj
+                iu = math.floor(u)
+                tx = (u - iu) * steps
+                jx = min(int(tx), last)
+                ax = tx - jx
+                w0 = tab[jx, 0] + ax * tab[jx, 6]
+                w1 = tab[jx, 1] + ax * tab[jx, 7]
+                w2 = tab[jx, 2] + ax * tab[jx, 8]
+                w3 = tab[jx, 3] + ax * tab[jx, 9]
+                w4 = tab[jx, 4] + ax * tab[jx, 10]
+                w5 = tab[jx, 5] + ax * tab[jx, 11]
+                bsq[xl, r] = tab[jx, 12] + ax * tab[jx, 13]
+                if iu >= 2 and iu + 3 < w:
+                    i0 = iu - 2
+                    i1 = iu - 1
+                    i2 = iu
+                    i3 = iu + 1
+                    i4 = iu + 2
+                    i5 = iu + 3
+                else:
+                    i0 = _mirror(iu - 2, w)
+                    i1 = _mirror(iu - 1, w)
+                    i2 = _mirror(iu, w)
+                    i3 = _mirror(iu + 1, w)
+                    i4 = _mirror(iu + 2, w)
+                    i5 = _mirror(iu + 3, w)
+                for c in range(nc):
+                    row = src[c, jm]
+                    f0 = row[i0]
+                    f1 = row[i1]
+                    f2 = row[i2]
+                    f3 = row[i3]
+                    f4 = row[i4]
+                    f5 = row[i5]
                     buf[c, xl, r] = w0 * f0 + w1 * f1 + w2 * f2 + w3 * f3 + w4 * f4 + w5 * f5
                     if bounded:
                         bmin[c, xl, r] = min(min(f1, f2), min(f3, f4))
