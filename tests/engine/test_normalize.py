@@ -451,3 +451,24 @@ def test_bin_medians_against_numpy_reference() -> None:
                 else:
                     assert abs(med[i, j] - ex) <= sigma / 8, (i, j, med[i, j], ex)
         assert 5 < np.isnan(med).sum() < med.size // 2
+
+
+def test_nanmedian_5x5_equals_numpy() -> None:
+    """The outlier test's 5×5 neighbourhood median equals np.nanmedian over the NaN-padded windows, value
+    for value (odd and even counts, all-NaN neighbourhoods, ties)."""
+    import warnings
+
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    rng = np.random.default_rng(24)
+    a = rng.normal(0, 1, (37, 53))
+    a[rng.random(a.shape) > 0.7] = np.nan
+    a[10:18, 20:30] = np.nan  # windows with no value
+    a[30:, :5] = np.round(a[30:, :5])  # ties
+    out = np.empty_like(a)
+    nz._nanmedian_5x5(a, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(sliding_window_view(np.pad(a, 2, constant_values=np.nan), (5, 5)), axis=(2, 3))
+    assert np.isnan(out).sum() > 0
+    np.testing.assert_array_equal(out, ref)
