@@ -467,7 +467,7 @@ def _bin_medians(
                 out[i, j] = lo[j] + (k + (half - cum) / hist[j, k + 1]) * cell
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _nanmedian_5x5(a: np.ndarray, out: np.ndarray) -> None:
     """out[i, j] = median of the non-NaN values of a's 5×5 neighbourhood of (i, j), NaN if none.
 
@@ -476,8 +476,8 @@ def _nanmedian_5x5(a: np.ndarray, out: np.ndarray) -> None:
     and cost 15 ms per call at 26 MP, six calls per colour frame.
     """
     h, w = a.shape
-    buf = np.empty(25, np.float64)
-    for i in range(h):
+    for i in prange(h):
+        buf = np.empty(25, np.float64)
         for j in range(w):
             n = 0
             for y in range(max(0, i - 2), min(h, i + 3)):
