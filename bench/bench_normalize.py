@@ -1,7 +1,7 @@
 """Benchmark NSG normalisation (engine.normalize) at 26 MP mono (6248 x 4176): fit and apply.
 
 A seeded scene: ~2700 stars, a sky with a tilt, the frame = 0.8·reference + a light dome from beyond
-the left edge + its own noise. After a warm-up on a 512² crop (compiles or loads the numba cache),
+the left edge + its own noise. After a warm-up on a contiguous 1024² crop (compiles or loads the numba cache),
 each variant is timed ``--repeat`` times (median): ``normalize`` (fit) and ``apply``, wall and CPU
 (time.process_time: all threads of the process), and the peak of traced (numpy) memory. Variants:
 
@@ -223,7 +223,9 @@ def _colour_case(dome: np.ndarray, stars: np.ndarray, variants: list[tuple[str, 
     first: tuple[Any, np.ndarray] | None = None
     small = _crop_kw(kw, stars)
     for name, mod in variants:
-        mod.apply(frame[:, :1024, :1024], mod.normalize(frame[:, :1024, :1024], ref[:, :1024, :1024], **small))  # warm-up
+        # warm-up on contiguous crops: a strided view is another numba signature, compiled again at full size
+        crop_f, crop_r = np.ascontiguousarray(frame[:, :1024, :1024]), np.ascontiguousarray(ref[:, :1024, :1024])
+        mod.apply(crop_f, mod.normalize(crop_f, crop_r, **small))
         load0 = os.getloadavg()[0]
         fw, fc, fm, norm = _time(lambda mod=mod: mod.normalize(frame, ref, **kw), args.repeat)
         aw, ac, am, y = _time(lambda mod=mod, norm=norm: mod.apply(frame, norm), args.repeat)
@@ -318,7 +320,8 @@ def main() -> None:
     del eng
     for name, mod in variants if "mono" in cases else []:
         if mod is not _NumpyScipy:  # warm-up: numba compile or cache load
-            mod.apply(frame[:1024, :1024], mod.normalize(frame[:1024, :1024], ref[:1024, :1024], **_crop_kw(kw, stars)))
+            crop_f, crop_r = np.ascontiguousarray(frame[:1024, :1024]), np.ascontiguousarray(ref[:1024, :1024])
+            mod.apply(crop_f, mod.normalize(crop_f, crop_r, **_crop_kw(kw, stars)))
         fw, fc, fm, norm = _time(lambda mod=mod: mod.normalize(frame, ref, **kw), args.repeat)
         aw, ac, am, _ = _time(lambda mod=mod, norm=norm: mod.apply(frame, norm), args.repeat)
         grad = mod.apply(zero, norm).astype(np.float64)
