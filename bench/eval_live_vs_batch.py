@@ -33,6 +33,7 @@ def _batch(pipe: Any, stack: Any, config: Any) -> tuple[Integration, list[NpySou
     """The batch integration of the stack's stored frames, as `stackwatch stack` runs it."""
     live = stack.live
     ids = list(live.frame_ids)
+    pipe.flush_store()  # the last frame's store write may still be in flight
     sources = [NpySource(pipe.frames_dir / stack.id / f"{fid}.npy") for fid in ids]
     weights = [next(f.weight for f in live.frames if f.frame_id == fid) for fid in ids]
     name, params = auto_rejection(len(ids))

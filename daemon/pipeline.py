@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -283,6 +284,8 @@ class Pipeline:
         self._prefetched: tuple[str, tuple[int, int], concurrent.futures.Future[fitsio.Image]] | None = None
         # stack id -> frame id -> bytes of its file in the frame store (the budget is checked per frame)
         self._store_bytes: dict[str, dict[str, int]] = {}
+        # frame store writes still in flight: (stack id, member, file, future); see `_flush_store`
+        self._pending_writes: list[tuple[str, dict[str, Any], Path, concurrent.futures.Future[float]]] = []
         for path in sorted(self.stacks_dir.glob("*/stack.json")):
             try:
                 self._load_stack(path)
@@ -297,6 +300,8 @@ class Pipeline:
     def close(self) -> None:
         with self._lock:
             self.library.close()
+            with contextlib.suppress(OSError):
+                self._flush_store()
             self._io.shutdown(wait=True)
             self._reader.shutdown(wait=True, cancel_futures=True)
 
@@ -372,6 +377,9 @@ class Pipeline:
     def process_light(self, path: Path, info: FrameInfo) -> dict[str, Any]:
         """Process one new light into its stack; returns its JSON-ready record."""
         with self._lock:
+            # the previous frame's store write (it overlapped this frame's read and calibration); a failed
+            # one (disk full) raises here, before anything of this frame changed
+            self._flush_store()
             self.flush_masters()
             stack = self._stack_for(info, path)
             member, is_new = self._member(stack, path, info)
@@ -716,22 +724,24 @@ class Pipeline:
 
     def _stack_frame(self, stack: _Stack, member: dict[str, Any], y: np.ndarray, weight: float,
                      scale: list[float], noise: Sequence[float], rho: float) -> tuple[float, float]:
-        """Store a normalised frame and add it to the live integration, the write (and its fsync)
-        overlapped with the update. Returns the seconds each took."""
+        """Add a normalised frame to the live integration and start writing it to the frame store. The
+        write is not waited for: it overlaps this update and the next frame's read and calibration
+        (313 MB in colour took longer than the update); every reader of the store waits for it first
+        (`_flush_store`), and a frame whose write failed is recomputed from its raw file. Returns the
+        seconds the update took and the write so far (it usually finishes later)."""
         store = self.frames_dir / stack.id
         store.mkdir(parents=True, exist_ok=True)
         path = store / f"{member['frame_id']}.npy"
         write: concurrent.futures.Future[float] | None = None
         if not (stack.reference is not None and member["frame_id"] == stack.reference.frame_id and path.exists()):
             write = self._io.submit(_timed_save_npy, path, y)
+            self._pending_writes.append((stack.id, member, path, write))
         assert stack.live is not None
         t0 = time.perf_counter()
-        try:
-            stack.live.update(member["frame_id"], y, weight=weight, scale=scale, noise=list(noise), rho=rho)
-            live_s = time.perf_counter() - t0
-        finally:
-            # the frame is in the store before anything says it was stacked (a failed write raises here)
-            store_s = write.result() if write is not None else 0.0
+        stack.live.update(member["frame_id"], y, weight=weight, scale=scale, noise=list(noise), rho=rho)
+        live_s = time.perf_counter() - t0
+        # a failed write is handled (and raised) by the next `_flush_store`, not here
+        store_s = write.result() if write is not None and write.done() and write.exception() is None else 0.0
         member["live"] = {"weight": weight, "scale": list(scale), "noise": list(noise), "rho": rho}
         member.pop("evicted", None)
         self._store_bytes.setdefault(stack.id, {})[member["frame_id"]] = int(y.nbytes) + 128
@@ -812,6 +822,8 @@ class Pipeline:
 
         Two passes when the reference is not fixed: measure the candidates first (calibration and
         measurement only), pick the reference by rank, then process everything against it."""
+        with contextlib.suppress(OSError):  # a failed write only marks its frame; the store goes anyway
+            self._flush_store()
         stack.reference = None
         stack.live = None
         stack.processed_upto = 0
@@ -937,6 +949,7 @@ class Pipeline:
         once (its data from the frame store); the reference, or a frame included again, makes the stack
         rebuild. The next exact pass gives the batch result without it."""
         with self._lock:
+            self._flush_store()
             apath = os.path.abspath(str(path))
             for stack in self._stacks.values():
                 member = stack.index.get(apath)
@@ -1053,6 +1066,7 @@ class Pipeline:
         """Exact pass over the frame store (equal to the batch integration of the same frames);
         writes the products under the stack's folder (and to ``out_path`` when given)."""
         with self._lock:
+            self._flush_store()
             self.flush_masters()
             stack = self._get(stack_id)
             if stack.dirty or self._masters_changed(stack):
@@ -1168,6 +1182,8 @@ class Pipeline:
         total = sum(sum(d.values()) for d in self._store_bytes.values())
         if total <= budget:
             return
+        self._flush_store()
+        total = sum(sum(d.values()) for d in self._store_bytes.values())
         others = sorted((s for s in self._stacks.values() if s is not active), key=lambda s: s.last_active)
         for stack in [*others, active]:
             if total <= budget:
@@ -1191,6 +1207,37 @@ class Pipeline:
                 _log.warning("frame store over its budget of %.1f GB: %d frames of stack %s evicted (recomputed "
                              "from their raw files for the next exact integration)",
                              budget / 1e9, len(evicted), stack.id)
+
+    def flush_store(self) -> None:
+        """Wait until every stored frame is on disk (for readers of the frame store outside the pipeline)."""
+        with self._lock:
+            self._flush_store()
+
+    def _flush_store(self) -> None:
+        """Wait for the frame store writes in flight. A failed one leaves its frame marked for
+        recomputation from its raw file (or its stack to be rebuilt); the first error is raised after all
+        were handled (a full disk pauses the service)."""
+        pending, self._pending_writes = self._pending_writes, []
+        error: OSError | None = None
+        for stack_id, member, path, future in pending:
+            try:
+                future.result()
+            except OSError as exc:
+                error = error or exc
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+                self._store_bytes.get(stack_id, {}).pop(member["frame_id"], None)
+                stack = self._stacks.get(stack_id)
+                if stack is None:
+                    continue
+                _log.warning("%s: frame store write failed (%s)", Path(member["path"]).name, exc)
+                if stack.index.get(member["path"]) is member and self._recomputable(stack, member):
+                    member["evicted"] = True
+                    self._save_stack(stack, changed=[member])
+                else:
+                    stack.dirty = True
+        if error is not None:
+            raise error
 
     def _check_store(self, stack: _Stack) -> None:
         """After a start: a stacked frame whose store file is missing or cut short (the store is written

@@ -267,3 +267,54 @@ def test_store_frames_lost_to_a_power_cut_are_recomputed(night: Path, tmp_path: 
         assert frames[0].exists() and frames[1].exists()
     finally:
         again.close()
+
+
+def test_a_failed_store_write_raises_at_the_next_frame_and_the_frame_is_recomputed(
+        night: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame store is written in the background (overlapping the next frame's read). A write that
+    fails (a full disk) raises at the next frame, before that frame changes anything, and leaves its frame
+    marked for recomputation: the next frames go on and the exact pass gives the same product."""
+    import errno
+
+    from stackwatch.daemon import pipeline as pl
+
+    cal = _calibration(night, "biases", "darks", "darkflats", "flats")
+    lights = _lights(night)
+    ref_pipe = Pipeline(_config(), tmp_path / "ref")
+    for path, info in cal:
+        ref_pipe.add_calibration(path, info)
+    for path, info in lights:
+        ref_pipe.process_light(path, info)
+    (summary,) = ref_pipe.stacks()
+    sid = summary["id"]
+    expected = _final_image(ref_pipe, sid, tmp_path / "ref.fits")
+    ref_pipe.close()
+
+    pipe = Pipeline(_config(), tmp_path / "state")
+    for path, info in cal:
+        pipe.add_calibration(path, info)
+    real_save = pl._timed_save_npy
+    failed: list[Path] = []
+
+    def flaky_save(path: Path, array: np.ndarray) -> float:
+        if not failed and len(list(path.parent.glob("*.npy"))) >= 4:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, array)
+
+    monkeypatch.setattr(pl, "_timed_save_npy", flaky_save)
+    try:
+        raised = 0
+        for path, info in lights:
+            try:
+                pipe.process_light(path, info)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                raised += 1
+                pipe.process_light(path, info)  # the service retries once space is back
+        assert failed and raised == 1
+        assert not failed[0].exists()
+        assert pipe.stacks()[0]["evicted"] == 1
+        np.testing.assert_array_equal(_final_image(pipe, sid, tmp_path / "after.fits"), expected)
+    finally:
+        pipe.close()
