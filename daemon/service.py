@@ -954,6 +954,22 @@ class Service:
             return
         if masters:
             await self._after_calibration(list(masters))
+        await self._sync_pipeline_masters()
+
+    async def _sync_pipeline_masters(self) -> None:
+        """Bring the catalogue's masters up to the pipeline's. A rebuild (recalibration) matches lights to
+        masters, which integrates calibration frames still waiting for their debounce: such a master is
+        never returned by `flush_masters` and reached the catalogue only with the next light, so a night
+        whose flats came last could end without its master flat in the catalogue."""
+        fn = getattr(self.pipeline, "masters", None)
+        if not callable(fn):
+            return
+        try:
+            masters = await self._run_in_background(fn)
+        except Exception as exc:  # reporting only; the next light syncs them again
+            _log.warning("reading the masters failed: %s", exc)
+            return
+        self._sync_masters(list(masters or []))
 
     async def _after_calibration(self, masters: list[dict[str, Any]]) -> None:
         assert self.catalog is not None and self.pipeline is not None
@@ -1008,6 +1024,7 @@ class Service:
                     if row is not None and row["status"] in ("stacked", "rejected", "failed"):
                         self.catalog.record_result(row["id"], rec)
             await self._refresh_stacks()
+            await self._sync_pipeline_masters()
             for st in self._stacks_cache:
                 self.events.emit("stack_updated", dict(st))
             if not self._recal_again:
