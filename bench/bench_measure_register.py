@@ -91,7 +91,8 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], Any], repeat: int) ->
     out[f"{name}_load_1min"] = round(os.getloadavg()[0], 2)
 
 
-def _rot(theta_deg: float, tx: float, ty: float, w: int, h: int) -> np.ndarray:
+def rotation_matrix(theta_deg: float, tx: float, ty: float, w: int, h: int) -> np.ndarray:
+    """Frame -> reference: rotation by ``theta_deg`` about the frame centre, then (tx, ty)."""
     t = math.radians(theta_deg)
     c, s = math.cos(t), math.sin(t)
     m = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                                "load_avg": os.getloadavg(), "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        truth = _rot(40.0, 23.4, -11.7, args.width, args.height)
+        truth = rotation_matrix(40.0, 23.4, -11.7, args.width, args.height)
         t0 = time.perf_counter()
         _render(folder / "ref.npy", args.height, args.width, np.eye(3), seed=2)
         _render(folder / "frame.npy", args.height, args.width, truth, seed=3)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_measure_register import rotation_matrix  # beside this script
 
 
 def _step(out: dict[str, Any], name: str, fn: Callable[[], Any], repeat: int) -> Any:
@@ -60,16 +61,6 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], Any], repeat: int) ->
     out[f"{name}_cpu_s"] = round(cpu, 4)
     out[f"{name}_load_1min"] = round(os.getloadavg()[0], 2)
     return result
-
-
-def _rot(theta_deg: float, tx: float, ty: float, w: int, h: int) -> np.ndarray:
-    """Frame -> reference: rotation by ``theta_deg`` about the frame centre, then (tx, ty)."""
-    t = math.radians(theta_deg)
-    c, s = math.cos(t), math.sin(t)
-    m = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    p = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
-    m[:2, 2] = p - m[:2, :2] @ p + np.array([tx, ty])
-    return m
 
 
 def _render(h: int, w: int) -> tuple[np.ndarray, float]:
@@ -116,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             resample._two_pass_applies = two_pass_applies  # type: ignore[assignment]
 
-    for case, matrix in (("dither", _rot(0.05, 23.37, -11.61, w, h)), ("flip", _rot(180.05, 23.37, -11.61, w, h)),
-                         ("rot2", _rot(2.0, 23.37, -11.61, w, h))):
+    for case, matrix in (("dither", rotation_matrix(0.05, 23.37, -11.61, w, h)), ("flip", rotation_matrix(180.05, 23.37, -11.61, w, h)),
+                         ("rot2", rotation_matrix(2.0, 23.37, -11.61, w, h))):
         rec: dict[str, Any] = {"case": case, "matrix": matrix.tolist(),
                                "two_pass_applies": two_pass_applies(resample.invert_transform(matrix))}
         new = _step(rec, "two_pass", functools.partial(resample.warp, img, matrix, (h, w)), args.repeat)
@@ -154,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(rec), flush=True)
     res["translation"] = rec
 
-    matrix = _rot(0.05, 23.37, -11.61, w, h)
+    matrix = rotation_matrix(0.05, 23.37, -11.61, w, h)
     sat = img >= np.float32(60000.0 / 65535.0)
     empty = np.zeros_like(sat)
     rec = {"case": "mask", "saturated_px": int(sat.sum())}
