@@ -43,6 +43,8 @@ __all__ = [
     "detect_outliers",
 ]
 
+_NO_DEFECTS = np.zeros(0, dtype=np.int64)  # `_ring_and_edge` without a defect list
+
 
 @dataclass(frozen=True, eq=False)
 class DefectMap:
@@ -226,13 +228,14 @@ def _residual_sample(img: np.ndarray, step: int, row_stride: int, col_stride: in
 
 
 @njit(cache=True, nogil=True)
-def _confirm_hot(
-    img: np.ndarray, y: int, x: int, step: int, c: int, m8: float, cmap: np.ndarray, balance: np.ndarray, ring: np.ndarray
-) -> bool:  # pragma: no cover - numba
-    """Star-core protection: (x - b) > 4 (n4 - b), b = median of the same-colour ring 2 steps out,
-    n4 = brightest edge-adjacent pixel (CFA: scaled by the channel balance)."""
+def _ring_and_edge(
+    img: np.ndarray, y: int, x: int, step: int, c: int, cmap: np.ndarray, balance: np.ndarray, ring: np.ndarray,
+    defects: np.ndarray, fallback: float,
+) -> tuple[int, float, float]:  # pragma: no cover - numba
+    """(nr, b, n4) around (y, x): b = median of the nr finite pixels of the same-colour ring 2 steps out
+    (``fallback`` when there are none), n4 = the brightest edge-adjacent pixel (any colour; CFA: scaled by
+    the channel balance about b; -inf when none). Pixels listed in ``defects`` (sorted) do not count."""
     h, w = img.shape
-    v = img[y, x]
     nr = 0
     s2 = 2 * step
     for dy in range(-s2, s2 + 1, step):
@@ -246,10 +249,10 @@ def _confirm_hot(
             if xx < 0 or xx >= w:
                 continue
             u = img[yy, xx]
-            if u == u:
+            if u == u and not _in_sorted(defects, yy * w + xx):
                 ring[nr] = u
                 nr += 1
-    b = _median_small(ring, nr) if nr > 0 else m8
+    b = _median_small(ring, nr) if nr > 0 else fallback
     n4 = -np.inf
     for k in range(4):
         yy = y + (1 if k == 0 else (-1 if k == 1 else 0))
@@ -257,14 +260,24 @@ def _confirm_hot(
         if yy < 0 or yy >= h or xx < 0 or xx >= w:
             continue
         u = img[yy, xx]
-        if u != u:
+        if u != u or _in_sorted(defects, yy * w + xx):
             continue
         cn = cmap[yy & 1, xx & 1]
         if cn != c and balance[cn] > 0 and balance[c] > 0:
             u = b + (u - b) * balance[c] / balance[cn]
         if u > n4:
             n4 = u
-    return n4 == -np.inf or (v - b) > 4.0 * (n4 - b)
+    return nr, b, n4
+
+
+@njit(cache=True, nogil=True)
+def _confirm_hot(
+    img: np.ndarray, y: int, x: int, step: int, c: int, m8: float, cmap: np.ndarray, balance: np.ndarray, ring: np.ndarray
+) -> bool:  # pragma: no cover - numba
+    """Star-core protection: (x - b) > 4 (n4 - b), b = median of the same-colour ring 2 steps out,
+    n4 = brightest edge-adjacent pixel (CFA: scaled by the channel balance)."""
+    _nr, b, n4 = _ring_and_edge(img, y, x, step, c, cmap, balance, ring, _NO_DEFECTS, m8)
+    return n4 == -np.inf or (img[y, x] - b) > 4.0 * (n4 - b)
 
 
 @njit(cache=True, nogil=True)
@@ -421,9 +434,9 @@ def _in_star(
 ) -> None:  # pragma: no cover - numba
     """keep[i] = the defect idx[i] lies in a star and its calibrated value is plausible there (module doc);
     neighbours that are defects themselves (``defects``, sorted) do not count: a cluster is no star."""
-    h, w = img.shape
-    s2 = 2 * step
+    w = img.shape[1]
     for i in prange(idx.size):
+        ring = np.empty(16)
         p = idx[i]
         y = p // w
         x = p - y * w
@@ -432,38 +445,9 @@ def _in_star(
         if v != v:
             continue
         c = cmap[y & 1, x & 1]
-        ring = np.empty(16)
-        nr = 0
-        for dy in range(-s2, s2 + 1, step):
-            yy = y + dy
-            if yy < 0 or yy >= h:
-                continue
-            for dx in range(-s2, s2 + 1, step):
-                if abs(dy) != s2 and abs(dx) != s2:
-                    continue
-                xx = x + dx
-                if xx < 0 or xx >= w:
-                    continue
-                u = img[yy, xx]
-                if u == u and not _in_sorted(defects, yy * w + xx):
-                    ring[nr] = u
-                    nr += 1
+        nr, b, n4 = _ring_and_edge(img, y, x, step, c, cmap, balance, ring, defects, np.nan)
         if nr < 3:
             continue
-        b = _median_small(ring, nr)
-        n4 = -np.inf
-        for k in range(4):
-            yy = y + (1 if k == 0 else (-1 if k == 1 else 0))
-            xx = x + (1 if k == 2 else (-1 if k == 3 else 0))
-            if yy < 0 or yy >= h or xx < 0 or xx >= w:
-                continue
-            u = img[yy, xx]
-            if u != u or _in_sorted(defects, yy * w + xx):
-                continue
-            cn = cmap[yy & 1, xx & 1]
-            if cn != c and balance[cn] > 0 and balance[c] > 0:
-                u = b + (u - b) * balance[c] / balance[cn]
-            n4 = max(n4, u)
         signal = n4 - b
         if not signal > 10.0 * noise[c]:
             continue
