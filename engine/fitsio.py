@@ -26,6 +26,13 @@ MicroObservatory frames, 0..4095). Negative values are kept as negative values (
 products legitimately have them) unless the frame looks like unsigned data written without BZERO
 (wrapped, see ``_looks_wrapped16``); then 65536 is added to the negative values.
 
+*PEDESTAL* (written by calibration programs, never by cameras): the data holds an amount added to keep
+values positive; it is removed on read, physical = raw * BSCALE + BZERO - |PEDESTAL|. SBIG's FITS
+extension and MaxIm DL write it negative ("add this value to get zero-based ADU", -100), PixInsight
+positive (the amount to subtract, in DN of the 16-bit range): both mean the same |PEDESTAL| above
+zero. On float data normalised to [0, 1] |PEDESTAL|/65535 is removed. The saturation threshold moves
+with it, and the returned header has no PEDESTAL card (a HISTORY line says what was subtracted).
+
 Orientation and colour: arrays are top-down. ``ROWORDER = 'BOTTOM-UP'`` flips the rows; absent
 ROWORDER means TOP-DOWN (what camera drivers write). The Bayer pattern is read from BAYERPAT (also
 COLORTYP, CFATYPE, CFA-PAT, BAYERPATT), folded with XBAYROFF/YBAYROFF (also BAYOFFX/BAYOFFY,
@@ -351,6 +358,7 @@ class _Scaling:
     scale: float  # full-scale factor applied to the physical value
     wrap16: bool  # add 65536 to negative physical values
     full_scale_physical: float  # physical value of "full scale" of the stored bit depth
+    pedestal: float = 0.0  # physical value subtracted after BSCALE/BZERO (the PEDESTAL keyword)
 
 
 def _sample(raw: np.ndarray) -> np.ndarray:
@@ -386,7 +394,27 @@ def _scaling(header: fits.Header, raw: np.ndarray) -> _Scaling:
         scale, fs = 1.0, 1.0
     else:  # float
         scale, fs = _float_full_scale(_sample(raw) * bscale + bzero)
-    return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs)
+    return _Scaling(bscale, bzero, blank_int, scale, wrap16, fs, _pedestal(header, scale))
+
+
+def _pedestal(header: fits.Header, scale: float) -> float:
+    """Physical value to subtract for a PEDESTAL keyword (0 without one).
+
+    The pedestal is always an amount a calibration program *added* to keep values positive; the
+    programs disagree only on its sign: SBIG's FITS extension and MaxIm DL write "add this value to
+    get zero-based ADU" with a negative value (-100), PixInsight writes the positive amount to
+    subtract. Both mean stored = real + |PEDESTAL|, so |PEDESTAL| is subtracted. The value is in DN
+    of the 16-bit range (PixInsight's definition): data normalised to [0, 1] loses |PEDESTAL|/65535.
+    """
+    value = _hget(header, "PEDESTAL")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return 0.0
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return 0.0
+    return abs(float(value)) / 65535.0 if scale == 1.0 else abs(float(value))
 
 
 def _float_full_scale(sample: np.ndarray) -> tuple[float, float]:
@@ -477,7 +505,7 @@ def _k_scale_finite_serial(out: np.ndarray, scale: float) -> None:
 
 def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
     """Raw stored values (file order) -> float32 top-down full-scale-1 array, NaN for no data."""
-    if raw.dtype.kind == "f" and sc.bscale == 1.0 and sc.bzero == 0.0:
+    if raw.dtype.kind == "f" and sc.bscale == 1.0 and sc.bzero == 0.0 and sc.pedestal == 0.0:
         src = raw[..., ::-1, :] if flip else raw
         fout: np.ndarray = np.empty(raw.shape, dtype=np.float32)
         fout[...] = src  # byte swap, cast and flip in one copy
@@ -493,7 +521,7 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
         outs = [out] if raw.ndim == 2 else list(out)
         kernel = _k_be16 if out.size >= _PARALLEL_MIN_PX else _k_be16_serial
         for p, o in zip(planes, outs):
-            kernel(p.view(np.uint8), o, sc.bscale, sc.bzero, sc.scale, flip)
+            kernel(p.view(np.uint8), o, sc.bscale, sc.bzero - sc.pedestal, sc.scale, flip)
         return out
     band = 512
     height = raw.shape[-2]
@@ -503,6 +531,8 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
         phys = block.astype(np.float64) * sc.bscale + sc.bzero
         if sc.wrap16:
             phys[phys < 0] += 65536.0
+        if sc.pedestal:
+            phys -= sc.pedestal
         if sc.blank is not None:
             phys[block == sc.blank] = np.nan
         vals = (phys * sc.scale).astype(np.float32)
@@ -515,7 +545,7 @@ def _convert(raw: np.ndarray, sc: _Scaling, flip: bool) -> np.ndarray:
     return out
 
 
-def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]) -> fits.Header:
+def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...], pedestal: float = 0.0) -> fits.Header:
     out = fits.Header()
     for card in header.cards:
         try:
@@ -528,6 +558,10 @@ def _clean_header(header: fits.Header, bayer: str | None, shape: tuple[int, ...]
         out.remove(key, ignore_missing=True, remove_all=True)
     for key in [k for k in out if k.startswith("ZNAXIS") or k in ("ZIMAGE", "ZBITPIX", "ZCMPTYPE")]:
         out.remove(key, ignore_missing=True, remove_all=True)
+    # the pixels no longer hold the pedestal: a PEDESTAL card would have it removed twice downstream
+    out.remove("PEDESTAL", ignore_missing=True, remove_all=True)
+    if pedestal:
+        out.add_history(f"stackwatch: PEDESTAL {pedestal:g} (physical units) subtracted from the pixels")
     was_bottom_up = _bottom_up(header)
     out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
     if was_bottom_up:
@@ -706,19 +740,19 @@ def _xisf_raw(path: str, x: _Xisf) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(h, w, c).transpose(2, 0, 1))
 
 
-def _xisf_scaling(raw: np.ndarray) -> _Scaling:
+def _xisf_scaling(raw: np.ndarray, header: fits.Header) -> _Scaling:
     if raw.dtype.kind == "u":
         fs = float(2 ** (8 * raw.dtype.itemsize) - 1)
-        return _Scaling(1.0, 0.0, None, 1.0 / fs, False, fs)
+        return _Scaling(1.0, 0.0, None, 1.0 / fs, False, fs, _pedestal(header, 1.0 / fs))
     scale, fs = _float_full_scale(_sample(raw).astype(np.float64))
-    return _Scaling(1.0, 0.0, None, scale, False, fs)
+    return _Scaling(1.0, 0.0, None, scale, False, fs, _pedestal(header, scale))
 
 
 def _read_xisf(path: str, max_mpix: float) -> tuple[np.ndarray, fits.Header, _Scaling]:
     x = _xisf_parse(path)
     shape = _validate_shape(path, x.header, max_mpix)
     raw = _xisf_raw(path, x).reshape(shape)
-    sc = _xisf_scaling(raw)
+    sc = _xisf_scaling(raw, x.header)
     return _convert(raw, sc, False), x.header, sc
 
 
@@ -811,11 +845,12 @@ def _finish_image(path: str, data: np.ndarray, header: fits.Header, sc: _Scaling
         raise FrameError(path, "no valid pixels (all NaN or infinite)")
     bayer = bayer_pattern(header)
     saturate = _hget(header, "SATURATE")
+    # thresholds are stored values: the pedestal comes off them as it came off the pixels
     if isinstance(saturate, int | float) and not isinstance(saturate, bool) and saturate > 0:
-        saturation = float(saturate) * sc.scale
+        saturation = (float(saturate) - sc.pedestal) * sc.scale
     else:
-        saturation = saturation_frac * sc.full_scale_physical * sc.scale
-    clean = _clean_header(header, bayer, data.shape)
+        saturation = (saturation_frac * sc.full_scale_physical - sc.pedestal) * sc.scale
+    clean = _clean_header(header, bayer, data.shape, sc.pedestal)
     return Image(data=data, header=clean, scale=sc.scale, bayer=bayer, path=path, saturation=saturation)
 
 
@@ -912,6 +947,9 @@ def _prepare_header(header: fits.Header | None, history: Iterable[str]) -> fits.
         out.remove(key, ignore_missing=True, remove_all=True)
     for key in [k for k in out if k.startswith("NAXIS") or k.startswith("ZNAXIS")]:
         out.remove(key, ignore_missing=True, remove_all=True)
+    # stackwatch data never holds a pedestal (negatives are kept): a PEDESTAL copied from a source
+    # header would be subtracted again when the product is read
+    out.remove("PEDESTAL", ignore_missing=True, remove_all=True)
     out["ROWORDER"] = ("TOP-DOWN", "first row is the top of the picture")
     out[_PRODUCT_KEY] = (True, "stackwatch data, full scale 1.0")
     for line in history:
