@@ -50,6 +50,7 @@ from stackwatch.engine.library import (
     master_header,
     master_key,
     match,
+    readout_mode_key,
 )
 
 __all__ = ["CalibrationLibrary", "record_dict"]
@@ -183,6 +184,7 @@ class CalibrationLibrary:
         self._derived: dict[tuple[Any, ...], Any] = {}  # flat scales and defect maps, by file versions
         self.last_errors: list[str] = []  # masters that could not be built by the last rebuild()
         self.overscan = overscan
+        self._key_readout_modes()
         self._dirty_stale_overscan()
 
     def close(self) -> None:
@@ -220,6 +222,32 @@ class CalibrationLibrary:
                 rec = _record_from_dict(json.loads(text))
                 if rec.overscan != self._overscan_text(rec.key):
                     self._mark_dirty(str(mid), count=False)
+
+    def _key_readout_modes(self) -> None:
+        """Masters keyed before the readout mode was part of master keys get the mode their members
+        were taken in, when they all share one (the members' recorded headers say it): new frames of
+        that mode then join them instead of starting a new master, and matching treats them as that
+        mode, not as "mode unknown". Masters whose members mix modes keep no mode."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, key, record FROM masters").fetchall()
+            for mid, key_json, record_json in rows:
+                key = MasterKey.from_dict(json.loads(key_json))
+                if key.readout_mode:
+                    continue
+                infos = self._db.execute("SELECT info FROM members WHERE master_id = ?", (mid,)).fetchall()
+                modes = {readout_mode_key(_info_from_json(r[0]).readout_mode) for r in infos}
+                if len(modes) != 1 or "" in modes:
+                    continue
+                key = dataclasses.replace(key, readout_mode=modes.pop())
+                record = None
+                if record_json:
+                    d = json.loads(record_json)
+                    d["key"] = key.as_dict()
+                    record = json.dumps(d)
+                self._db.execute(
+                    "UPDATE masters SET key = ?, key_id = ?, record = ? WHERE id = ?",
+                    (json.dumps(key.as_dict()), key.id, record, mid),
+                )
 
     # -- members ------------------------------------------------------------------------------------
 

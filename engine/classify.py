@@ -19,9 +19,16 @@ Kind, in this order:
 A "dark" with an exposure of at most ``BIAS_MAX_EXPOSURE_S`` (1 ms; covers 0 s, CMOS minimum
 exposures of tens of microseconds and DSLR 1/1000-1/4000 s bias shots) is a bias.
 
-Temperatures: CCD-TEMP, CCD_TEMP, CCDTEMP, TEMPERAT, SENSTEMP, CAMTEMP, then SET-TEMP. A value above
-150 is taken as kelvin and converted (no sensor runs at 150 °C; MicroObservatory writes CAMTEMP in K,
--1 meaning no data); values below -273.15 °C are ignored.
+Target (``FrameInfo.object``): OBJECT as written, unless it names none ("", "Unknown", "undefined",
+"none", "-", ...: :func:`is_no_target`); then the pointing snapped to a ~1° grid ("field 05h34m -05°",
+:func:`target_name`), else "" (the pipeline's single "unknown" target).
+
+Readout mode: READOUTM, READMODE or HIERARCH READOUT MODE, whitespace collapsed (matching compares it
+case-folded, :mod:`stackwatch.engine.library`).
+
+Temperatures: CCD-TEMP, CCD_TEMP, CCDTEMP, TEMPERAT, SENSTEMP, CAMTEMP, CAMTCCD (Siril), DET-TEMP,
+then SET-TEMP. A value above 150 is taken as kelvin and converted (no sensor runs at 150 °C;
+MicroObservatory writes CAMTEMP in K, -1 meaning no data); values below -273.15 °C are ignored.
 """
 
 from __future__ import annotations
@@ -43,9 +50,11 @@ __all__ = [
     "KINDS",
     "FrameInfo",
     "classify",
+    "is_no_target",
     "kind_from_name",
     "kind_from_value",
     "normalize_filter",
+    "target_name",
 ]
 
 KINDS = ("light", "bias", "dark", "flat", "darkflat", "unknown")
@@ -68,11 +77,24 @@ _KIND_WORDS: dict[str, str] = {
 }
 
 _EXPOSURE_KEYWORDS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "EXP-TIME", "EXP")
-_TEMP_KEYWORDS = ("CCD-TEMP", "CCD_TEMP", "CCDTEMP", "TEMPERAT", "SENSTEMP", "CAMTEMP", "DET-TEMP", "SET-TEMP")
+_TEMP_KEYWORDS = (
+    "CCD-TEMP", "CCD_TEMP", "CCDTEMP", "TEMPERAT", "SENSTEMP", "CAMTEMP", "CAMTCCD", "DET-TEMP", "SET-TEMP"
+)
 _GAIN_KEYWORDS = ("GAIN", "ISOSPEED", "ISO")
 _OFFSET_KEYWORDS = ("OFFSET", "BLKLEVEL", "BLACKLEV")
 _FOCAL_KEYWORDS = ("FOCALLEN", "FOCAL", "FOCLEN")
 _FILTER_KEYWORDS = ("FILTER", "FILTNAME", "FILTER1")
+# N.I.N.A., MaxIm DL and ASCOM drivers write READOUTM ('PhotoGraphic DSO', 'High Gain Mode'), some
+# INDI drivers READMODE; a name longer than 8 characters only exists as a HIERARCH card (XISF keywords)
+_READOUT_KEYWORDS = ("READOUTM", "READMODE", "READOUT MODE")
+
+# OBJECT values that name no target (capture programs' defaults when the user typed none)
+_NO_TARGET = frozenset(
+    {"unknown", "undefined", "none", "null", "nil", "n/a", "na", "untitled", "unnamed", "noname", "no name",
+     "no target", "notarget", "no object", "target", "object"}
+)
+# Grid of the pointing fallback target (see :func:`target_name`), degrees of declination
+_FIELD_CELL_DEG = 1.0
 
 
 @dataclass(frozen=True)
@@ -277,6 +299,43 @@ def normalize_filter(name: str) -> str:
     return "" if text in ("none", "n/a", "no filter", "nofilter") else text
 
 
+def _readout_mode(header: fits.Header) -> str:
+    for key in _READOUT_KEYWORDS:
+        value = " ".join(_str(header, key).split())
+        if value:
+            return value
+    return ""
+
+
+def is_no_target(name: str) -> bool:
+    """True for an OBJECT value that names no target: empty, punctuation only ("-", "?"), or a capture
+    program's placeholder ("Unknown", "undefined", "None", "N/A"...)."""
+    text = " ".join(name.split()).casefold()
+    return not any(ch.isalnum() for ch in text) or text in _NO_TARGET
+
+
+def target_name(name: str, ra_deg: float | None, dec_deg: float | None) -> str:
+    """The target a light is stacked under: OBJECT as written, else the field it points at, else "".
+
+    Without a name, the pointing (RA/DEC, OBJCTRA/OBJCTDEC, ...) is snapped to a grid of cells of
+    about 1° (declination in whole degrees, right ascension in steps of 1°/cos δ) and named after the
+    cell's centre, e.g. "field 05h34m -05°" for M 42: a night's dithered frames (arcminutes apart) share it, and
+    so do other nights of the same field within the repeatability of a go-to. Two fields in one cell
+    are one target (registration then rejects the frames of the other one); a field whose centre lies
+    within its dither of a cell edge is split in two. "" (no name, no pointing) is the pipeline's
+    single "unknown" target.
+    """
+    if not is_no_target(name):
+        return name.strip()
+    if ra_deg is None or dec_deg is None:
+        return ""
+    dec_cell = max(-90, min(90, round(dec_deg / _FIELD_CELL_DEG))) * _FIELD_CELL_DEG
+    n_ra = max(1, math.floor(360.0 / _FIELD_CELL_DEG * math.cos(math.radians(dec_cell))))
+    ra_cell = (round(ra_deg / (360.0 / n_ra)) % n_ra) * (360.0 / n_ra)
+    minutes = round(ra_cell / 15.0 * 60.0) % (24 * 60)
+    return f"field {minutes // 60:02d}h{minutes % 60:02d}m {'-' if dec_cell < 0 else '+'}{abs(dec_cell):02.0f}°"
+
+
 def _temperature(header: fits.Header) -> float | None:
     for key in _TEMP_KEYWORDS:
         value = _num(header, key)
@@ -444,8 +503,8 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
     """
     exposure = _exposure(header)
     ra, dec = _pointing(header)
-    obj = _str(header, "OBJECT")
-    has_target = obj.casefold() not in ("", "unknown", "none") or ra is not None
+    obj = target_name(_str(header, "OBJECT"), ra, dec)
+    has_target = bool(obj)
     kind, source = _kind(header, path, exposure, has_target)
     filt = ""
     for key in _FILTER_KEYWORDS:
@@ -475,7 +534,7 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
         date_obs=_date_obs(header),
         kind_source=source,
         header_pixel_scale_arcsec=_pixel_scale(header),
-        readout_mode=_str(header, "READOUTM") or _str(header, "READMODE"),
+        readout_mode=_readout_mode(header),
         subframe_origin=(int(_first_num(header, ("XORGSUBF",)) or 0), int(_first_num(header, ("YORGSUBF",)) or 0)),
         rotator_deg=None if rotator is None else rotator % 360.0,
     )

@@ -24,6 +24,7 @@ Matching (:func:`match`) returns a :class:`MasterSet` whose explanations read li
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -54,6 +55,7 @@ __all__ = [
     "master_rejection",
     "match",
     "night_of",
+    "readout_mode_key",
 ]
 
 MASTER_KINDS = ("bias", "dark", "darkflat", "flat")
@@ -103,6 +105,7 @@ class MasterKey:
     filter: str = ""
     night: str = ""
     rotator_deg: float | None = None  # flats with ROTATANG: the angle to the nearest degree
+    readout_mode: str = ""  # READOUTM as :func:`readout_mode_key` gives it; "" when the header has none
 
     @property
     def sensor(self) -> tuple[Any, ...]:
@@ -131,13 +134,18 @@ class MasterKey:
             parts.append(f"bin{self.binning[0]}x{self.binning[1]}")
         if self.bayer:
             parts.append(self.bayer)
+        if self.readout_mode:
+            parts.append(self.readout_mode.replace(" ", "-"))
         digest = hashlib.sha1(repr(self.as_dict()).encode()).hexdigest()[:8]
         safe = "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in "_".join(parts))
         return f"{safe}_{digest}"
 
     def as_dict(self) -> dict[str, Any]:
-        # rotator_deg only when present: the ids (digests) of masters without it stay what they were
-        extra = {} if self.rotator_deg is None else {"rotator_deg": self.rotator_deg}
+        # rotator_deg and readout_mode only when present: the ids (digests) of masters without them
+        # stay what they were, so libraries written before either existed keep their masters
+        extra: dict[str, Any] = {} if self.rotator_deg is None else {"rotator_deg": self.rotator_deg}
+        if self.readout_mode:
+            extra["readout_mode"] = self.readout_mode
         return {
             **extra,
             "kind": self.kind,
@@ -168,7 +176,14 @@ class MasterKey:
             filter=str(d.get("filter") or ""),
             night=str(d.get("night") or ""),
             rotator_deg=None if d.get("rotator_deg") is None else float(d["rotator_deg"]),
+            readout_mode=readout_mode_key(str(d.get("readout_mode") or "")),
         )
+
+
+def readout_mode_key(mode: str) -> str:
+    """A readout mode as masters are keyed and matched on it: case-folded, whitespace collapsed
+    ('PhotoGraphic DSO ' and 'photographic dso' are one mode); "" for none."""
+    return " ".join(mode.split()).casefold()
 
 
 def master_key(info: FrameInfo) -> MasterKey | None:
@@ -214,6 +229,7 @@ def master_key(info: FrameInfo) -> MasterKey | None:
         filter=filt,
         night=night,
         rotator_deg=rotator,
+        readout_mode=readout_mode_key(info.readout_mode),
     )
 
 
@@ -364,7 +380,8 @@ def match(
         Tolerances. Default is ``MatchRules()`` (2 °C, 1 %, scaled darks allowed, auto, 30 days).
     """
     sensor = _sensor(info)
-    same = [m for m in masters if m.key.sensor == sensor]
+    mode = readout_mode_key(info.readout_mode)
+    same, other_modes = _same_readout_mode([m for m in masters if m.key.sensor == sensor], mode)
     t = info.temperature_c
     tol = rules.temperature_tolerance_c
     notes: list[str] = []
@@ -377,7 +394,8 @@ def match(
 
     t_frame = info.exposure_s
     if info.kind == "flat":
-        return _match_flat_calibration(info, same, bias, rules, notes)
+        out = _match_flat_calibration(info, same, bias, rules, notes)
+        return dataclasses.replace(out, explanations=out.explanations + _mode_notes(out, mode, other_modes))
 
     # dark
     darks = [m for m in same if m.kind == "dark" and m.exposure_s is not None]
@@ -441,7 +459,7 @@ def match(
 
     # flat
     flat = _match_flat(info, same, rules, notes, missing)
-    return MasterSet(
+    out = MasterSet(
         bias=bias,
         dark=dark,
         flat=flat,
@@ -450,6 +468,50 @@ def match(
         explanations=tuple(notes),
         missing=tuple(missing),
     )
+    return dataclasses.replace(out, explanations=out.explanations + _mode_notes(out, mode, other_modes))
+
+
+def _same_readout_mode(
+    masters: list[MasterRecord], mode: str
+) -> tuple[list[MasterRecord], dict[str, set[str]]]:
+    """The masters a frame of readout mode ``mode`` may use, and per kind the other modes left out.
+
+    Two known modes that differ never match: another mode changes read noise, bias level, amp glow
+    and often the gain (QHY's 'High Gain Mode' and 'PhotoGraphic DSO' are different sensors for
+    calibration). A master or frame whose header says no mode is taken only when no master of the
+    frame's own mode exists for that kind, with a note: mixed known/unknown modes come from
+    calibration frames shot with a program that does not write READOUTM (or from masters keyed
+    before stackwatch keyed on the mode), and for the cameras that have a single mode refusing them
+    would leave the light uncalibrated.
+    """
+    kept: list[MasterRecord] = []
+    other: dict[str, set[str]] = {}
+    for kind in MASTER_KINDS:
+        of_kind = [m for m in masters if m.kind == kind]
+        exact = [m for m in of_kind if m.key.readout_mode == mode]
+        loose = [m for m in of_kind if (m.key.readout_mode == "") != (mode == "")]
+        kept.extend(exact or loose)
+        others = {m.key.readout_mode for m in of_kind if m.key.readout_mode and mode and m.key.readout_mode != mode}
+        if others:
+            other[kind] = others
+    return kept, other
+
+
+def _mode_notes(ms: MasterSet, mode: str, other_modes: dict[str, set[str]]) -> tuple[str, ...]:
+    notes = []
+    for kind, rec in (("bias", ms.bias), ("flat-dark", ms.darkflat), ("dark", ms.dark), ("flat", ms.flat)):
+        if rec is None or rec.key.readout_mode == mode:
+            continue
+        if mode:
+            notes.append(f"{kind}: warning: master readout mode unknown, frame '{mode}'")
+        else:
+            notes.append(f"{kind}: warning: frame readout mode unknown, master '{rec.key.readout_mode}'")
+    for kind in MASTER_KINDS:
+        if kind in other_modes and kind in ms.missing:
+            label = "flat-dark" if kind == "darkflat" else kind
+            modes = ", ".join(f"'{m}'" for m in sorted(other_modes[kind]))
+            notes.append(f"{label}: masters of readout mode {modes} not used for a '{mode}' frame")
+    return tuple(notes)
 
 
 def _match_flat(
