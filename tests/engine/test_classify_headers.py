@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
-from stackwatch.engine.classify import classify, is_no_target, target_name
+from stackwatch.engine.classify import classify, field_name, field_target, is_no_target, separation_deg
 
 
 def _header(cards: dict[str, object]) -> fits.Header:
@@ -87,42 +87,61 @@ def test_placeholder_objects_name_no_target(name: str) -> None:
 @pytest.mark.parametrize("name", ["M 42", "NGC 7000", "C/2025 R2 (SWAN)", "Sh2-129", "IC 1396 - Elephant", "Mars"])
 def test_real_names_are_kept(name: str) -> None:
     assert not is_no_target(name)
-    assert target_name(name, 10.0, 20.0) == name
+    assert classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "OBJECT": name})).object == name
 
 
-@pytest.mark.parametrize(
-    ("ra", "dec"), [(83.82, -5.39), (10.68, 41.27), (299.9, 40.7), (0.1, 0.3), (359.95, -0.2), (37.95, 89.26)]
-)
-def test_a_dithered_night_of_one_field_is_one_target(ra: float, dec: float) -> None:
-    """Placeholders from several programs over a night dithered by up to ±3' (and a night's pointing
-    repeatability of a go-to): one target, named after the field; 3° away is another target."""
-    rng = np.random.default_rng(int(ra * 100 + dec))
-    spellings = ["Unknown", "", "undefined", "none", "-"]
-    names = set()
-    for i in range(60):
-        dra = rng.uniform(-3, 3) / 60.0 / max(np.cos(np.radians(dec)), 0.05)
-        ddec = rng.uniform(-3, 3) / 60.0
-        cards: dict[str, object] = {"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "RA": (ra + dra) % 360.0,
-                                    "DEC": min(90.0, dec + ddec)}
-        if spellings[i % 5]:
-            cards["OBJECT"] = spellings[i % 5]
-        info = classify(_header(cards))
-        names.add(info.object)
-    assert len(names) == 1, names
-    (name,) = names
-    assert name.startswith("field ")
-    other = classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "OBJECT": "Unknown", "RA": ra, "DEC": dec - 3.0}))
-    assert other.object != name
-
-
-def test_sexagesimal_pointing_and_no_pointing() -> None:
-    # OBJCTRA/OBJCTDEC strings (MaxIm, N.I.N.A.) give the same field as RA/DEC in degrees
-    a = classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "OBJECT": "Unknown",
-                          "OBJCTRA": "05 35 17.3", "OBJCTDEC": "-05 23 28"}))
-    b = classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "RA": 83.822, "DEC": -5.391}))
-    assert a.object == b.object == "field 05h34m -05°"
-    # no name, no pointing: no target (the pipeline's single "unknown" stack)
-    assert classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "OBJECT": "Unknown"})).object == ""
+def test_placeholders_are_one_target_and_keep_their_pointing() -> None:
+    infos = [classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "RA": 83.8, "DEC": -5.4, "OBJECT": o}))
+             for o in ("Unknown", "undefined", "none", "-", "N/A")]
+    infos.append(classify(_header({"IMAGETYP": "LIGHT", "EXPTIME": 60.0, "OBJCTRA": "05 35 17.3",
+                                   "OBJCTDEC": "-05 23 28"})))
+    assert {i.object for i in infos} == {""}
+    assert all(i.ra_deg is not None and i.dec_deg is not None for i in infos)
     # a placeholder alone does not make a frame without type a light; a pointing does
     assert classify(_header({"EXPTIME": 60.0, "OBJECT": "undefined"})).kind == "unknown"
     assert classify(_header({"EXPTIME": 60.0, "OBJECT": "undefined", "RA": 83.8, "DEC": -5.4})).kind == "light"
+
+
+def _offset(ra: float, dec: float, east_deg: float, north_deg: float) -> tuple[float, float]:
+    return (ra + east_deg / max(np.cos(np.radians(dec)), 1e-6)) % 360.0, float(np.clip(dec + north_deg, -90, 90))
+
+
+@pytest.mark.parametrize("spread_arcmin", [3.0, 10.0, 20.0])
+def test_field_target_never_splits_a_dithered_field(spread_arcmin: float) -> None:
+    """150 random fields (uniform on the sky), 30 frames each dithered by up to ±spread in both axes, in
+    random order of arrival: every field gets one target, and no two fields (≥ 2.5° apart) share one."""
+    rng = np.random.default_rng(int(spread_arcmin))
+    centres: list[tuple[float, float]] = []
+    while len(centres) < 150:
+        c = (rng.uniform(0, 360), float(np.degrees(np.arcsin(rng.uniform(-1, 1)))))
+        if all(separation_deg(*c, *o) >= 2.5 for o in centres):
+            centres.append(c)
+    frames = [(i, *_offset(*c, *(rng.uniform(-spread_arcmin, spread_arcmin, 2) / 60.0)))
+              for i, c in enumerate(centres) for _ in range(30)]
+    rng.shuffle(frames)
+    fields: dict[str, tuple[float, float]] = {}
+    names: dict[int, set[str]] = {}
+    for i, ra, dec in frames:
+        name = field_target(ra, dec, fields)
+        fields.setdefault(name, (ra, dec))
+        names.setdefault(i, set()).add(name)
+    assert all(len(n) == 1 for n in names.values())
+    assert len({next(iter(n)) for n in names.values()}) == len(centres)
+
+
+def test_field_names_and_separation() -> None:
+    assert field_name(83.822, -5.391) == "field 05h35m S05°23'"
+    assert field_name(83.822, 5.391) == "field 05h35m N05°23'"
+    assert field_name(359.999, 89.99) == "field 00h00m N89°59'"
+    # against astropy's separation (Vincenty) from arcseconds to the antipode
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        ra1, ra2 = rng.uniform(0, 360, 2)
+        dec1, dec2 = np.degrees(np.arcsin(rng.uniform(-1, 1, 2)))
+        if rng.uniform() < 0.5:
+            ra2, dec2 = _offset(ra1, dec1, *(rng.normal(0, 1.0 / 60, 2)))
+        ref = SkyCoord(ra1 * u.deg, dec1 * u.deg).separation(SkyCoord(ra2 * u.deg, dec2 * u.deg)).deg
+        assert separation_deg(ra1, dec1, ra2, dec2) == pytest.approx(ref, abs=1e-9)
