@@ -7,7 +7,8 @@ Kind, in this order:
 1. The first frame-type keyword that has a recognised value: IMAGETYP, IMAGETYPE, FRAMETYP, FRAME
    (INDI/Ekos), OBSTYPE. Values are compared case-folded with spaces, '-' and '_' removed and a
    trailing "frame"/"image" dropped, so "Light Frame", "LIGHT", "light_frame" are the same; see
-   ``_KIND_WORDS`` for every spelling.
+   ``_KIND_WORDS`` for every spelling. A flat named after its source ("Sky Flats", "Dusk Flat", "EL
+   Flat") is a flat; "Master ..." (another program's master) is not recognised.
 2. Otherwise the path: the file name first, then its 4 nearest folders, nearest first. Each component is
    cut into words (at non-letters and camelCase humps: "FlatWizard" -> flat, wizard) and the first
    rule that matches wins, in the order darkflat (darkflat, flatdark, or "dark" next to "flat"),
@@ -243,6 +244,10 @@ def kind_from_value(value: str) -> str | None:
     for suffix in ("frames", "frame", "images", "image", "field", "fields"):
         if word.endswith(suffix) and word[: -len(suffix)] in _KIND_WORDS:
             return _KIND_WORDS[word[: -len(suffix)]]
+    # flats named after their light source or time of day: "Sky Flats", "Dusk Flat", "EL Flat"
+    # (a master from another program is not a raw flat: "Master Flat" stays unrecognised)
+    if word.rstrip("s").endswith("flat") and "dark" not in word and "master" not in word:
+        return "flat"
     return None
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
-from stackwatch.engine.classify import classify, field_name, field_target, is_no_target, separation_deg
+from stackwatch.engine.classify import (
+    classify,
+    field_name,
+    field_target,
+    is_no_target,
+    kind_from_value,
+    separation_deg,
+)
 
 
 def _header(cards: dict[str, object]) -> fits.Header:
@@ -68,6 +75,17 @@ def test_programs(program: str, cards: dict[str, object], kind: str, exposure: f
     assert (info.kind, info.exposure_s, info.gain, info.temperature_c, info.binning, info.filter) == (
         kind, exposure, gain, temp, binning, filt
     ), program
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("Sky Flats", "flat"), ("Twilight Flats", "flat"), ("Dusk Flat", "flat"), ("Dawn flat", "flat"),
+     ("EL Flat", "flat"), ("Flat-Field", "flat"), ("Dark Flats", "darkflat"), ("Flat Darks", "darkflat"),
+     ("DarkFlat Frame", "darkflat"), ("Offset Frame", "bias"), ("Bias Frames", "bias"), ("Lights", "light"),
+     ("Master Flat", None), ("Master Dark", None), ("Tricolor Image", None)],
+)
+def test_frame_type_spellings(value: str, kind: str | None) -> None:
+    assert kind_from_value(value) == kind
 
 
 def test_measured_temperature_wins_over_the_set_point() -> None:
