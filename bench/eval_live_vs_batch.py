@@ -8,7 +8,7 @@ trails (the simulator's trail masks, warped with each frame's transform and dila
 RMS, 99.9th percentile and max of live − batch in units of the batch's noise (§1.2), then the exact
 pass vs batch.
 
-    python bench/eval_live_vs_batch.py [--preset small] [--lights 16] [--seed 5]
+    python bench/eval_live_vs_batch.py [--preset small] [--lights 16] [--seed 5] [--service-policy]
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--debug", action="store_true", help="print the worst pixel of each frame")
     ap.add_argument("--config", help="TOML configuration (as for stackwatch stack)")
+    ap.add_argument("--service-policy", action="store_true",
+                    help="run the exact pass after a stack's first frames as the service does when frames "
+                         "are minutes apart (live.exact_pass_early_frames); default: the live stack alone")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval-live-"))
     spec = simulate.preset(args.preset, n_lights=args.lights, n_darks=8, n_flats=8, n_darkflats=8, n_biases=8,
@@ -71,6 +74,8 @@ def main() -> None:
         live = stack.live
         if live is None or live.n_frames == 0:
             continue
+        if args.service_policy and live.n_frames <= config.live.exact_pass_early_frames:
+            pipe.finalize(stack.id)
         batch, sources = _batch(pipe, stack, config)
         ids = list(live.frame_ids)
         img = np.asarray(batch.image, np.float32)

@@ -174,6 +174,7 @@ class LiveConfig:
     checkpoint_frames: int = _f(10, "checkpoint the running stack every N frames")
     checkpoint_interval_s: float = _f(600.0, "or every this many seconds")
     exact_pass_frames: int = _f(10, "run an exact re-integration after this many new frames when idle, if it is estimated to take less than half the usual gap between frames (else at the end of the night, service.exact_pass_idle_s)")
+    exact_pass_early_frames: int = _f(6, "also run the exact re-integration after each new frame while a stack has at most this many frames, if it fits half the usual gap between frames: the batch rule for 3-5 frames (percentile clipping) needs every sample (the live image computes it itself only where a pixel has at most k_high + k_low + 1 samples), and the pass at the 6th frame replaces its decisions by winsorized clipping's; 0 disables")
     exact_pass_max_s: float = _f(1.0, "when idle, run the exact re-integration after every new frame while it is estimated to take less than this many seconds (the live image then equals the batch result); 0 disables")
     frame_store_budget_gb: float = _f(50.0, "disk budget of the frame store (the normalised frames the exact re-integration reads; 104 MB per 26 MP mono frame); over it the oldest frames of the least recently active stacks are evicted and recomputed from their raw files when an exact pass needs them; <= 0: no limit")
 

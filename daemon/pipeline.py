@@ -594,12 +594,21 @@ class Pipeline:
 
     def _new_live(self, stack_id: str, shape: tuple[int, ...], background: float) -> LiveStack:
         live = self.config.live
+        rule, rule_params = self._rejection_rule()
         return LiveStack(
             shape, k_high=live.k_high, k_low=live.k_low, kappa_low=live.kappa_low, kappa_high=live.kappa_high,
             n_min=live.n_min, epsilon=live.noise_epsilon_frac,
             background=background if math.isfinite(background) else 0.0,
             rejections_dir=self._rejections_dir(stack_id),
+            rejection=rule, rejection_params=rule_params,
         )
+
+    def _rejection_rule(self) -> tuple[str, dict[str, float] | None]:
+        """The configured batch rejection and its parameters (None: the algorithm's or §7.5's)."""
+        cfg = self.config.integration
+        if cfg.rejection in ("sigma", "winsorized", "averaged_sigma", "mad"):
+            return cfg.rejection, {"kappa_low": cfg.sigma_low, "kappa_high": cfg.sigma_high}
+        return cfg.rejection, None
 
     def _process_next(self, stack: _Stack, prep: _Prepared | None = None) -> None:
         """Process members[processed_upto] against the stack's reference (setting it if none)."""
@@ -1080,11 +1089,8 @@ class Pipeline:
             store = self.frames_dir / stack.id
             sources = [NpySource(store / f"{fid}.npy") for fid in ids]
             cfg = self.config.integration
-            rejection = cfg.rejection
-            params = None
-            if rejection != "auto":
-                params = {"kappa_low": cfg.sigma_low, "kappa_high": cfg.sigma_high} if rejection in (
-                    "sigma", "winsorized", "averaged_sigma", "mad") else None
+            rejection, params = self._rejection_rule()
+            live.rejection, live.rejection_params = rejection, dict(params or {})  # a reloaded configuration
             result = live.exact_pass(sources, frame_ids=ids, rejection=rejection, params=params,
                                      large_scale=cfg.large_scale_rejection,
                                      band_budget_bytes=int(cfg.band_memory_mb) << 20)

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 from numba import njit, prange
 from stackwatch.engine import integrate as _integrate
+from stackwatch.engine import reject as _reject
 from stackwatch.engine.errors import StackwatchError
 from stackwatch.engine.integrate import NoiseModel, _bg
 
@@ -933,6 +934,128 @@ def _rebuild_kernel(
                     _insert(lv, li, v, slots[i], r, x, False)
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _image_kernel(
+    S: np.ndarray,
+    Wt: np.ndarray,
+    N: np.ndarray,
+    RLO: np.ndarray,
+    RHI: np.ndarray,
+    hv: np.ndarray,
+    hi: np.ndarray,
+    lv: np.ndarray,
+    li: np.ndarray,
+    tab: np.ndarray,
+    bgrid: np.ndarray,
+    h: int,
+    inv_step: float,
+    code: int,
+    params: np.ndarray,
+    nm_par: np.ndarray,
+    n_exact: int,
+    quiet_kappa: float,
+    out: np.ndarray,
+) -> None:
+    """S/W, except at pixels whose accepted samples are all known: there the batch integrator's
+    decision (rejection `code` with `params`, floored by the pooled noise model as
+    integrate.NoiseModel floors it) and its weighted mean of the kept samples.
+
+    A pixel's samples are known when none was rejected and at most one accepted sample is not
+    retained (n ≤ retained + 1: that one is (S − Σw·y)/(W − Σw) over the retained ones). Below
+    `n_min` live rejects nothing, so without this the first frames (and the edges of a dithered
+    stack, covered by few frames all night) kept every cosmic ray until the n_min-th frame or the
+    next exact pass; the accumulators are left as they are, so the decision is redone from all
+    the samples after every frame, as batch does. `quiet_kappa` > 0: the rejector rejects nothing
+    from samples that all lie within quiet_kappa·σ_floor of each other (its σ is floored by the
+    noise model): those pixels (nearly all) skip it, whose generic per-pixel cost is ~120 ns."""
+    rows, width = S.shape
+    kh = hv.shape[0]
+    kl = lv.shape[0]
+    gh = bgrid.shape[1]
+    for r in prange(rows):
+        ch = r // h
+        yy = (r - ch * h) * inv_step
+        iy = min(int(yy), gh - 1)
+        iy1 = min(iy + 1, gh - 1)
+        fy = yy - iy if iy1 > iy else 0.0
+        vals = np.empty(n_exact, np.float32)
+        wts = np.empty(n_exact, np.float64)
+        slots = np.empty(n_exact, np.int64)
+        mask = np.empty(n_exact, np.uint8)
+        work = np.empty((_reject.WORK_ROWS, n_exact), np.float64)
+        buf = np.empty(n_exact, np.float64)
+        floor = np.empty(_reject.FLOOR_SIZE, np.float64)
+        for x in range(width):
+            wsum = float(Wt[r, x])
+            if not (wsum > 0.0):
+                out[r, x] = np.nan
+                continue
+            out[r, x] = S[r, x] / Wt[r, x]
+            n = int(N[r, x])
+            if code == 0 or n < 2 or n > n_exact or RLO[r, x] != 0 or RHI[r, x] != 0:
+                continue
+            m = 0
+            for j in range(kh + kl):
+                s = int(hi[j, r, x]) if j < kh else int(li[j - kh, r, x])
+                if s == EMPTY:
+                    continue
+                seen = False
+                for q in range(m):
+                    if slots[q] == s:
+                        seen = True
+                if seen or m >= n:
+                    continue
+                slots[m] = s
+                vals[m] = hv[j, r, x] if j < kh else lv[j - kh, r, x]
+                wts[m] = tab[ch, _T_W, s]
+                m += 1
+            if m + 1 == n:  # the one sample not retained
+                sy = 0.0
+                sw = 0.0
+                for q in range(m):
+                    sy += wts[q] * vals[q]
+                    sw += wts[q]
+                wr = wsum - sw
+                if not (wr > 1e-6 * wsum):
+                    continue
+                vals[m] = (float(S[r, x]) - sy) / wr
+                wts[m] = wr
+                slots[m] = slots[0]  # the noise model is pooled: every slot has the same A, B
+                m += 1
+            if m != n:
+                continue
+            floor[0] = tab[ch, _T_A, slots[0]]
+            floor[1] = tab[ch, _T_B, slots[0]]
+            floor[2] = nm_par[0]
+            floor[3] = _bg(bgrid, ch, iy, iy1, fy, x, inv_step)
+            floor[4] = nm_par[1]
+            floor[5] = nm_par[2]
+            vmin = vals[0]
+            vmax = vals[0]
+            for q in range(1, n):
+                vmin = min(vmin, vals[q])
+                vmax = max(vmax, vals[q])
+            # every centre lies in [vmin, vmax] and the floor grows with the signal: no deviation
+            # from any centre exceeds the range, nor any σ the floor at vmin
+            if quiet_kappa > 0.0 and vmax - vmin < quiet_kappa * _reject._floor_sd(floor, vmin):
+                continue
+            for q in range(n):
+                mask[q] = _reject.KEEP
+            kept = _reject.run_rejection(code, vals[:n], wts[:n], params, mask[:n], work, floor)
+            sy = 0.0
+            sw = 0.0
+            if kept == 0:  # as the batch integrator: the median of all samples
+                for q in range(n):
+                    buf[q] = vals[q]
+                out[r, x] = _reject._median_buf(buf, n)
+                continue
+            for q in range(n):
+                if mask[q] == _reject.KEEP:
+                    sy += wts[q] * vals[q]
+                    sw += wts[q]
+            out[r, x] = sy / sw
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -1073,6 +1196,8 @@ class LiveStack:
     rejections_dir : a directory of its own where the per-frame rejection lists are spilled (one
         append-only file per frame; existing lists in it are deleted), so that RAM does not grow
         with the frame count. Default is None (kept in memory).
+    rejection, rejection_params : the batch integrator's rejection ("auto": §7.5 by frame count),
+        which `image` applies where a pixel's samples are all known. Default is "auto", None.
     """
 
     def __init__(
@@ -1089,6 +1214,8 @@ class LiveStack:
         background_step_px: int = 64,
         event_capacity: int | None = None,
         rejections_dir: str | os.PathLike[str] | None = None,
+        rejection: str = "auto",
+        rejection_params: dict[str, float] | None = None,
     ) -> None:
         shp = tuple(int(v) for v in shape)
         if len(shp) == 2:
@@ -1104,6 +1231,10 @@ class LiveStack:
         self.k_high, self.k_low = int(k_high), int(k_low)
         self.kappa_low, self.kappa_high = float(kappa_low), float(kappa_high)
         self.n_min = int(n_min)
+        if rejection != "auto":
+            _reject.get_rejection(rejection)  # an unknown name fails here, not at the first image
+        self.rejection = str(rejection)
+        self.rejection_params = dict(rejection_params or {})
         self.epsilon = float(epsilon)
         self.background_step_px = int(background_step_px)
         self._bgrid = self._make_bgrid(background)
@@ -1238,12 +1369,35 @@ class LiveStack:
 
     def image(self) -> np.ndarray:
         """The current stack (float32, NaN where no accepted sample): the exact-pass image if no
-        update happened since, else S/W."""
+        update happened since, else S/W; where every accepted sample of a pixel is known (the first
+        frames, the edges few frames cover: see `_image_kernel`), the batch integrator's result
+        from them."""
         if self._exact is not None:
             return self._exact.copy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(self._Wt > 0, self._S / np.where(self._Wt > 0, self._Wt, 1), np.nan).astype(np.float32)
+        out = np.empty(self._S.shape, np.float32)
+        code, packed, nm_par = self._batch_rule()
+        # rejectors whose σ is floored by the noise model (percentile tests κ·σ_floor itself)
+        quiet = 0.0
+        if code == 2:
+            quiet = 0.999 * min(nm_par[1], nm_par[2])
+        elif code in (3, 4):
+            quiet = 0.999 * min(packed[0], packed[1])
+        _image_kernel(self._S, self._Wt, self._N, self._RLO, self._RHI, self._hv, self._hi, self._lv, self._li,
+                      self._tab, self._bgrid, self._h, 1.0 / self.background_step_px, code, packed, nm_par,
+                      self.k_high + self.k_low + 1, quiet, out)
         return self._shape_out(out)
+
+    def _batch_rule(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """The batch integrator's rejection for the included frames (registry code, packed
+        parameters) and its noise-floor parameters (ε², κ_low, κ_high), as `exact_pass` runs it."""
+        n = max(1, self.n_frames)
+        name, params = self.rejection, dict(self.rejection_params or {})
+        if name == "auto":
+            name, auto_params = _reject.auto_rejection(n)
+            params = {**auto_params, **params}
+        spec = _reject.get_rejection(name)
+        nm_par = np.array([self.epsilon**2, self.kappa_low, self.kappa_high], np.float64)
+        return spec.code, spec.pack(params, n_max=n), nm_par
 
     def coverage(self) -> np.ndarray:
         """Valid samples per pixel (accepted + rejected), uint16."""
@@ -1446,8 +1600,6 @@ class LiveStack:
         noise_floor : floor the batch rejectors' σ by this stack's noise model (`noise_model`), so
             that batch and live decide alike and star cores survive. Default is True.
         """
-        from stackwatch.engine import reject as _reject
-
         ids = list(self.frame_ids if frame_ids is None else frame_ids)
         if len(ids) != len(sources):
             raise StackwatchError(f"exact pass: {len(sources)} sources for {len(ids)} frames")
@@ -1618,6 +1770,8 @@ class LiveStack:
                 "epsilon": self.epsilon,
                 "background_step_px": self.background_step_px,
                 "event_capacity": self._cap,
+                "rejection": self.rejection,
+                "rejection_params": self.rejection_params,
             },
             "frames": [{**f.__dict__, "scale": list(f.scale), "noise": list(f.noise)} for f in self._frames],
             "included": list(self.frame_ids),
@@ -1673,6 +1827,8 @@ class LiveStack:
             background_step_px=p["background_step_px"],
             event_capacity=p["event_capacity"],
             rejections_dir=rejections_dir,
+            rejection=p.get("rejection", "auto"),  # checkpoints before 2026-12 did not record it
+            rejection_params=p.get("rejection_params"),
         )
         # read straight into the planes (no second copy of 0.8 GB at 26 MP)
         planes: dict[str, np.ndarray] = {"S": st._S, "W": st._Wt, "n": st._N, "r_lo": st._RLO, "r_hi": st._RHI, "hv": st._hv,

@@ -676,5 +676,21 @@ def test_long_exact_pass_waits_unless_it_fits_between_frames(tmp_path: Path) -> 
         service._maybe_finalize()
         await asyncio.sleep(0)
         assert started == ["m27"] * 3
+        # a stack's first frames: after each one, below `exact_pass_frames`, when it fits the gap
+        service._stacks_cache = [{"id": "m27", "ncombine": cfg.live.exact_pass_early_frames}]
+        service._new_since_final["m27"] = 1
+        estimate["s"] = 100.0
+        service._maybe_finalize()  # does not fit: waits
+        await asyncio.sleep(0)
+        assert started == ["m27"] * 3
+        estimate["s"] = 50.0
+        service._maybe_finalize()
+        await asyncio.sleep(0)
+        assert started == ["m27"] * 4
+        service._stacks_cache = [{"id": "m27", "ncombine": cfg.live.exact_pass_early_frames + 1}]
+        service._new_since_final["m27"] = 1
+        service._maybe_finalize()  # past the first frames: waits for `exact_pass_frames`
+        await asyncio.sleep(0)
+        assert started == ["m27"] * 4
 
     asyncio.run(scenario())

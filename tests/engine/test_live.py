@@ -270,14 +270,19 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_exclusion_then_exact_pass(integrate_mod) -> None:
     night = _night(12)
     st = _stack(night)
-    # before n_min nothing is rejected: excluding a frame gives exactly the weighted mean of the others
+    # before n_min the accumulators reject nothing: excluding a frame leaves exactly the weighted
+    # sum of the others, and the image is the batch integration of them (every sample is known)
     for i in range(4):
         _add(st, night, i)
     st.exclude("f2", night.frames[2])
     keep = [0, 1, 3]
     w = night.weights[keep].reshape(-1, 1, 1)
-    expect = (np.sum(w * np.stack([night.frames[i] for i in keep]), axis=0) / w.sum()).astype(np.float32)
-    np.testing.assert_allclose(st.image(), expect, rtol=0, atol=2e-6)
+    mean = (np.sum(w * np.stack([night.frames[i] for i in keep]), axis=0) / w.sum()).astype(np.float32)
+    np.testing.assert_allclose(st._S / st._Wt, mean, rtol=0, atol=2e-6)
+    frames = [night.frames[i] for i in keep]
+    batch = _batch(frames, night.weights[keep], integrate_mod, st.noise_model())
+    assert np.mean(batch != mean) > 1e-3  # the batch rule rejects something here (the trail of f0)
+    np.testing.assert_allclose(st.image(), batch, rtol=0, atol=2e-6)
     assert st.frame_ids == ("f0", "f1", "f3") and int(st.accepted_count().max()) == 3
     # later frames, then exclude the trail frame and run the exact pass: equals batch of the rest
     for i in range(4, 12):
@@ -291,6 +296,35 @@ def test_exclusion_then_exact_pass(integrate_mod) -> None:
     np.testing.assert_array_equal(st.image(), batch)
     with pytest.raises(StackwatchError, match="not in the live stack"):
         st.exclude("nope", night.frames[0])
+
+
+def test_known_samples_follow_the_batch_rule(integrate_mod) -> None:
+    """Where every accepted sample of a pixel is known (the first frames; the edges of a dithered
+    night that few frames cover), the live image is the batch integration of the same frames:
+    the cosmic rays and trail of the first frames are gone from frame 3 on, not from n_min on."""
+    night = _night(10, seed=4)
+    frames = []
+    for i, f in enumerate(night.frames):
+        g = f.copy()
+        if i % 3:  # dither edges: a strip that only some frames cover
+            g[:, : 20 + 10 * (i % 3)] = np.nan
+        frames.append(g)
+    st = _stack(night)
+    for k in range(10):
+        st.update(f"f{k}", frames[k], weight=float(night.weights[k]), noise=float(night.sigmas[k]))
+        if k < 1:
+            continue
+        batch = _batch(frames[: k + 1], night.weights[: k + 1], integrate_mod, st.noise_model())
+        img = st.image()
+        cov = st.coverage()
+        known = cov <= st.k_high + st.k_low + 1
+        if k < 4:
+            assert known.all()
+        np.testing.assert_allclose(img[known], batch[known], rtol=0, atol=2e-6, err_msg=f"frame {k + 1}")
+        if k == 2:  # the planted outliers of frame 1 are rejected by the batch rule, so gone live
+            out = night.trails[0] & (cov == 3)
+            assert np.median(np.abs(img - night.truth)[out]) < 0.005 and np.mean(np.abs(img - night.truth)[out] > 0.02) < 0.05
+    assert 0 < np.mean(st.coverage() <= 4) < 0.2  # the strip is still covered by few frames at the end
 
 
 def test_idempotent_bad_input_and_constant_memory() -> None:
