@@ -197,13 +197,15 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], Any], repeat: int) ->
 
 def timing(h: int, w: int, repeat: int) -> dict[str, Any]:
     from stackwatch.engine import cfa
-    from stackwatch.engine.simulate_sky import bayer_channel_map, render_stars
+    from stackwatch.engine.simulate_sky import bayer_channel_map, render_stars, star_colour_weights
 
     rng = np.random.default_rng(1)
     n = int(600 * h * w / 1e6)
     img = np.full((h, w), 800.0, dtype=np.float32)
-    render_stars(img, rng.uniform(0, w, n), rng.uniform(0, h, n), 10 ** (rng.uniform(0, 1, n) ** 0.6 * 3.6 + 2.6),
-                 fwhm_px=2.5, beta=4.0, cmap=bayer_channel_map("RGGB"))
+    flux = 10 ** (rng.uniform(0, 1, n) ** 0.6 * 3.6 + 2.6)  # the brightest ~1 % saturate
+    colour = 3.0 * star_colour_weights(np.clip(rng.normal(0.7, 0.35, n), -0.3, 2.0))
+    render_stars(img, rng.uniform(0, w, n), rng.uniform(0, h, n), flux[:, None] * colour, fwhm_px=2.5, beta=4.0,
+                 cmap=bayer_channel_map("RGGB"))
     np.minimum(img, 65000.0, out=img)
     img = (rng.poisson(img).astype(np.float32) / np.float32(65535.0)).astype(np.float32)
     res: dict[str, Any] = {"width": w, "height": h, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
