@@ -51,7 +51,7 @@ from stackwatch.daemon.config import Config
 from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
 from stackwatch.engine import cfa, cosmetic, fitsio, gates, normalize, register, resample, stars, stats
 from stackwatch.engine.calibrate import Overscan, calibrate_light
-from stackwatch.engine.classify import FrameInfo, classify
+from stackwatch.engine.classify import FrameInfo, classify, field_target
 from stackwatch.engine.errors import FrameError, StackwatchError
 from stackwatch.engine.integrate import NpySource
 from stackwatch.engine.library import MasterSet, MatchRules
@@ -225,6 +225,7 @@ class _Stack:
     final: dict[str, Any] | None = None  # the last exact pass (products)
     dirty: bool = False  # needs a rebuild (masters changed, order changed, reference changed)
     closed: bool = False  # a newer stack of the same target and filter takes the new lights
+    pointing: tuple[float, float] | None = None  # (RA, Dec) of a target named after its field: its first frame's
     last_active: float = 0.0  # wall-clock time of its last stacked frame (the frame store evicts the oldest first)
     checked_library: str = ""  # library state under which every processed member had its best masters
     # derived, kept so that per-frame work does not scan the members
@@ -428,13 +429,21 @@ class Pipeline:
             for stack in self._stacks.values():
                 if apath in stack.index:
                     return stack
-        base = stack_id_for(info.object, info.filter)
+        target, pointing = info.object, None
+        if not target and info.ra_deg is not None and info.dec_deg is not None:
+            # no target name (OBJECT empty or a placeholder): the field it points at, so that the
+            # lights of two fields do not share one stack (and fail registration) and one field's
+            # dithered frames stay together (classify.field_target); one name for all filters
+            fields = {s.target: s.pointing for s in self._stacks.values() if s.pointing is not None}
+            target = field_target(float(info.ra_deg), float(info.dec_deg), fields)
+            pointing = fields.get(target, (float(info.ra_deg), float(info.dec_deg)))
+        base = stack_id_for(target, info.filter)
         family = [s for s in self._stacks.values() if s.id == base or s.id.startswith(base + "~")]
         open_ = [s for s in family if not s.closed]
         if open_:
             return max(open_, key=lambda s: len(s.id))
         sid = base if not family else f"{base}~{len(family) + 1}"
-        stack = _Stack(id=sid, target=info.object, filter=info.filter)
+        stack = _Stack(id=sid, target=target, filter=info.filter, pointing=pointing)
         self._stacks[sid] = stack
         return stack
 
@@ -448,7 +457,8 @@ class Pipeline:
                 s.closed = True
                 self._save_stack(s)
             sid = base if not family else f"{base}~{len(family) + 1}"
-            stack = _Stack(id=sid, target=target, filter=filter_name.strip().lower())
+            pointing = next((s.pointing for s in family if s.pointing is not None), None)
+            stack = _Stack(id=sid, target=target, filter=filter_name.strip().lower(), pointing=pointing)
             self._stacks[sid] = stack
             self._save_stack(stack)
             return self._stack_summary(stack)
@@ -1378,6 +1388,7 @@ class Pipeline:
             "filter": stack.filter,
             "fixed_reference": stack.fixed_reference,
             "closed": stack.closed,
+            "pointing": None if stack.pointing is None else list(stack.pointing),
             "last_active": stack.last_active,
             "version": stack.version,
             "processed_upto": stack.processed_upto,
@@ -1473,6 +1484,7 @@ class Pipeline:
                        version=int(state.get("version", 0)), processed_upto=int(state.get("processed_upto", 0)),
                        final=state.get("final"), dirty=bool(state.get("dirty", False)),
                        closed=bool(state.get("closed", False)), history=history,
+                       pointing=None if state.get("pointing") is None else tuple(state["pointing"]),
                        last_active=float(state.get("last_active", 0.0)))
         if fmt == _STACK_FORMAT:
             stack.log_gen, stack.log_bytes = int(log["generation"]), int(log["bytes"])

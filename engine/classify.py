@@ -325,11 +325,12 @@ def is_no_target(name: str) -> bool:
 
 
 def field_name(ra_deg: float, dec_deg: float) -> str:
-    """A target name for a pointing, to the arcminute, e.g. "field 05h35m S05°23'" for M 42 (N/S for the
-    sign of the declination: stack ids keep only letters and digits, "+05" and "-05" would be one)."""
+    """A target name for a pointing, to the arcminute, e.g. "field 05h35m S05d23m" for M 42 (N/S for the
+    sign of the declination: stack ids keep only letters and digits, "+05" and "-05" would be one;
+    ASCII only: it becomes the products' OBJECT card, and FITS headers are ASCII)."""
     minutes = round((ra_deg % 360.0) / 15.0 * 60.0) % (24 * 60)
     arcmin = round(abs(dec_deg) * 60.0)
-    return f"field {minutes // 60:02d}h{minutes % 60:02d}m {'S' if dec_deg < 0 else 'N'}{arcmin // 60:02d}°{arcmin % 60:02d}'"
+    return f"field {minutes // 60:02d}h{minutes % 60:02d}m {'S' if dec_deg < 0 else 'N'}{arcmin // 60:02d}d{arcmin % 60:02d}m"
 
 
 def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:

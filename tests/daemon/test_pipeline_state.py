@@ -318,3 +318,34 @@ def test_a_failed_store_write_raises_at_the_next_frame_and_the_frame_is_recomput
         np.testing.assert_array_equal(_final_image(pipe, sid, tmp_path / "after.fits"), expected)
     finally:
         pipe.close()
+
+
+def test_lights_without_a_target_name_are_grouped_by_field(tmp_path: Path) -> None:
+    """OBJECT empty or a placeholder: lights are stacked per field they point at (dithers of a field
+    together, two fields apart, one name for all filters), and the grouping survives a restart."""
+    from astropy.io import fits
+    from stackwatch.engine.classify import classify
+
+    rng = np.random.default_rng(3)
+
+    def light(i: int, ra: float, dec: float, obj: str, filt: str) -> tuple[Path, object]:
+        h = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 60.0, "FILTER": filt, "OBJECT": obj,
+                         "RA": ra + rng.uniform(-0.08, 0.08), "DEC": dec + rng.uniform(-0.08, 0.08),
+                         "DATE-OBS": f"2026-12-01T22:{i:02d}:00"})
+        return tmp_path / f"l{i:02d}.fits", classify(h)
+
+    frames = [light(i, 83.82, -5.39, ("Unknown", "", "undefined")[i % 3], "L") for i in range(6)]
+    frames += [light(10 + i, 88.0, -5.0, "Unknown", "L") for i in range(3)]  # 4 deg away
+    frames += [light(20 + i, 83.82, -5.39, "-", "Ha") for i in range(2)]
+    state = tmp_path / "state"
+    pipe = Pipeline(_config(), state)
+    ids = [pipe.add_member(p, info) for p, info in frames]
+    assert len(set(ids[:6])) == 1 and len(set(ids[6:9])) == 1 and ids[0] != ids[6]
+    assert ids[0].startswith("field-05h35m-s05d") and ids[6].startswith("field-05h52m-s0")  # the first frame's pointing
+    assert ids[9] == ids[0].replace("-l", "-ha") and len(set(ids[9:])) == 1
+    pipe.checkpoint()
+    pipe.close()
+    again = Pipeline(_config(), state)
+    p, info = light(30, 83.82, -5.39, "Unknown", "L")
+    assert again.add_member(p, info) == ids[0]
+    again.close()

@@ -148,9 +148,9 @@ def test_field_target_never_splits_a_dithered_field(spread_arcmin: float) -> Non
 
 
 def test_field_names_and_separation() -> None:
-    assert field_name(83.822, -5.391) == "field 05h35m S05°23'"
-    assert field_name(83.822, 5.391) == "field 05h35m N05°23'"
-    assert field_name(359.999, 89.99) == "field 00h00m N89°59'"
+    assert field_name(83.822, -5.391) == "field 05h35m S05d23m"
+    assert field_name(83.822, 5.391) == "field 05h35m N05d23m"
+    assert field_name(359.999, 89.99) == "field 00h00m N89d59m"
     # against astropy's separation (Vincenty) from arcseconds to the antipode
     from astropy import units as u
     from astropy.coordinates import SkyCoord
