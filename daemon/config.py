@@ -90,7 +90,7 @@ class CalibrationConfig:
     hot_sigma: float = _f(5.0, "defect map: a master-dark pixel this many sigma above its channel is hot (below: cold)")
     auto_cosmetic_sigma: float = _f(6.0, "automatic detection: a pixel this many local sigma from its same-colour neighbours is an outlier")
     saturation_frac: float = _f(0.999, "raw values at or above this fraction of full scale are saturated (unless SATURATE is given)")
-    debayer: str = _f("bilinear", "debayer method for one-shot-colour frames: bilinear, vng, superpixel")
+    debayer: str = _f("bilinear", "debayer method for one-shot-colour frames: bilinear, vng, rcd (sharper, but star fluxes 1-4 % off: not for photometry), superpixel")
     overscan: list[list[int]] = _f([], "overscan correction: [sx0, sy0, sx1, sy1, tx0, ty0, tx1, ty1] per pair, the median of source rectangle s is subtracted from target t (pixels, exclusive ends; empty: none); most CMOS have none")
     overscan_image_rect: list[int] = _f([], "after overscan correction crop to this [x0, y0, x1, y1] rectangle (empty: no crop)")
     overscan_frame_px: list[int] = _f([], "apply the overscan correction only to raw frames of this [width, height] in pixels (empty: every frame containing all the rectangles)")
