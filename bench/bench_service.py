@@ -21,11 +21,15 @@ store write and live update (overlapped), state save, catalogue); live checkpoin
 
     .venv/bin/python bench/bench_service.py [--width 6248 --height 4176] [--frames 20] [--colour]
         [--pipeline real|numpy] [--delete-processed] [--reference-candidates N] [--block 100]
-        [--checkpoint-frames N]
+        [--checkpoint-frames N] [--malloc keep|system]
 
 e.g. the night-growth run: ``--frames 300 --width 2048 --height 1536`` (3 MP); the 26 MP latency:
 ``--frames 10 --reference-candidates 1`` (the first frame is the reference: no rebuilds while the
 reference is chosen, so every frame after it is a steady-state frame).
+
+``--malloc keep`` (default) tunes glibc's malloc as the CLI does at start (daemon/cli.py
+keep_freed_memory: freed frame-sized blocks are reused, not unmapped); ``system`` leaves its defaults
+(each frame's arrays are then fresh memory, page-faulted on first touch).
 
 Budget (design.md): file closed -> stack updated <= 1.5 s mono on 2 cores; service memory over 300
 frames flat, <= 2 GB mono. Writes bench/results/service_<mono|colour>_<pipeline>_<W>x<H>.json.
@@ -321,6 +325,7 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "peak_hwm_with_probe": round(_rss_mb()[1], 1),
         },
         "cpus": os.cpu_count(),
+        "malloc": args.malloc,
     }
 
 
@@ -361,7 +366,14 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=100, help="frames per block of the latency table")
     parser.add_argument("--checkpoint-frames", type=int, default=10**9,
                         help="live.checkpoint_frames (default: never; checkpoints are timed apart)")
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                        help="keep: glibc keeps freed blocks for reuse, as `stackwatch` does at start; system: "
+                        "glibc's defaults")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        from stackwatch.daemon.cli import keep_freed_memory
+
+        keep_freed_memory()  # before the service's threads exist, as at the CLI's start
     if args.pipeline == "real" and not have_real:
         print("stackwatch.daemon.pipeline is not available; use --pipeline numpy", file=sys.stderr)
         return 1
