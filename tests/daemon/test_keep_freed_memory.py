@@ -1,5 +1,6 @@
 """The CLI's malloc tuning (daemon/cli.py keep_freed_memory): a freed frame-sized block is reused by the
-next frame's allocation in any thread, without new page faults; glibc's defaults unmap it instead.
+next frame's allocation in any thread, without new page faults; glibc's defaults unmap it instead. A
+peak freed below the heap's top goes back to the system with release_free_memory.
 
 Each case runs in a fresh interpreter: mallopt changes the whole process, and must come before threads
 allocate."""
@@ -83,3 +84,44 @@ def test_main_tunes_the_command_process_unless_disabled() -> None:
     faults = _probe("main", STACKWATCH_MALLOC="system")["faults"]
     assert isinstance(faults, list)
     assert min(faults) >= 32
+
+
+# Three 100 MB blocks freed below a small block allocated after them (so the heap's top cannot shrink):
+# resident free memory that only release_free_memory gives back.
+_RELEASE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from stackwatch.daemon import cli
+
+    def rss():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+    out = {"released_untuned": cli.release_free_memory(0)}
+    cli.keep_freed_memory()
+    peak = [np.ones(25 * 2**20, np.float32) for _ in range(3)]
+    pin = np.ones(2**20 // 4, np.float32)  # 1 MB above them
+    del peak
+    out["before"] = rss()
+    out["released_above_free"] = cli.release_free_memory(2**30)
+    out["after_above_free"] = rss()
+    out["released"] = cli.release_free_memory(100 * 2**20)
+    out["after"] = rss()
+    out["released_again"] = cli.release_free_memory(100 * 2**20)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_release_free_memory_returns_a_freed_peak() -> None:
+    proc = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    mb = 2**20
+    assert out["released_untuned"] == 0  # glibc's defaults: nothing to do
+    assert out["released_above_free"] == 0  # 300 MB free is below the 1 GB asked
+    assert abs(out["after_above_free"] - out["before"]) < 20 * mb
+    assert out["released"] >= 280 * mb
+    assert out["before"] - out["after"] >= 280 * mb
+    assert out["released_again"] == 0  # what was given back is not counted as resident again
