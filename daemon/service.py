@@ -1086,7 +1086,9 @@ class Service:
             # would outlive the switch to winsorized clipping at 6 frames, and an exact pass of a
             # few frames is short (measured on the test night: live − batch RMS 0.15σ at 5 frames
             # without, 0.16σ at 6-7 frames with passes up to the 5th only, 0.08σ with this)
-            return 0 < sizes.get(sid, 0) <= early_n
+            # (up to k_high + k_low + 1 frames the live image computes the batch rule itself)
+            first = int(self.config.live.k_high) + int(self.config.live.k_low) + 2
+            return first <= sizes.get(sid, 0) <= early_n
 
         due = [sid for sid, n in self._new_since_final.items()
                if n >= _FORCED_EXACT_PASS or ((n >= threshold or early(sid)) and fits(sid))

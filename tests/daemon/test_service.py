@@ -687,10 +687,13 @@ def test_long_exact_pass_waits_unless_it_fits_between_frames(tmp_path: Path) -> 
         service._maybe_finalize()
         await asyncio.sleep(0)
         assert started == ["m27"] * 4
-        service._stacks_cache = [{"id": "m27", "ncombine": cfg.live.exact_pass_early_frames + 1}]
-        service._new_since_final["m27"] = 1
-        service._maybe_finalize()  # past the first frames: waits for `exact_pass_frames`
-        await asyncio.sleep(0)
-        assert started == ["m27"] * 4
+        for n in (3, cfg.live.exact_pass_early_frames + 1):
+            # up to 4 frames the live image is the batch result itself; past the first frames the
+            # pass waits for `exact_pass_frames`
+            service._stacks_cache = [{"id": "m27", "ncombine": n}]
+            service._new_since_final["m27"] = 1
+            service._maybe_finalize()
+            await asyncio.sleep(0)
+            assert started == ["m27"] * 4
 
     asyncio.run(scenario())
