@@ -74,9 +74,11 @@ _EXACT_NS_PER_SAMPLE = 25.0
 # recomputing an evicted frame from its raw file (read, calibrate, warp, normalise): ~2.5 s at 26 MP
 _RECOMPUTE_NS_PER_PX = 100.0
 # Free heap memory kept between frames (see Pipeline._release_free_memory): this many float32 frames of
-# the stack's shape, at least the minimum
+# the stack's shape, within the bounds (26 MP mono: 597 MB; colour: 1 GiB, the most the heap's top
+# keeps too, a 26 MP colour frame's own work leaving 0.86 GB free)
 _KEEP_FREE_FRAMES = 6
 _KEEP_FREE_MIN_BYTES = 256 << 20
+_KEEP_FREE_MAX_BYTES = 1 << 30
 
 
 def _slug(text: str) -> str:
@@ -417,7 +419,7 @@ class Pipeline:
         (438 MB), 892 MB after an early exact pass, which otherwise stayed resident all night."""
         shape = stack.reference.shape if stack.reference is not None else ()
         frame_bytes = 4 * math.prod(shape) if shape else 0
-        release_free_memory(max(_KEEP_FREE_MIN_BYTES, _KEEP_FREE_FRAMES * frame_bytes))
+        release_free_memory(min(_KEEP_FREE_MAX_BYTES, max(_KEEP_FREE_MIN_BYTES, _KEEP_FREE_FRAMES * frame_bytes)))
 
     def _member(self, stack: _Stack, path: Path, info: FrameInfo) -> tuple[dict[str, Any], bool]:
         apath = os.path.abspath(str(path))
