@@ -292,3 +292,36 @@ def test_noise_model_floor_matches_reject_and_interpolates_the_background() -> N
     assert int(I.integrate(frames, rejection="winsorized", noise_model=huge).rej_high.sum()) == 0
     with pytest.raises(StackwatchError, match="noise model"):
         I.integrate(frames, noise_model=I.NoiseModel(a=np.ones(n - 1), b=np.zeros(n - 1)))
+
+
+@pytest.mark.parametrize("rejection", ["percentile", "sigma", "winsorized", "esd"])
+@pytest.mark.parametrize("n", [3, 6, 12])
+def test_quiet_pixel_shortcut_changes_nothing(monkeypatch: pytest.MonkeyPatch, rejection: str, n: int) -> None:
+    """Pixels whose samples all lie within κ·σ_floor of each other skip the rejector: the products
+    are those of running it everywhere, to the bit, with outliers, stars (the floor's ε·s and b·s
+    terms), NaN, a background grid, pre-rejections (large-scale pass 2) and several bands."""
+    rng = np.random.default_rng(n)
+    h, w = 40, 56
+    frames = _frames(rng, n, h, w, sigma=0.01)
+    yy, xx = np.mgrid[0:h, 0:w]
+    star = 2.0 * np.exp(-((xx - 20) ** 2 + (yy - 15) ** 2) / 4.0)
+    for i, f in enumerate(frames):
+        f += (star * rng.uniform(0.8, 1.2)).astype(np.float32)  # seeing: the core varies by +-20 %
+        f.ravel()[rng.integers(0, h * w, 30)] += rng.uniform(0.02, 0.5, 30).astype(np.float32)
+        if i == 1:
+            f[12:14, :] += 0.1  # a trail
+            f[30, 40] = np.nan
+    grid = 0.2 + 0.01 * rng.random((3, 4))
+    nm = I.NoiseModel(a=np.linspace(0.8, 1.2, n) * 1e-4, b=np.full(n, 2e-3), background=grid,
+                      background_step_px=20, epsilon=0.2)
+    out = {}
+    for quiet in (True, False):
+        monkeypatch.setattr(I, "_QUIET_SHORTCUT", quiet)
+        out[quiet] = I.integrate(frames, rejection=rejection, noise_model=nm, band_rows=9, large_scale=True)
+    a, b = out[True], out[False]
+    assert np.array_equal(a.image, b.image, equal_nan=True)
+    for field in ("rej_low", "rej_high", "coverage", "weight_sum"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    # something to reject, and rejected (sigma clipping around the sample σ cannot reach 3σ with one
+    # outlier among n <= 10 samples: its largest z is (n - 1)/√n)
+    assert int(b.rej_high.sum()) > 0 or (rejection == "sigma" and n < 12)
