@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stackwatch.daemon.config import Config
 from stackwatch.daemon import pipeline as pipeline_mod
+from stackwatch.daemon.config import Config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
 from stackwatch.engine import simulate
 
