@@ -267,8 +267,9 @@ class CalibrationLibrary:
         return mid
 
     def add_frames(self, paths: Iterable[str | os.PathLike[str]], *, rebuild: bool = True) -> list[MasterRecord]:
-        """Register calibration frames (lights and unknown frames are ignored, unreadable files raise
-        :class:`FrameError`) and, when ``rebuild``, re-integrate the masters they changed.
+        """Register calibration frames (lights and unknown frames are ignored, unreadable files and
+        masters integrated by another program raise :class:`FrameError` naming the reason) and, when
+        ``rebuild``, re-integrate the masters they changed.
 
         Returns the masters rebuilt (empty when ``rebuild`` is False or nothing changed).
         """
@@ -280,6 +281,8 @@ class CalibrationLibrary:
             except OSError as exc:
                 raise FrameError(path, f"cannot stat ({exc.strerror})") from None
             info = classify(fitsio.read_header(path), path)
+            if info.foreign_master:
+                raise FrameError(path, _foreign_master_reason(info))
             key = master_key(info)
             if key is None:
                 continue
@@ -609,6 +612,21 @@ class CalibrationLibrary:
         extra = {k: (v if v.size else np.zeros(0, np.int32)) for k, v in dm.to_arrays().items()}
         fitsio.write_image(cache, np.zeros((1, 1), np.float32), header=hdr, extra_hdus=extra)
         return dm
+
+
+def _foreign_master_reason(info: FrameInfo) -> str:
+    """Why a master integrated by another program is left out of the library.
+
+    Averaged in as one more raw frame it would count as one member among raw frames of another
+    noise and be clipped like one. Used as a master of its own, it would silently carry the other
+    program's conventions, which its header does not state: MaxIm DL subtracts the bias from its master
+    darks when it has a bias (ours contain the bias: every light would keep its bias), PixInsight's
+    and Siril's keep it; flats may be normalised or not, calibrated with flat-darks or bias, in ADU
+    or in [0, 1]. A wrong guess biases every light of the night without a visible error; the raw
+    frames give a master that is known to be right."""
+    label = {"darkflat": "flat-dark"}.get(info.kind, info.kind)
+    return (f"ignored: a master {label} integrated by another program ({info.foreign_master}); stackwatch builds "
+            f"its masters from raw frames: put the raw {label} frames in the folder")
 
 
 def _same_file(path: str, size: int, mtime_ns: int) -> bool:

@@ -537,10 +537,19 @@ class Pipeline:
             optimize_dark=optimize,
             flat_scale_override=self.library.flat_scale(ms.flat) if ms.flat else None,
             overscan=self.library.overscan,
+            bias_applied="bias" in ms.already_applied,
         )
         bayer = cal.bayer  # an odd overscan crop shifts the pattern
         data = cal.data
         notes = list(cal.notes)
+        if ms.already_applied:
+            # a light calibrated by another program (MaxIm's CALSTAT, PixInsight's or Siril's HISTORY):
+            # its steps are not applied twice (library.match left their masters out)
+            done = ", ".join(ms.already_applied)
+            notes.insert(0, f"already calibrated by another program ({info.calibrated_by}): {done} not applied again")
+            _log.info("%s: already calibrated (%s): %s not applied again; applied: %s", Path(path).name,
+                      info.calibrated_by, done, ", ".join(k for k in ("bias", "dark", "flat")
+                                                          if getattr(ms, k) is not None and k not in ms.already_applied) or "nothing")
         if cfg.calibration.cosmetic:
             defects = self.library.defects(ms.dark, bias=ms.bias, flat=ms.flat, hot_sigma=cfg.calibration.hot_sigma)
             cc = cosmetic.correct(data, defects=defects, bayer=bayer, auto=True, sigma=cfg.calibration.auto_cosmetic_sigma)

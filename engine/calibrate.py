@@ -157,7 +157,8 @@ def _calibrate(
     out: np.ndarray,
     sat: np.ndarray,
 ) -> None:  # pragma: no cover - numba
-    """flags = (has_bias, has_dark, has_flat); coef = (k, saturation level, dead-flat fraction)."""
+    """flags = (has_bias, has_dark, has_flat); coef = (k, saturation level, dead-flat fraction, bias
+    factor with a dark: 1 - k for a raw light, -k for a bias-subtracted one)."""
     h, w = light.shape
     has_bias = flags[0] != 0
     has_dark = flags[1] != 0
@@ -165,7 +166,7 @@ def _calibrate(
     k = coef[0]
     satlevel = coef[1]
     dead = coef[2]
-    kb = 1.0 - k
+    kb = coef[3]
     for y in prange(h):
         for x in range(w):
             v = np.float64(light[y, x])
@@ -207,6 +208,7 @@ def calibrate_light(
     optimize_dark: str = "none",
     flat_scale_override: FlatScale | None = None,
     overscan: Overscan | None = None,
+    bias_applied: bool = False,
 ) -> CalibratedFrame:
     """Calibrate one light frame.
 
@@ -235,6 +237,10 @@ def calibrate_light(
         Overscan correction and crop applied to the raw light first when its geometry matches
         (masters must have had the same); saturation is still judged on the raw values. Default is
         None.
+    bias_applied : bool, optional
+        The light's bias was already subtracted (by another program): L' = L - B. ``bias`` is then
+        not subtracted from the light; with a dark it takes the bias out of the dark,
+        C = (L' - k(D - B))·s0/F (required, whatever k). Default is False.
     """
     if isinstance(raw, Image):
         bayer = raw.bayer if bayer is None else bayer
@@ -270,6 +276,12 @@ def calibrate_light(
     f = _as_master("flat", flat, shape)
     opt: DarkOptimization | None = None
     k = 0.0
+    if bias_applied and b is not None and d is None:
+        notes.append("bias already subtracted: master bias not applied")
+        b = None
+    if bias_applied and d is not None and b is None:
+        raise StackwatchError("the light is bias-subtracted: its dark needs a master bias to take the bias out of "
+                              "the dark, and there is none")
     if d is not None:
         k = float(dark_scale)
         if optimize_dark not in ("none", "fast", "golden"):
@@ -278,7 +290,9 @@ def calibrate_light(
             if b is None:
                 notes.append("dark optimisation needs a master bias: none, dark not optimised")
             else:
-                opt = optimize_dark_scale(light, d, b, nominal=k, method=optimize_dark, bayer=bayer)
+                # the optimiser models a raw light (L - B - k D'): a bias-subtracted one gets its bias back
+                opt_light = light + b if bias_applied else light
+                opt = optimize_dark_scale(opt_light, d, b, nominal=k, method=optimize_dark, bayer=bayer)
                 k = opt.k
                 notes.append(f"dark scale k={k:.4f} ({opt.method}{'' if opt.ok else ': ' + opt.reason})")
         if abs(k - 1.0) > 1e-12 and b is None:
@@ -300,7 +314,7 @@ def calibrate_light(
     # after an overscan correction the kernel's saturation test would see shifted values: the raw test
     # above stands and the kernel's is switched off
     satlevel = math.inf if raw_sat is not None else float(saturation)
-    coef = np.array([k, satlevel, _DEAD_FLAT_FRAC], dtype=np.float64)
+    coef = np.array([k, satlevel, _DEAD_FLAT_FRAC, -k if bias_applied else 1.0 - k], dtype=np.float64)
     out = np.empty(shape, dtype=np.float32)
     sat = np.empty(shape, dtype=np.bool_)
     _calibrate(

@@ -8,7 +8,8 @@ Kind, in this order:
    (INDI/Ekos), OBSTYPE. Values are compared case-folded with spaces, '-' and '_' removed and a
    trailing "frame"/"image" dropped, so "Light Frame", "LIGHT", "light_frame" are the same; see
    ``_KIND_WORDS`` for every spelling. A flat named after its source ("Sky Flats", "Dusk Flat", "EL
-   Flat") is a flat; "Master ..." (another program's master) is not recognised.
+   Flat") is a flat; "Master Dark", "MasterFlat"... (another program's master) is the kind it is
+   a master of, with ``foreign_master`` set.
 2. Otherwise the path: the file name first, then its 4 nearest folders, nearest first. Each component is
    cut into words (at non-letters and camelCase humps: "FlatWizard" -> flat, wizard) and the first
    rule that matches wins, in the order darkflat (darkflat, flatdark, or "dark" next to "flat"),
@@ -24,6 +25,18 @@ Target (``FrameInfo.object``): OBJECT as written, or "" when it names none ("Unk
 "none", "-", ...: :func:`is_no_target`); all spellings are then the pipeline's one "unknown" target.
 Who stacks lights can split those by field with :func:`field_target` (the pointing, grouped within
 1° of the fields already seen; a per-frame grid would split a field lying on a cell edge).
+
+Calibration done by another program (``FrameInfo.calibrated``, the steps, and
+``FrameInfo.calibrated_by``, the evidence): MaxIm DL's CALSTAT ('B', 'D', 'F' letters); PixInsight
+ImageCalibration's HISTORY lines ``ImageCalibration.masterBias/masterDark/masterFlat.fileName``;
+Siril's HISTORY lines "Calibrated with a master bias / synthetic bias / (optimized) master dark /
+master flat"; IRAF's and ccdproc's ZEROCOR/BIASCOR/SUBBIAS, DARKCOR/SUBDARK, FLATCOR keywords. A
+dark subtraction removes the bias too (a raw master dark contains it), so "dark" implies "bias".
+
+Masters integrated by another program (``FrameInfo.foreign_master``, the evidence, "" for a raw
+frame): a frame-type value starting with "Master" ("Master Dark", "MasterFlat"), a file name with the
+word "master" ("master_dark_300s", "MasterBias_..."), or NCOMBINE > 1 on a calibration frame
+(PixInsight's ImageIntegration output). Their kind is the kind they are a master of.
 
 Readout mode: READOUTM, READMODE or HIERARCH READOUT MODE, whitespace collapsed (matching compares it
 case-folded, :mod:`stackwatch.engine.library`).
@@ -115,6 +128,11 @@ class FrameInfo:
     N.I.N.A., SGP include binning), PIXSIZE1 (INDI, unbinned) times XBINNING. ``readout_mode``
     (READOUTM/READMODE), ``subframe_origin`` (XORGSUBF, YORGSUBF) and ``rotator_deg`` (ROTATANG,
     ROTATOR) are for master matching (algorithms.md §2.4).
+
+    ``calibrated`` lists the steps another program already applied ("bias", "dark", "flat", in that
+    order) and ``calibrated_by`` the header evidence, e.g. "MaxIm DL CALSTAT 'BD'";
+    ``foreign_master`` is the evidence that the file is a master integrated by another program, e.g.
+    "IMAGETYP 'Master Dark'" ("" for a raw frame).
     """
 
     path: str
@@ -139,6 +157,9 @@ class FrameInfo:
     readout_mode: str = ""
     subframe_origin: tuple[int, int] = (0, 0)
     rotator_deg: float | None = None
+    calibrated: tuple[str, ...] = ()
+    calibrated_by: str = ""
+    foreign_master: str = ""
 
     def __post_init__(self) -> None:
         # JSON round trips (catalogue, library index) give lists: keep the tuple fields hashable
@@ -146,6 +167,8 @@ class FrameInfo:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(int(v) for v in value))
+        if not isinstance(self.calibrated, tuple):
+            object.__setattr__(self, "calibrated", tuple(str(v) for v in self.calibrated))
 
     @property
     def calibration_key(self) -> tuple[Any, ...]:
@@ -506,13 +529,22 @@ def _date_obs(header: fits.Header) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}"
 
 
+def _master_kind(value: str) -> str | None:
+    """The kind a frame-type value names a master of ("Master Dark", "MasterFlat", "master_bias"),
+    else None."""
+    word = _squash(value)
+    if not word.startswith("master") or len(word) == len("master"):
+        return None
+    return kind_from_value(word[len("master"):])
+
+
 def _kind(header: fits.Header, path: str, exposure: float | None, has_target: bool) -> tuple[str, str]:
     kind: str | None = None
     source = "none"
     for key in _TYPE_KEYWORDS:
         value = _get(header, key)
         if isinstance(value, str) and value.strip():
-            kind = kind_from_value(value)
+            kind = kind_from_value(value) or _master_kind(value)
             if kind is not None:
                 source = f"header:{key}"
                 break
@@ -525,6 +557,72 @@ def _kind(header: fits.Header, path: str, exposure: float | None, has_target: bo
     if kind == "dark" and exposure is not None and exposure <= BIAS_MAX_EXPOSURE_S:
         kind = "bias"
     return kind or "unknown", source
+
+
+_CALSTAT_STEPS = (("B", "bias"), ("D", "dark"), ("F", "flat"))
+# PixInsight ImageCalibration: one HISTORY line per master used, e.g.
+# "ImageCalibration.masterDark.fileName: /data/masters/MasterDark_300s.xisf"
+_PI_HISTORY = re.compile(r"ImageCalibration\.master(Bias|Dark|Flat)\.fileName", re.IGNORECASE)
+# Siril: "Calibrated with a master bias", "... a synthetic bias of 1024", "... an optimized master
+# dark (factor: 0.981)", "... a master flat, normalization of ..."
+_SIRIL_HISTORY = re.compile(r"Calibrated with an? (?:optimized |synthetic )?(?:master )?(bias|dark|flat)", re.IGNORECASE)
+# IRAF ccdproc and astropy's ccdproc record each step as a keyword
+_STEP_KEYWORDS = (("ZEROCOR", "bias"), ("BIASCOR", "bias"), ("SUBBIAS", "bias"), ("DARKCOR", "dark"),
+                  ("SUBDARK", "dark"), ("FLATCOR", "flat"))
+
+
+def _history(header: fits.Header) -> list[str]:
+    try:
+        return [str(v) for v in header.get("HISTORY", [])]
+    except (VerifyError, ValueError, KeyError, IndexError, TypeError):
+        return []
+
+
+def _applied_calibration(header: fits.Header) -> tuple[tuple[str, ...], str]:
+    """The calibration steps another program applied (bias, dark, flat) and the header evidence."""
+    steps: set[str] = set()
+    evidence: list[str] = []
+    calstat = _str(header, "CALSTAT").upper()
+    if calstat:
+        found = {step for letter, step in _CALSTAT_STEPS if letter in calstat}
+        if found:
+            steps |= found
+            evidence.append(f"MaxIm DL CALSTAT '{calstat}'")
+    history = _history(header)
+    pi = {m.group(1).casefold() for line in history for m in [_PI_HISTORY.search(line)] if m}
+    if pi:
+        steps |= pi
+        evidence.append("PixInsight ImageCalibration HISTORY (" + ", ".join(s for s in ("bias", "dark", "flat") if s in pi) + ")")
+    siril = {m.group(1).casefold() for line in history for m in [_SIRIL_HISTORY.search(line)] if m}
+    if siril:
+        steps |= siril
+        evidence.append("Siril HISTORY (" + ", ".join(s for s in ("bias", "dark", "flat") if s in siril) + ")")
+    keys = [(key, step) for key, step in _STEP_KEYWORDS if _get(header, key) not in (None, "", False)]
+    if keys:
+        steps |= {step for _, step in keys}
+        evidence.append(", ".join(key for key, _ in keys))
+    if "dark" in steps:
+        # a raw master dark contains the bias: subtracting it took the bias out of the light too
+        steps.add("bias")
+    return tuple(s for s in ("bias", "dark", "flat") if s in steps), "; ".join(evidence)
+
+
+def _foreign_master(header: fits.Header, path: str, kind: str, source: str) -> str:
+    """Evidence that a calibration frame is a master integrated by another program ("" if raw)."""
+    if kind not in ("bias", "dark", "flat", "darkflat"):
+        return ""
+    if source.startswith("header:"):
+        key = source.split(":", 1)[1]
+        value = _str(header, key)
+        if _squash(value).startswith("master"):
+            return f"{key} '{value}'"
+    name = PurePath(path).name if path else ""
+    if "master" in _words(re.sub(r"\.[A-Za-z]+$", "", name)):
+        return f"file name '{name}'"
+    ncombine = _num(header, "NCOMBINE")
+    if ncombine is not None and ncombine > 1:
+        return f"NCOMBINE {ncombine:g}"
+    return ""
 
 
 def classify(header: fits.Header, path: str = "") -> FrameInfo:
@@ -547,6 +645,7 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
     obj = "" if is_no_target(obj) else obj
     has_target = bool(obj) or ra is not None
     kind, source = _kind(header, path, exposure, has_target)
+    calibrated, calibrated_by = _applied_calibration(header) if kind == "light" else ((), "")
     filt = ""
     for key in _FILTER_KEYWORDS:
         filt = normalize_filter(_str(header, key))
@@ -578,6 +677,9 @@ def classify(header: fits.Header, path: str = "") -> FrameInfo:
         readout_mode=_readout_mode(header),
         subframe_origin=(int(_first_num(header, ("XORGSUBF",)) or 0), int(_first_num(header, ("YORGSUBF",)) or 0)),
         rotator_deg=None if rotator is None else rotator % 360.0,
+        calibrated=calibrated,
+        calibrated_by=calibrated_by,
+        foreign_master=_foreign_master(header, path, kind, source),
     )
 
 

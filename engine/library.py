@@ -307,6 +307,9 @@ class MasterSet:
     optimize_dark: bool = False
     explanations: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
+    # steps another program already applied to the light (FrameInfo.calibrated): never applied again;
+    # with "bias" here, ``bias`` (if any) only takes the bias out of ``dark``
+    already_applied: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         def rec(r: MasterRecord | None) -> dict[str, Any] | None:
@@ -321,6 +324,7 @@ class MasterSet:
             "optimize_dark": self.optimize_dark,
             "explanations": list(self.explanations),
             "missing": list(self.missing),
+            "already_applied": list(self.already_applied),
         }
 
 
@@ -459,6 +463,8 @@ def match(
 
     # flat
     flat = _match_flat(info, same, rules, notes, missing)
+    if info.kind == "light" and info.calibrated:
+        return _skip_applied(info, bias, dark, flat, k, optimize, notes, missing, mode, other_modes)
     out = MasterSet(
         bias=bias,
         dark=dark,
@@ -467,6 +473,77 @@ def match(
         optimize_dark=optimize,
         explanations=tuple(notes),
         missing=tuple(missing),
+    )
+    return dataclasses.replace(out, explanations=out.explanations + _mode_notes(out, mode, other_modes))
+
+
+def _skip_applied(
+    info: FrameInfo,
+    bias: MasterRecord | None,
+    dark: MasterRecord | None,
+    flat: MasterRecord | None,
+    k: float,
+    optimize: bool,
+    notes: list[str],
+    missing: list[str],
+    mode: str,
+    other_modes: dict[str, set[str]],
+) -> MasterSet:
+    """A light another program already calibrated in part (``info.calibrated``): the steps it applied
+    are never applied again and are not missing; the others are applied when their masters exist.
+
+    - dark applied (bias implied: a raw dark contains it): only the flat is left;
+    - bias applied, dark not: the light is L - B, so the dark must lose its bias too, C = L' - k(D - B):
+      that needs the master bias even for an exposure-matched dark; without one the dark is missing;
+    - flat applied before bias or dark (CALSTAT 'F', 'BF'): subtracting after a flat division is not the
+      same as before it ((L - B)/F != L/F - B), and the division cannot be undone: nothing more is
+      applied.
+    """
+    done = set(info.calibrated)
+    by = f" by another program ({info.calibrated_by})" if info.calibrated_by else " by another program"
+    kept = [n for n in notes if not n.startswith(("bias: ", "dark: ", "flat: "))]
+    explained = {kind: [n for n in notes if n.startswith(f"{kind}: ")] for kind in ("bias", "dark", "flat")}
+    missing = [m for m in missing if m not in done]
+    out_notes: list[str] = []
+    if "flat" in done and not {"bias", "dark"} <= done:
+        left = [s for s in ("bias", "dark") if s not in done]
+        text = (f"not applied: the flat was divided{by} before {' and '.join(left)} subtraction, which cannot be"
+                " done after it")
+        out_notes += [f"{s}: already applied{by}" if s in done else f"{s}: {text}" for s in ("bias", "dark", "flat")]
+        return MasterSet(explanations=tuple(kept + out_notes), missing=tuple(m for m in missing if m not in ("bias", "dark")),
+                         already_applied=tuple(info.calibrated))
+    use_bias: MasterRecord | None = None
+    use_dark: MasterRecord | None = None
+    if "dark" in done:
+        out_notes += [f"bias: already applied{by}", f"dark: already applied{by}"]
+        missing = [m for m in missing if m not in ("bias", "dark")]
+    elif "bias" in done:
+        out_notes.append(f"bias: already applied{by}")
+        missing = [m for m in missing if m != "bias"]
+        if dark is not None and bias is not None:
+            use_bias, use_dark = bias, dark
+            out_notes += explained["dark"]
+            out_notes.append(f"bias: master used only to take the bias out of the dark ({bias.ncombine} frames)")
+        elif dark is not None:
+            missing.append("dark")
+            out_notes.append(f"dark: {dark.describe()} not applied: the light is bias-subtracted and there is no "
+                             "master bias to take the bias out of the dark")
+        else:
+            out_notes += explained["dark"]
+    else:  # neither bias nor dark applied (a flat alone returned above): both as matched
+        use_bias, use_dark = bias, dark
+        out_notes += explained["bias"] + explained["dark"]
+    use_flat = None if "flat" in done else flat
+    out_notes += [f"flat: already applied{by}"] if "flat" in done else explained["flat"]
+    out = MasterSet(
+        bias=use_bias,
+        dark=use_dark,
+        flat=use_flat,
+        dark_scale=k if use_dark is not None else 0.0,
+        optimize_dark=optimize and use_dark is not None,
+        explanations=tuple(kept + out_notes),
+        missing=tuple(dict.fromkeys(missing)),
+        already_applied=tuple(info.calibrated),
     )
     return dataclasses.replace(out, explanations=out.explanations + _mode_notes(out, mode, other_modes))
 
