@@ -57,9 +57,10 @@ import gzip
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -963,17 +964,6 @@ def _chunks(text: str, width: int) -> list[str]:
     return [text[i : i + width] for i in range(0, len(text), width)] or [""]
 
 
-def _extra_array(name: str, array: np.ndarray) -> np.ndarray:
-    a = np.asarray(array)
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8)
-    if a.dtype.kind in "iu" and a.dtype.itemsize <= 4:
-        return a.astype(a.dtype.newbyteorder("="), copy=False)
-    if a.dtype.kind in "iuf":
-        return a.astype(np.float32)
-    raise ValueError(f"extra HDU {name!r}: unsupported dtype {a.dtype}")
-
-
 def write_image(
     path: str | os.PathLike[str],
     data: np.ndarray,
@@ -981,6 +971,7 @@ def write_image(
     header: fits.Header | None = None,
     history: Iterable[str] = (),
     extra_hdus: Mapping[str, np.ndarray] | None = None,
+    extra_dtype: Any = None,
 ) -> None:
     """Write a float32 FITS file atomically.
 
@@ -998,6 +989,8 @@ def write_image(
     extra_hdus : mapping of str to np.ndarray, optional
         Additional image extensions by EXTNAME (bool as uint8, integers as is, others float32).
         Default is None.
+    extra_dtype : numpy dtype, optional
+        Store every extension as this type instead (converted while it is written). Default is None.
 
     The file is written under a temporary name in the destination folder, flushed and fsync'ed, then
     renamed over the destination (``os.replace``) and the folder fsync'ed: readers never see a partial
@@ -1007,19 +1000,27 @@ def write_image(
     arr = np.asarray(data)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[0] != 3):
         raise ValueError(f"write_image: data must be (H, W) or (3, H, W), got {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
     hdr = _prepare_header(header, history)
     lower = spath.lower()
     if lower.endswith(".fz"):
         hdus: list[Any] = [
             fits.PrimaryHDU(),
-            fits.CompImageHDU(arr, header=hdr, compression_type="GZIP_2", quantize_level=0.0),
+            fits.CompImageHDU(np.ascontiguousarray(arr, dtype=np.float32), header=hdr, compression_type="GZIP_2",
+                              quantize_level=0.0),
         ]
+        planes: list[np.ndarray | None] = [None, None]  # astropy compresses and writes these two itself
     else:
-        hdus = [fits.PrimaryHDU(arr, header=hdr)]
+        hdus = [fits.PrimaryHDU(_placeholder(arr.shape, np.float32), header=hdr)]
+        planes = [arr]
     for name, extra in (extra_hdus or {}).items():
-        hdus.append(fits.ImageHDU(_extra_array(name, extra), name=str(name).upper()))
+        a = np.asarray(extra)
+        dtype = _extra_dtype(str(name), a.dtype) if extra_dtype is None else np.dtype(extra_dtype)
+        hdus.append(fits.ImageHDU(_placeholder(a.shape, dtype), name=str(name).upper()))
+        planes.append(a)
     hdul = fits.HDUList(hdus)
+    # what HDUList.writeto does to the headers before it writes (fixes, EXTEND, structural cards)
+    hdul.verify(option="silentfix")
+    hdul.update_extend()
     folder = os.path.dirname(os.path.abspath(spath))
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
     try:
@@ -1027,9 +1028,9 @@ def write_image(
         with os.fdopen(fd, "wb") as fh:
             if lower.endswith(".gz"):
                 with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=4) as gz:
-                    hdul.writeto(gz, output_verify="silentfix")
+                    _write_hdus(gz, hdul, planes)
             else:
-                hdul.writeto(fh, output_verify="silentfix")
+                _write_hdus(fh, hdul, planes)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, spath)
@@ -1038,6 +1039,70 @@ def write_image(
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+# rows of an HDU converted to FITS big-endian at a time while it is written
+_WRITE_CHUNK_BYTES = 8 << 20
+_BLOCK = 2880
+
+
+def _placeholder(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array of `shape` and `dtype` that holds one element: astropy derives an HDU's header
+    (BITPIX, NAXISn, BZERO of unsigned types) from it without a full-size copy of the data."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def _write_hdus(fh: Any, hdul: fits.HDUList, planes: Sequence[np.ndarray | None]) -> None:
+    """Write `hdul` as HDUList.writeto would, the data of image HDU i from planes[i] (astropy writes
+    the HDUs whose plane is None, which must come first) converted to the HDU's type in chunks.
+
+    HDUList.writeto needs each HDU's data whole in its FITS type: every float32 or uint8 copy of a
+    26 MP product plane is 0.1 GB, and the products of an exact pass were written five at once."""
+    first = sum(1 for p in planes if p is None)
+    if first:
+        head = fits.HDUList(list(hdul[:first]))
+        head.writeto(fh, output_verify="silentfix")
+    for hdu, plane in zip(hdul[first:], planes[first:], strict=True):
+        assert plane is not None
+        hdu.update_header()
+        fh.write(hdu.header.tostring().encode("ascii"))
+        size = _write_plane(fh, plane, hdu.data.dtype)
+        if size % _BLOCK:  # data padded with zeros to whole FITS blocks
+            fh.write(bytes(_BLOCK - size % _BLOCK))
+
+
+def _write_plane(fh: Any, plane: np.ndarray, dtype: np.dtype[Any]) -> int:
+    """Write `plane` converted to `dtype` as astropy.io.fits stores it (big-endian; unsigned 16-64 bit
+    and signed 8-bit types offset by BZERO = their sign bit), a chunk of rows at a time; returns the
+    bytes written."""
+    dtype = np.dtype(dtype)
+    offset = (dtype.kind == "u" and dtype.itemsize >= 2) or (dtype.kind == "i" and dtype.itemsize == 1)
+    if plane.size == 0:
+        return 0
+    rows = plane.reshape(-1, plane.shape[-1])
+    step = max(1, _WRITE_CHUNK_BYTES // max(1, rows.shape[1] * dtype.itemsize))
+    size = 0
+    for r0 in range(0, rows.shape[0], step):
+        chunk = rows[r0 : r0 + step].astype(dtype.newbyteorder("="))  # a copy: changed in place below
+        bits = chunk.view(f"u{dtype.itemsize}")
+        if offset:  # value - BZERO (mod 2^bits) is the value with its sign bit flipped
+            bits ^= np.array(1 << (8 * dtype.itemsize - 1), bits.dtype)
+        if sys.byteorder == "little" and dtype.itemsize > 1:
+            bits.byteswap(inplace=True)
+        fh.write(bits.reshape(-1).view(np.uint8))
+        size += bits.nbytes
+    return size
+
+
+def _extra_dtype(name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The type an extension HDU stores: bool as uint8, integers up to 32 bits as is, others float32."""
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype.kind in "iu" and dtype.itemsize <= 4:
+        return dtype.newbyteorder("=")
+    if dtype.kind in "iuf":
+        return np.dtype(np.float32)
+    raise ValueError(f"extra HDU {name!r}: unsupported dtype {dtype}")
 
 
 def _fsync_dir(folder: str) -> None:
