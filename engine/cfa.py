@@ -94,6 +94,28 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 # Kernels
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _ring_mean(img: np.ndarray, y: int, x: int) -> float:  # pragma: no cover - numba
+    """Mean of the finite pixels of the same colour two pixels away (the 5x5 ring), NaN if none: a
+    NaN own pixel with no same-colour pixel in its 3x3 (R/B sites)."""
+    h, w = img.shape
+    s = 0.0
+    n = 0.0
+    for dy in range(-2, 3, 2):
+        yy = y + dy
+        if yy < 0 or yy >= h:
+            continue
+        for dx in range(-2, 3, 2):
+            xx = x + dx
+            if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
+                continue
+            v = img[yy, xx]
+            if v == v:
+                s += v
+                n += 1.0
+    return s / n if n > 0.0 else np.nan
+
+
 @njit(cache=True, nogil=True)
 def _bilinear_pixel(img: np.ndarray, cmap: np.ndarray, out: np.ndarray, y: int, x: int) -> None:  # pragma: no cover
     """General case (borders, NaN in the 3x3): mean of the finite same-colour pixels among the 8
@@ -138,21 +160,7 @@ def _bilinear_pixel(img: np.ndarray, cmap: np.ndarray, out: np.ndarray, y: int, 
             out[c, y, x] = sc / nc
         elif c == own:
             # NaN own pixel with no same-colour pixel in 3x3 (R/B sites): the 5x5 ring
-            s = 0.0
-            n = 0.0
-            for dy in range(-2, 3, 2):
-                yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                for dx in range(-2, 3, 2):
-                    xx = x + dx
-                    if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
-                        continue
-                    v = img[yy, xx]
-                    if v == v:
-                        s += v
-                        n += 1.0
-            out[c, y, x] = s / n if n > 0.0 else np.nan
+            out[c, y, x] = _ring_mean(img, y, x)
         else:
             out[c, y, x] = np.nan
 
@@ -336,19 +344,7 @@ def _bilinear_at(img: np.ndarray, cmap: np.ndarray, y: int, x: int, c: int) -> f
         return s / n
     if c != own:
         return np.nan
-    for dy in range(-2, 3, 2):
-        yy = y + dy
-        if yy < 0 or yy >= h:
-            continue
-        for dx in range(-2, 3, 2):
-            xx = x + dx
-            if (dy == 0 and dx == 0) or xx < 0 or xx >= w:
-                continue
-            v = img[yy, xx]
-            if v == v:
-                s += v
-                n += 1.0
-    return s / n if n > 0.0 else np.nan
+    return _ring_mean(img, y, x)
 
 
 @njit(cache=True, nogil=True)
