@@ -38,12 +38,13 @@ from stackwatch.engine.reject import (
     KEEP,
     LOW,
     WORK_ROWS,
-    _floor_sd,
     _median_buf,
     _run,
     auto_rejection,
     get_rejection,
+    quiet_count,
 )
+from stackwatch.engine.reject import quiet_kappa as quiet_kappa_for
 
 __all__ = [
     "ArraySource",
@@ -303,11 +304,8 @@ def _integrate_band(
     as CANDIDATE (large-scale rejection's low threshold).
     Noise floor (NoiseModel): nm_a/nm_b (N,) per frame, nm_par = (ε², κ_low, κ_high), bg (h, W) the
     reference background of the band; nm_a of shape (0,) disables it.
-    quiet_kappa > 0 (rejectors whose σ the floor bounds from below: percentile, sigma, winsorized):
-    a pixel whose candidates all lie within quiet_kappa·σ_floor(lowest) of each other skips the
-    rejector, which could reject nothing there (every centre lies between the lowest and the highest
-    candidate and the floor grows with the signal): the same result, without the sort and the
-    iterations that cost ~0.3 µs a pixel at 6 frames (most pixels of a small stack are quiet)."""
+    quiet_kappa > 0: pixels whose candidates are quiet (reject.quiet_count) skip the rejector, with
+    the same result (~0.3 µs a pixel less at 6 frames)."""
     n, h, w = band.shape
     has_pre = pre.shape[0] == n
     has_rec = record.shape[0] == n
@@ -363,19 +361,8 @@ def _integrate_band(
                 floor[0] = sa / nvalid
                 floor[1] = sb / nvalid
                 floor[3] = bg[y, x]
-            quiet = False
-            if has_nm and quiet_kappa > 0.0:
-                vmin = np.inf
-                vmax = -np.inf
-                ncand = 0
-                for i in range(n):
-                    if mask[i] == KEEP:
-                        vmin = min(vmin, values[i])
-                        vmax = max(vmax, values[i])
-                        ncand += 1
-                quiet = ncand > 0 and vmax - vmin < quiet_kappa * _floor_sd(floor, vmin)
-                kept = ncand
-            if not quiet:
+            kept = quiet_count(values, mask, floor, quiet_kappa)
+            if kept < 0:
                 kept = _run(code, values, params, mask, work, floor)
             nlo = 0
             nhi = 0
@@ -662,15 +649,9 @@ def integrate(
         nm_a = nm_b = np.zeros((channels, 0), np.float64)
         nm_par = np.zeros(3, np.float64)
 
-    # rejectors whose σ the noise floor bounds from below (percentile tests κ·σ_floor itself): see
-    # _integrate_band; 0.999 keeps the shortcut clear of the rejectors' own rounding
-    quiet_kappa = 0.0
-    if not _QUIET_SHORTCUT:
-        pass
-    elif noise_model is not None and spec.code == 2:
-        quiet_kappa = 0.999 * min(float(nm_par[1]), float(nm_par[2]))
-    elif noise_model is not None and spec.code in (3, 4):
-        quiet_kappa = 0.999 * min(float(packed[0]), float(packed[1]))
+    quiet_kappa = 0.0  # the quiet-pixel shortcut of _integrate_band (reject.quiet_count)
+    if _QUIET_SHORTCUT and noise_model is not None:
+        quiet_kappa = quiet_kappa_for(spec.code, packed, (float(nm_par[1]), float(nm_par[2])))
     cand_kappa = float(large_scale_candidate_kappa) if large_scale else 0.0
     cands: list[list[tuple[np.ndarray, int]]] = [[] for _ in range(n)]  # packed bits per band
 

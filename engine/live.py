@@ -965,9 +965,8 @@ def _image_kernel(
     `n_min` live rejects nothing, so without this the first frames (and the edges of a dithered
     stack, covered by few frames all night) kept every cosmic ray until the n_min-th frame or the
     next exact pass; the accumulators are left as they are, so the decision is redone from all
-    the samples after every frame, as batch does. `quiet_kappa` > 0: the rejector rejects nothing
-    from samples that all lie within quiet_kappa·σ_floor of each other (its σ is floored by the
-    noise model): those pixels (nearly all) skip it, whose generic per-pixel cost is ~120 ns."""
+    the samples after every frame, as batch does. Quiet pixels (reject.quiet_count with
+    `quiet_kappa`: nearly all) skip the rejector, whose generic per-pixel cost is ~120 ns."""
     rows, width = S.shape
     kh = hv.shape[0]
     kl = lv.shape[0]
@@ -1030,17 +1029,10 @@ def _image_kernel(
             floor[3] = _bg(bgrid, ch, iy, iy1, fy, x, inv_step)
             floor[4] = nm_par[1]
             floor[5] = nm_par[2]
-            vmin = vals[0]
-            vmax = vals[0]
-            for q in range(1, n):
-                vmin = min(vmin, vals[q])
-                vmax = max(vmax, vals[q])
-            # every centre lies in [vmin, vmax] and the floor grows with the signal: no deviation
-            # from any centre exceeds the range, nor any σ the floor at vmin
-            if quiet_kappa > 0.0 and vmax - vmin < quiet_kappa * _reject._floor_sd(floor, vmin):
-                continue
             for q in range(n):
                 mask[q] = _reject.KEEP
+            if _reject.quiet_count(vals[:n], mask[:n], floor, quiet_kappa) >= 0:
+                continue  # the rejector could reject nothing: S/W is the batch result
             kept = _reject.run_rejection(code, vals[:n], wts[:n], params, mask[:n], work, floor)
             sy = 0.0
             sw = 0.0
@@ -1384,12 +1376,7 @@ class LiveStack:
             return self._exact.copy() if copy else _read_only(self._exact)
         out = np.empty(self._S.shape, np.float32)
         code, packed, nm_par = self._batch_rule()
-        # rejectors whose σ is floored by the noise model (percentile tests κ·σ_floor itself)
-        quiet = 0.0
-        if code == 2:
-            quiet = 0.999 * min(nm_par[1], nm_par[2])
-        elif code in (3, 4):
-            quiet = 0.999 * min(packed[0], packed[1])
+        quiet = _reject.quiet_kappa(code, packed, (self.kappa_low, self.kappa_high))
         _image_kernel(self._S, self._Wt, self._N, self._RLO, self._RHI, self._hv, self._hi, self._lv, self._li,
                       self._tab, self._bgrid, self._h, 1.0 / self.background_step_px, code, packed, nm_par,
                       self.k_high + self.k_low + 1, quiet, out)
