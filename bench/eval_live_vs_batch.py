@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from stackwatch.daemon.config import load_config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
+from stackwatch.daemon.service import exact_pass_due
 from stackwatch.engine import simulate, stats
 from stackwatch.engine.integrate import Integration, NpySource, integrate
 from stackwatch.engine.reject import auto_rejection
@@ -50,8 +51,9 @@ def main() -> None:
     ap.add_argument("--debug", action="store_true", help="print the worst pixel of each frame")
     ap.add_argument("--config", help="TOML configuration (as for stackwatch stack)")
     ap.add_argument("--service-policy", action="store_true",
-                    help="run the exact pass after a stack's first frames as the service does when frames "
-                         "are minutes apart (live.exact_pass_early_frames); default: the live stack alone")
+                    help="after each frame, run the exact pass when the service would (service.exact_pass_due, "
+                         "with the pipeline's estimate and frames --gap seconds apart); default: the live stack alone")
+    ap.add_argument("--gap", type=float, default=120.0, help="seconds between frames for --service-policy")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval-live-"))
     spec = simulate.preset(args.preset, n_lights=args.lights, n_darks=8, n_flats=8, n_darkflats=8, n_biases=8,
@@ -66,6 +68,7 @@ def main() -> None:
     lights = sorted(((p, i) for p, i, _ in files if i is not None and i.kind == "light"),
                     key=lambda pi: str(getattr(pi[1], "date_obs", "") or pi[0].name))
     rows = []
+    new_since_pass = 0
     for k, (path, info) in enumerate(lights, 1):
         t0 = time.perf_counter()
         pipe.process_light(path, info)
@@ -74,8 +77,13 @@ def main() -> None:
         live = stack.live
         if live is None or live.n_frames == 0:
             continue
-        if args.service_policy and live.n_frames <= config.live.exact_pass_early_frames:
+        new_since_pass += 1
+        passed = False
+        if args.service_policy and exact_pass_due(new_frames=new_since_pass, stack_frames=live.n_frames,
+                                                  estimate_s=pipe.exact_pass_estimate_s(stack.id), gap_s=args.gap,
+                                                  quiet=False, live=config.live):
             pipe.finalize(stack.id)
+            new_since_pass, passed = 0, True
         batch, sources = _batch(pipe, stack, config)
         ids = list(live.frame_ids)
         img = np.asarray(batch.image, np.float32)
@@ -90,7 +98,7 @@ def main() -> None:
         d = (lv - img)[ok] / sigma
         row = {"k": k, "n": len(ids), "rejection": batch.rejection, "rms_sigma": float(np.sqrt(np.mean(d**2))),
                "max_sigma": float(np.abs(d).max()), "p999_sigma": float(np.quantile(np.abs(d), 0.999)),
-               "trail_fraction": float(trails.mean()), "process_s": t_live}
+               "trail_fraction": float(trails.mean()), "process_s": t_live, "exact_pass": passed}
         if args.debug and row["max_sigma"] > 5:
             full = np.where(ok, (lv - img) / sigma, 0)
             yx = np.unravel_index(np.argmax(np.abs(full)), full.shape)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stackwatch.daemon.catalog import DONE_STATUSES, Catalog
-from stackwatch.daemon.config import Config, load_config
+from stackwatch.daemon.config import Config, LiveConfig, load_config
 from stackwatch.daemon.events import EventBus, Listener
 from stackwatch.daemon.sdnotify import SdNotifier
 from stackwatch.daemon.watcher import FileFilter, Watcher, scan_folder
@@ -57,6 +57,7 @@ __all__ = [
     "Service",
     "check_complete",
     "default_identify",
+    "exact_pass_due",
     "hash_file",
 ]
 
@@ -67,6 +68,45 @@ _PRODUCTS_WANTED_S = 600.0  # keep prefetching a stack's products this long afte
 _FORCED_EXACT_PASS = 10**9  # a stack's count of new frames that asks for an exact pass at the next idle moment
 
 CALIBRATION_KINDS = frozenset({"bias", "dark", "flat", "darkflat"})
+
+
+def exact_pass_due(*, new_frames: int, stack_frames: int, estimate_s: float | None, gap_s: float | None,
+                   quiet: bool, live: LiveConfig) -> bool:
+    """Whether the idle service should run a stack's exact pass now.
+
+    new_frames: frames added since its last exact pass (`_FORCED_EXACT_PASS` when a request asks
+    for one); stack_frames: frames in the stack; estimate_s: the pass's estimated duration (None:
+    unknown); gap_s: the usual time between lights (None: not known yet); quiet: no light for
+    `service.exact_pass_idle_s` (the end of the night).
+    """
+    if new_frames >= _FORCED_EXACT_PASS:
+        return True
+    if new_frames <= 0:  # already exact: a pass now would redo the same integration
+        return False
+    if quiet:
+        return True
+    # the pass holds the pipeline: one longer than half the usual gap between frames (100 frames of
+    # 26 MP: ~2.5 min, against 2-min subs) would delay the next frame by minutes, so it waits for
+    # the end of the night or a request
+    fits = estimate_s is None or gap_s is None or estimate_s <= 0.5 * gap_s
+    # a stack's first frames: the batch rule for so few (percentile) is one the live stack cannot
+    # follow once a pixel has more samples than it retains, its one-way decisions would outlive the
+    # switch to winsorized clipping at 6 frames, and an exact pass of a few frames is short
+    # (measured on the test night: live − batch RMS 0.15σ at 5 frames without, 0.16σ at 6-7
+    # frames with passes up to the 5th only, 0.08σ with this); up to k_high + k_low + 1 frames the
+    # live image computes the batch rule itself
+    early = int(live.k_high) + int(live.k_low) + 2 <= stack_frames <= int(live.exact_pass_early_frames)
+    if (new_frames >= max(1, int(live.exact_pass_frames)) or early) and fits:
+        return True
+    if estimate_s is None:
+        return False
+    # after every frame while the pass is cheap, in seconds or against the usual gap: the live image
+    # is then the batch result after every frame (between passes it differs by single borderline
+    # decisions: RMS < 0.1σ, max 3-4σ of the stack's noise at 10-16 frames)
+    limit = max(0.0, float(live.exact_pass_max_s))
+    if gap_s is not None and float(live.exact_pass_gap_fraction) > 0:
+        limit = max(limit, float(live.exact_pass_gap_fraction) * gap_s)
+    return estimate_s <= limit
 
 
 class PipelineLike(Protocol):
@@ -1056,44 +1096,20 @@ class Service:
         self._last_checkpoint = self._clock()
 
     def _maybe_finalize(self) -> None:
-        """When idle, run the exact pass of a stack that got enough new frames (in the background)."""
+        """When idle, run the exact pass of a stack that `exact_pass_due` says is due (in the background)."""
         if self._finalizing is not None and not self._finalizing.done():
             return
-        threshold = max(1, int(self.config.live.exact_pass_frames))
+        if self.pipeline is None:
+            return
         quiet = self._clock() - self._last_processed >= float(self.config.service.exact_pass_idle_s)
-        cheap_s = float(self.config.live.exact_pass_max_s)
         estimate = getattr(self.pipeline, "exact_pass_estimate_s", None)
-
-        def cheap(sid: str) -> bool:
-            # small frames or few of them: the exact pass costs less than a frame, so the live image
-            # is made equal to the batch result at every idle moment instead of every N frames
-            return estimate is not None and cheap_s > 0 and float(estimate(sid)) <= cheap_s
-
         gap = self.frame_gap_s()
-
-        def fits(sid: str) -> bool:
-            # the exact pass holds the pipeline: one longer than half the usual gap between frames (100
-            # frames of 26 MP: ~2.5 min, against 2-min subs) would delay the next frame by minutes, so
-            # it waits for the end of the night (`quiet`) or a request
-            return estimate is None or gap is None or float(estimate(sid)) <= 0.5 * gap
-
-        early_n = int(self.config.live.exact_pass_early_frames)
         sizes = {str(s.get("id")): int(s.get("ncombine") or 0) for s in self._stacks_cache}
-
-        def early(sid: str) -> bool:
-            # a stack's first frames: the batch rule for so few (percentile) is one the live stack
-            # cannot follow once a pixel has more samples than it retains, its one-way decisions
-            # would outlive the switch to winsorized clipping at 6 frames, and an exact pass of a
-            # few frames is short (measured on the test night: live − batch RMS 0.15σ at 5 frames
-            # without, 0.16σ at 6-7 frames with passes up to the 5th only, 0.08σ with this)
-            # (up to k_high + k_low + 1 frames the live image computes the batch rule itself)
-            first = int(self.config.live.k_high) + int(self.config.live.k_low) + 2
-            return first <= sizes.get(sid, 0) <= early_n
-
         due = [sid for sid, n in self._new_since_final.items()
-               if n >= _FORCED_EXACT_PASS or ((n >= threshold or early(sid)) and fits(sid))
-               or (n > 0 and (quiet or cheap(sid)))]
-        if not due or self.pipeline is None:
+               if exact_pass_due(new_frames=n, stack_frames=sizes.get(sid, 0),
+                                 estimate_s=None if estimate is None or n <= 0 else float(estimate(sid)),
+                                 gap_s=gap, quiet=quiet, live=self.config.live)]
+        if not due:
             return
         sid = due[0]
         self._new_since_final[sid] = 0

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from stackwatch.daemon.config import Config
-from stackwatch.daemon.service import Service
+from stackwatch.daemon.service import Service, exact_pass_due
 from stackwatch.engine.errors import StackwatchError
 
 HERE = Path(__file__).resolve().parent
@@ -697,3 +697,30 @@ def test_long_exact_pass_waits_unless_it_fits_between_frames(tmp_path: Path) -> 
             assert started == ["m27"] * 4
 
     asyncio.run(scenario())
+
+
+def test_exact_pass_policy() -> None:
+    """`exact_pass_due`: what the idle service decides for one stack (the live image equals the batch
+    result after every frame while the pass is cheap against the gap between frames)."""
+    live = Config().live
+    live.exact_pass_frames, live.exact_pass_early_frames, live.exact_pass_max_s = 10, 6, 1.0
+    live.exact_pass_gap_fraction = 0.2
+
+    def due(new: int, size: int, est: float | None, gap: float | None = 120.0, quiet: bool = False) -> bool:
+        return exact_pass_due(new_frames=new, stack_frames=size, estimate_s=est, gap_s=gap, quiet=quiet, live=live)
+
+    # nothing new: never again, even during the early frames or at the end of the night (an early
+    # pass used to be repeated at every idle second until the next frame came)
+    assert not due(0, 5, 0.1) and not due(0, 40, 0.1, quiet=True)
+    assert due(10**9, 40, 1e6)  # a request
+    assert due(1, 40, 1e6, quiet=True)  # the end of the night
+    assert due(1, 5, 50.0) and not due(1, 5, 70.0)  # early frames, when the pass fits half the gap
+    assert not due(1, 4, 30.0)  # up to 4 frames the live image computes the batch rule itself
+    assert due(10, 40, 60.0) and not due(10, 40, 61.0)  # every 10 frames, when it fits half the gap
+    # after every frame while cheap: at most 1 s, or at most a fifth of the gap
+    assert due(1, 40, 1.0, gap=None) and not due(1, 40, 1.1, gap=None)
+    assert due(1, 40, 24.0) and not due(1, 40, 24.5)
+    live.exact_pass_gap_fraction = 0.0
+    assert not due(1, 40, 24.0) and due(1, 40, 0.9)
+    live.exact_pass_max_s = 0.0
+    assert not due(1, 40, 0.9) and not due(1, 40, None)
