@@ -69,6 +69,7 @@ class _Sampler:
         self.period_s = period_s
         self.stage = ["finalize"]
         self.peaks: dict[str, list[float]] = {}
+        self.times: dict[str, list[float]] = {}  # label: [wall s, CPU s] inclusive of inner stages
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -84,10 +85,14 @@ class _Sampler:
 
         def staged(*a: object, **k: object) -> object:
             self.stage.append(label)
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 self.stage.pop()
+                tc = self.times.setdefault(label, [0.0, 0.0])
+                tc[0] += time.perf_counter() - t
+                tc[1] += time.process_time() - c
 
         setattr(owner, name, staged)
 
@@ -148,9 +153,10 @@ def main() -> int:
     print(f"before finalize: RSS {rss0:.0f} MB, in use {used0:.0f} MB")
     print(f"finalize: wall {wall:.2f} s, CPU {cpu:.2f} s, load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"peak RSS (VmHWM) {_status_mb('VmHWM'):.0f} MB; after: RSS {_status_mb('VmRSS'):.0f} MB")
-    print(f"{'stage':32s} {'peak RSS':>9s} {'peak in use':>12s}  (MB)")
+    print(f"{'stage':32s} {'peak RSS':>9s} {'peak in use':>12s}  (MB)  {'wall':>6s} {'CPU':>6s} (s, inclusive)")
     for stage, (rss, used) in sampler.peaks.items():
-        print(f"{stage:32s} {rss:9.0f} {used:12.0f}")
+        tw, tc = sampler.times.get(stage, (wall, cpu))
+        print(f"{stage:32s} {rss:9.0f} {used:12.0f}        {tw:6.2f} {tc:6.2f}")
     pipe.close()
     shutil.rmtree(work, ignore_errors=True)  # 1.4 GB per 6 frames (raw files and frame store)
     return 0

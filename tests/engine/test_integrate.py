@@ -325,3 +325,52 @@ def test_quiet_pixel_shortcut_changes_nothing(monkeypatch: pytest.MonkeyPatch, r
     # something to reject, and rejected (sigma clipping around the sample σ cannot reach 3σ with one
     # outlier among n <= 10 samples: its largest z is (n - 1)/√n)
     assert int(b.rej_high.sum()) > 0 or (rejection == "sigma" and n < 12)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_large_scale_pass_2_recomputes_only_pre_rejected_pixels(monkeypatch: pytest.MonkeyPatch, channels: int) -> None:
+    """Large-scale pass 2 recomputes only the pixels (and reads only the bands) holding a pre-rejected
+    sample; the products are those of recomputing everything, to the bit: two trails in different
+    bands, one crossing a star, a band without any, NaN, colour planes, several bands."""
+    rng = np.random.default_rng(7)
+    n, h, w = 10, 45, 60
+    yy, xx = np.mgrid[0:h, 0:w]
+    star = 1.5 * np.exp(-((xx - 30) ** 2 + (yy - 8) ** 2) / 5.0)
+    frames = []
+    for i in range(n):
+        f = np.stack([g + (star * rng.uniform(0.8, 1.2)).astype(np.float32) for g in _frames(rng, channels, h, w)])
+        f.reshape(channels, -1)[:, rng.integers(0, h * w, 20)] += 0.3
+        if i == 2:
+            f[:, 7:9, :] += 0.08  # across the star
+        if i == 5:
+            f[:, np.arange(20, 40), np.arange(5, 25)] += 0.1  # a diagonal trail in other bands
+            f[:, 30, 40] = np.nan
+        frames.append(f if channels > 1 else f[0])
+    nm = I.NoiseModel(a=np.full(n, 1e-4), b=np.full(n, 2e-3), background=0.2, epsilon=0.2)
+    out = {}
+    for pre_only in (True, False):
+        monkeypatch.setattr(I, "_PASS2_PRE_ONLY", pre_only)
+        out[pre_only] = I.integrate(frames, rejection="winsorized", noise_model=nm, band_rows=6, large_scale=True)
+    a, b = out[True], out[False]
+    assert sum(b.large_scale_pixels) > 0  # pass 2 had something to do
+    assert np.array_equal(a.image, b.image, equal_nan=True)
+    for field in ("rej_low", "rej_high", "coverage", "weight_sum"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.large_scale_pixels == b.large_scale_pixels
+
+
+@pytest.mark.parametrize("r", [0, 1, 2, 3])
+def test_grow_is_the_binary_dilation_by_a_disc(r: int) -> None:
+    """Large-scale rejection grows kept structures from their pixel indices (no full-frame mask):
+    the same pixels as scipy's binary dilation by the disc, edges and corners included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(r)
+    h, w = 23, 31
+    mask = rng.random((h, w)) < 0.03
+    mask[0, 0] = mask[h - 1, 5] = mask[7, w - 1] = True
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (xx * xx + yy * yy) <= r * r + 0.5
+    want = ndimage.binary_dilation(mask, structure=disk) if r > 0 else mask
+    got = I._grow(np.flatnonzero(mask)[::-1].copy(), h, w, disk, r)
+    assert np.array_equal(got, np.flatnonzero(want))
