@@ -71,9 +71,11 @@ _MIN_REFERENCE_STARS = 15
 
 
 # the exact pass (Pipeline.finalize: batch integration, rebuild of the live state, products) per
-# sample and pass, measured at 26 MP mono with large-scale rejection (x2.4): 6 frames 12.9 s, 12 frames
-# 39.6 s (winsorized); 25 ns (100 frames, ESD, integration alone) underestimated small stacks 2.8x
-_EXACT_NS_PER_SAMPLE = 55.0
+# sample, x_LARGE_SCALE_FACTOR with large-scale rejection; measured with it at 26 MP mono
+# (bench_exact_pass, winsorized): 12 frames 17.5 s (56 ns a sample), 30 frames 33.1 s (42 ns): the
+# estimate (58.5 ns) errs on the long side, so a pass the service starts fits between frames
+_EXACT_NS_PER_SAMPLE = 45.0
+_LARGE_SCALE_FACTOR = 1.3  # its maps (0.2 s per 26 MP frame) and pass 2 over the pixels it pre-rejects
 # recomputing an evicted frame from its raw file (read, calibrate, warp, normalise): ~2.5 s at 26 MP
 _RECOMPUTE_NS_PER_PX = 100.0
 # Free heap memory kept between frames (see Pipeline._release_free_memory): this many float32 frames of
@@ -1191,15 +1193,15 @@ class Pipeline:
         return header
 
     def exact_pass_estimate_s(self, stack_id: str) -> float:
-        """Estimated wall time of the stack's exact pass on this machine's 2 cores: ~55 ns per sample
-        (see _EXACT_NS_PER_SAMPLE; conservative for large stacks), x2.4 with large-scale rejection.
+        """Estimated wall time of the stack's exact pass on this machine's 2 cores: ~45 ns per sample
+        (see _EXACT_NS_PER_SAMPLE; conservative), x1.3 with large-scale rejection.
         Called from the service's event loop: reads without the lock (a long rebuild may hold it)."""
         stack = self._stacks.get(stack_id)
         live = None if stack is None else stack.live
         if stack is None or live is None or live.n_frames == 0:
             return math.inf
         pixels = math.prod(live.shape)
-        factor = 2.4 if self.config.integration.large_scale_rejection else 1.0
+        factor = _LARGE_SCALE_FACTOR if self.config.integration.large_scale_rejection else 1.0
         evicted = len([m for m in list(stack.members) if m.get("evicted")])  # recomputed from raw first
         return (live.n_frames * pixels * _EXACT_NS_PER_SAMPLE * factor + evicted * pixels * _RECOMPUTE_NS_PER_PX) * 1e-9
 

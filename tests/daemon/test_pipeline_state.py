@@ -63,7 +63,8 @@ def test_stack_json_stays_small_and_the_log_restores_the_stack(night: Path, tmp_
     est = pipe.exact_pass_estimate_s(summary["id"])
     live = pipe._stacks[summary["id"]].live
     assert live is not None and 0 < est < 1.0
-    assert est == pytest.approx(live.n_frames * np.prod(live.shape) * pipeline_mod._EXACT_NS_PER_SAMPLE * 1e-9 * 2.4)
+    assert est == pytest.approx(live.n_frames * np.prod(live.shape) * pipeline_mod._EXACT_NS_PER_SAMPLE * 1e-9
+                                * pipeline_mod._LARGE_SCALE_FACTOR)
     assert pipe.exact_pass_estimate_s("no-such-stack") == float("inf")
     pipe.checkpoint()
     # an unchanged live stack is not written again (0.8 GB each at 26 MP, one per target and filter)
