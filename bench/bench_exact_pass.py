@@ -139,7 +139,7 @@ def main() -> int:
     sampler = _Sampler()
     sampler.wrap(integrate, "integrate", "integrate")
     sampler.wrap(integrate, "_large_scale_maps", "integrate: large-scale maps")
-    sampler.wrap(live.LiveStack, "_rebuild_extremes", "rebuild extremes")
+    sampler.wrap(live._StateFromBatch, "band", "integrate: live state from its decisions")
     sampler.wrap(fitsio, "write_image", "products: write_image")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -614,6 +614,7 @@ def integrate(
     band_rows: int | None = None,
     prefetch: bool = True,
     noise_model: NoiseModel | None = None,
+    on_band: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray | None], None] | None = None,
 ) -> Integration:
     """Integrate frames with pixel rejection, band by band.
 
@@ -638,6 +639,13 @@ def integrate(
     prefetch : read the next band in a thread while the current one is integrated. Default is True.
     noise_model : a floor under the rejectors' σ from the frames' noise model (see NoiseModel).
         Default is None (the algorithms exactly as PixInsight defines them).
+    on_band : called with each band's decisions, ``on_band(y0, y1, band, codes, redo)``: band the
+        (C, N, h, W) float32 samples of rows [y0, y1), codes (C, N, h, W) uint8 the decision on each
+        sample (reject.KEEP, LOW, HIGH, INVALID; CANDIDATE counts as kept). With large-scale
+        rejection pass 1 reports every band (redo None), then pass 2 the bands it recomputes, with
+        redo the (h, W) bool mask of the pixels whose decisions replace pass 1's (codes are valid
+        only there). The live stack rebuilds its state from them without reading the frames again.
+        Default is None.
 
     Exclusion masks: sources deliver NaN for excluded pixels (``MaskedSource`` wraps a source and a
     bool mask); such samples count neither in coverage nor in rejection.
@@ -731,13 +739,14 @@ def integrate(
             for i, idx in enumerate(pre_idx):
                 sel = idx[np.searchsorted(idx, a) : np.searchsorted(idx, b)] - a
                 pre[i].reshape(-1)[sel] = HIGH
-        rec = np.zeros((n, y1 - y0, width), dtype=np.uint8) if record_high else _EMPTY_U8
+        codes = np.zeros((channels, n, y1 - y0, width), dtype=np.uint8) if (record_high or on_band) else None
         union = np.zeros((n, y1 - y0, width), dtype=bool) if record_high else None
         cand = np.zeros((n, y1 - y0, width), dtype=bool) if (record_high and cand_kappa > 0) else None
         bg = np.zeros((y1 - y0, width) if noise_model is not None else (0, 0), np.float64)
         for c in range(channels):
             if noise_model is not None:
                 _background_rows(nm_grid, c, y0, y1, width, nm_step, bg)
+            rec = _EMPTY_U8 if codes is None else codes[c]
             _integrate_band(
                 band[c],
                 pre,
@@ -763,6 +772,11 @@ def integrate(
                 union |= rec == HIGH
             if cand is not None:
                 cand |= rec == CANDIDATE
+        if on_band is not None and codes is not None:
+            redo: np.ndarray | None = None
+            if pre_idx is not None:
+                redo = np.asarray(pre.any(axis=0)) if _PASS2_PRE_ONLY else np.ones((y1 - y0, width), dtype=bool)
+            on_band(y0, y1, band, codes, redo)
         if union is not None:
             for i in range(n):
                 highs[i].append(np.flatnonzero(union[i]) + y0 * width)

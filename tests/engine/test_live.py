@@ -3,16 +3,13 @@
 Seeded synthetic normalised frames: a fixed sky (gradient + Gaussian stars) plus per-frame Gaussian
 noise of known σ_i (weights (σ_ref/σ_i)²), a bright satellite trail in frame 1, a weaker one in a
 later frame and cosmic-ray hits. The batch reference is the project's batch integrator
-(stackwatch.engine.integrate) when present; until it lands, a small numpy reference built on
-stackwatch.engine.reject (§7.5 algorithm, weighted mean of the kept samples) stands in.
+(stackwatch.engine.integrate).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import sys
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,63 +80,13 @@ def _batch_reference(frames: list[np.ndarray], weights: np.ndarray) -> np.ndarra
         return (np.sum(wb * cube, axis=0, dtype=np.float64) / wb.sum(axis=0)).astype(np.float32)
 
 
-def _has_integrate() -> bool:
-    try:
-        mod = importlib.import_module("stackwatch.engine.integrate")
-    except ImportError:
-        return False
-    return hasattr(mod, "integrate")
-
-
-@dataclass(frozen=True)
-class _FakeIntegration:
-    image: np.ndarray
-    rej_low: np.ndarray
-    rej_high: np.ndarray
-    coverage: np.ndarray
-    weight_sum: np.ndarray
-
-
-def _fake_integrate(sources, *, weights=None, combination="mean", rejection="winsorized", params=None,
-                    large_scale=False, band_budget_bytes=1 << 30):
-    cube = np.stack([s.read_band(0, s.shape[-2]) for s in sources])
-    wts = np.ones(len(sources)) if weights is None else np.asarray(weights, float)
-    codes = reject.reject(cube, name=rejection, params=params)
-    keep = codes == 0
-    wb = wts.reshape((-1,) + (1,) * (cube.ndim - 1)) * keep
-    with np.errstate(invalid="ignore", divide="ignore"):
-        img = (np.sum(wb * cube, axis=0, dtype=np.float64) / wb.sum(axis=0)).astype(np.float32)
-    return _FakeIntegration(img, (codes == 1).sum(0).astype(np.uint16), (codes == 2).sum(0).astype(np.uint16),
-                            (codes != 3).sum(0).astype(np.uint16), wb.sum(0).astype(np.float32))
-
-
 @pytest.fixture
-def integrate_mod(monkeypatch: pytest.MonkeyPatch):
-    """The real batch integrator when it has landed, else a numpy stand-in with the agreed API."""
-    if _has_integrate():
-        return importlib.import_module("stackwatch.engine.integrate")
-    fake = types.ModuleType("stackwatch.engine.integrate")
-    fake.integrate = _fake_integrate  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "stackwatch.engine.integrate", fake)
-    import stackwatch.engine as eng
-
-    monkeypatch.setattr(eng, "integrate", fake, raising=False)
-    return fake
-
-
-class _Src:
-    def __init__(self, a: np.ndarray) -> None:
-        self.a = a
-        self.shape = a.shape
-
-    def read_band(self, y0: int, y1: int) -> np.ndarray:
-        return self.a[..., y0:y1, :]
+def integrate_mod():
+    return importlib.import_module("stackwatch.engine.integrate")
 
 
 def _sources(frames: list[np.ndarray], integrate_mod) -> list:
-    if hasattr(integrate_mod, "ArraySource"):
-        return [integrate_mod.ArraySource(f) for f in frames]
-    return [_Src(f) for f in frames]
+    return [integrate_mod.ArraySource(f) for f in frames]
 
 
 def _batch(frames, weights, integrate_mod, noise_model=None) -> np.ndarray:
@@ -568,3 +515,66 @@ def test_a_snapshot_takes_updates() -> None:
         assert _add(snap, night, i) == _add(a, night, i)
     for name, arr in a._arrays().items():
         assert np.array_equal(arr, snap._arrays()[name], equal_nan=True), name
+
+
+def test_exact_pass_state_holds_the_batch_decisions(integrate_mod) -> None:
+    """After an exact pass with large-scale rejection the live state holds the batch integrator's own
+    decisions: each frame's rejection list is exactly what the batch rejected (the grown edge of a
+    trail, which is not the pixel's highest sample, included: inferring the lists from the
+    rejected counts took the highest), so the accepted samples they leave give the image and the
+    accepted counts, and the retained extremes are the accepted samples' extremes."""
+    night = _night(12)
+    st = _stack(night)
+    for i in range(12):
+        _add(st, night, i)
+    st.exact_pass(_sources(night.frames, integrate_mod), large_scale=True, band_budget_bytes=1 << 20)
+    cube = np.stack(night.frames)
+    rejected = np.zeros(cube.shape, bool)
+    for i, fid in enumerate(st.frame_ids):
+        idx, side = st.rejections(fid)
+        assert set(np.unique(side)) <= {1, 2}
+        rejected[i].ravel()[idx] = True
+    accepted = ~rejected & np.isfinite(cube)
+    w = night.weights.reshape(-1, 1, 1)
+    wsum = np.where(accepted, w, 0.0).sum(0)
+    ok = wsum > 0
+    mean = np.where(accepted, w * cube, 0.0).sum(0)[ok] / wsum[ok]
+    np.testing.assert_allclose(mean, st.image()[ok], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(accepted.sum(0), st.accepted_count())
+    assert np.array_equal(st._hv[0][ok], np.where(accepted, cube, -np.inf).max(0)[ok])
+    assert np.array_equal(st._lv[0][ok], np.where(accepted, cube, np.inf).min(0)[ok])
+    second = np.sort(np.where(accepted, cube, -np.inf), axis=0)[-2]
+    two = accepted.sum(0) >= 2
+    assert np.array_equal(st._hv[1][two], second[two])
+    assert int(rejected.sum()) > int(np.sum(night.trails[0]))  # the trail of f0 and more
+
+
+def test_failed_exact_pass_leaves_a_consistent_state(integrate_mod) -> None:
+    """A frame that cannot be read halfway through the exact pass: the error reaches the caller, the
+    image and the lists are unchanged, the retained extremes are forgotten (they were half rebuilt
+    from the batch's decisions) and updates go on; the next exact pass equals batch."""
+    night = _night(12)
+    st = _stack(night)
+    for i in range(10):
+        _add(st, night, i)
+    before = st.image()
+    lists = [st.rejections(f)[0].copy() for f in st.frame_ids]
+
+    class Broken(integrate_mod.ArraySource):
+        def read_band(self, y0: int, y1: int) -> np.ndarray:
+            if y0 >= H // 2:
+                raise OSError("disk gone")
+            return super().read_band(y0, y1)
+
+    sources = _sources(night.frames[:10], integrate_mod)
+    sources[3] = Broken(night.frames[3])
+    with pytest.raises(OSError, match="disk gone"):
+        st.exact_pass(sources, band_budget_bytes=1 << 20)
+    np.testing.assert_array_equal(st.image(), before)
+    for f, old in zip(st.frame_ids, lists, strict=True):
+        np.testing.assert_array_equal(st.rejections(f)[0], old)
+    assert np.all(st._hi == 0xFFFF) and np.all(st._li == 0xFFFF) and st.dirty_rows().all()
+    for i in range(10, 12):
+        _add(st, night, i)
+    st.exact_pass(_sources(night.frames, integrate_mod))
+    np.testing.assert_array_equal(st.image(), _batch(night.frames, night.weights, integrate_mod, st.noise_model()))
