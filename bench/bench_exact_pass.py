@@ -4,8 +4,8 @@ Builds a stack of N synthetic 26 MP mono frames through the real pipeline (mallo
 tunes it: daemon/cli.py keep_freed_memory), resets the process's high-water mark, then runs
 `Pipeline.finalize` (exact pass with large-scale rejection, rebuilt live state, FITS products).
 A sampling thread reads VmRSS and glibc's bytes in use (mallinfo2) every few ms and attributes both
-peaks to the stage running: the batch integration (its large-scale maps apart), the rebuild of the
-extremes, the products (FITS writing). RSS includes free heap memory that glibc keeps (up to 1 GiB
+peaks, and wall and CPU time, to the stage running: the batch integration, within it the
+large-scale maps and the live state rebuilt from its decisions, then the products (FITS writing). RSS includes free heap memory that glibc keeps (up to 1 GiB
 under keep_freed_memory); "in use" is what is really allocated.
 
     .venv/bin/python bench/bench_exact_pass.py [--frames 6] [--band-mb 256] [--width 6248 --height 4176]
