@@ -275,6 +275,9 @@ _QUIET_SHORTCUT = True
 # large-scale pass 2 recomputes only the pixels with a pre-rejected sample: every other pixel has
 # the same samples and mask as in pass 1, so its result is pass 1's (~30 % of an exact pass at 26 MP)
 _PASS2_PRE_ONLY = True
+# pass 1 keeps only the large-scale candidates linked to a high rejection or a band edge (tests: False
+# keeps every candidate, with the same maps)
+_CANDIDATES_NEAR_SEEDS = True
 
 # ---------------------------------------------------------------------------------------------
 # kernel
@@ -492,9 +495,31 @@ CANDIDATE = 4  # record code: kept, but above the large-scale candidate threshol
 _TRAIL_ELONGATION = 3.0  # major/minor axis ratio for a candidate-extended structure to count as a trail
 
 
+def _linked_candidates(cand: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Flat indices (in the band) of the candidate pixels that can belong to a large-scale component:
+    those 8-connected, within the band, to a high rejection (seed) or to the band's first or last
+    row, through which a component continues into the next band. The others lie in components
+    without any high rejection, which `_large_scale_maps` drops, so the maps are the same as from
+    every candidate; keeping all of them (3.3 MB of bits per 26 MP frame) made the exact pass's
+    memory grow with the number of frames (~1 GB at 300)."""
+    if not _CANDIDATES_NEAR_SEEDS:
+        return np.flatnonzero(cand)
+    from scipy import ndimage
+
+    if not cand.any():
+        return np.zeros(0, dtype=np.int64)
+    labels, nlab = ndimage.label(cand | seed, structure=np.ones((3, 3), dtype=bool))
+    linked = np.zeros(nlab + 1, dtype=bool)
+    linked[labels[seed]] = True
+    linked[labels[0]] = True
+    linked[labels[-1]] = True
+    linked[0] = False
+    return np.flatnonzero(linked[labels] & cand)
+
+
 def _large_scale_maps(
     high_idx: list[list[np.ndarray]],
-    cand_bits: list[list[tuple[np.ndarray, int]]] | None,
+    cand_idx: list[list[np.ndarray]] | None,
     height: int,
     width: int,
     *,
@@ -523,10 +548,10 @@ def _large_scale_maps(
         if idx.size == 0:
             out.append(np.zeros(0, dtype=np.int64))
             continue
-        if cand_bits is not None:
-            flat = np.concatenate([np.unpackbits(bits, count=count) for bits, count in cand_bits[f]]).astype(bool)
-        else:
-            flat = np.zeros(height * width, dtype=bool)
+        flat = np.zeros(height * width, dtype=bool)
+        if cand_idx is not None:
+            for part in cand_idx[f]:
+                flat[part] = True
         flat[idx] = True
         bitmap = flat.reshape(height, width)
         labels, nlab = ndimage.label(bitmap, structure=structure)
@@ -632,7 +657,6 @@ def integrate(
         deviations (of the kept samples) above their mean join the high rejections when the
         structures are built, so faint trail segments and wings connected to rejected cores are
         removed too; components without any high rejection are ignored. 0 disables. Default is 2.0.
-        Costs N*H*W/8 bytes of bitmaps during the large-scale passes.
     band_budget_bytes : memory for the bands of all frames. Default is 1 GiB. With ``prefetch`` the
         budget is split between two bands (one being read while the other is integrated).
     band_rows : force the band height (tests); default None = from the budget.
@@ -704,7 +728,7 @@ def integrate(
     if _QUIET_SHORTCUT and noise_model is not None:
         quiet_kappa = quiet_kappa_for(spec.code, packed, (float(nm_par[1]), float(nm_par[2])))
     cand_kappa = float(large_scale_candidate_kappa) if large_scale else 0.0
-    cands: list[list[tuple[np.ndarray, int]]] = [[] for _ in range(n)]  # packed bits per band
+    cands: list[list[np.ndarray]] = [[] for _ in range(n)]  # flat indices per band (_linked_candidates)
 
     def run_pass(pre_idx: list[np.ndarray] | None, record_high: bool) -> list[list[np.ndarray]]:
         highs: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -780,9 +804,9 @@ def integrate(
         if union is not None:
             for i in range(n):
                 highs[i].append(np.flatnonzero(union[i]) + y0 * width)
-        if cand is not None:
+        if cand is not None and union is not None:
             for i in range(n):
-                cands[i].append((np.packbits(cand[i].reshape(-1)), cand[i].size))
+                cands[i].append(_linked_candidates(cand[i], union[i]) + y0 * width)
 
     ls_counts: tuple[int, ...] = ()
     if large_scale:

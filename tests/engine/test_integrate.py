@@ -374,3 +374,54 @@ def test_grow_is_the_binary_dilation_by_a_disc(r: int) -> None:
     want = ndimage.binary_dilation(mask, structure=disk) if r > 0 else mask
     got = I._grow(np.flatnonzero(mask)[::-1].copy(), h, w, disk, r)
     assert np.array_equal(got, np.flatnonzero(want))
+
+
+def test_large_scale_keeps_only_the_candidates_it_can_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 1 keeps only the hysteresis candidates linked, within their band, to a high rejection or
+    to a band edge: the large-scale maps and the products are those from every candidate, with a
+    faint trail continuing across several bands from its bright part and bands of 5 rows."""
+    rng = np.random.default_rng(11)
+    n, h, w = 9, 50, 70
+    frames = _frames(rng, n, h, w)
+    xs = np.arange(5, 65)
+    ys = (xs * 0.6).astype(int)
+    frames[3][ys, xs] += np.where(xs < 20, 0.1, 0.025).astype(np.float32)  # bright, then faint (2.5σ)
+    frames[6].ravel()[rng.integers(0, h * w, 40)] += 0.2
+    out = {}
+    for near in (True, False):
+        monkeypatch.setattr(I, "_CANDIDATES_NEAR_SEEDS", near)
+        out[near] = I.integrate(frames, rejection="winsorized", band_rows=5, large_scale=True)
+    a, b = out[True], out[False]
+    assert a.large_scale_pixels == b.large_scale_pixels and a.large_scale_pixels[3] > 0
+    assert np.array_equal(a.image, b.image, equal_nan=True)
+    for field in ("rej_low", "rej_high", "coverage", "weight_sum"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    # the maps themselves, from band-filtered candidates: a faint trail (candidates only) continuing
+    # through 7 bands from 5 rejected pixels, noise candidates, stray rejections
+    monkeypatch.setattr(I, "_CANDIDATES_NEAR_SEEDS", True)
+    hh, ww, rows = 40, 30, 5
+    cand_map = rng.random((hh, ww)) < 0.03
+    seed_map = np.zeros((hh, ww), bool)
+    seed_map.ravel()[rng.integers(0, hh * ww, 6)] = True
+    seed_map[0:5, 10] = True
+    cand_map[5:, 10] = True
+    cand_map &= ~seed_map
+    highs, full, linked = [], [], []
+    for y0 in range(0, hh, rows):
+        c, sd = cand_map[y0 : y0 + rows], seed_map[y0 : y0 + rows]
+        highs.append(np.flatnonzero(sd) + y0 * ww)
+        full.append(np.flatnonzero(c) + y0 * ww)
+        linked.append(I._linked_candidates(c, sd) + y0 * ww)
+    assert sum(p.size for p in linked) < sum(p.size for p in full)
+    maps = [I._large_scale_maps([highs], [cands], hh, ww, min_area_px=25, min_length_px=15, growth_px=2)[0]
+            for cands in (full, linked)]
+    assert np.array_equal(maps[0], maps[1]) and np.isin(np.arange(5, hh) * ww + 10, maps[0]).all()
+    # which are kept: linked to a seed (diagonally too) or to the first or last row of the band
+    cand = np.zeros((7, 10), bool)
+    seed = np.zeros((7, 10), bool)
+    cand[3, 2] = True  # alone: dropped
+    cand[0, 5] = cand[1, 6] = True  # at the band's top edge
+    cand[6, 0] = True  # at its bottom edge
+    seed[3, 8] = True
+    cand[4, 9] = cand[5, 9] = True  # linked to the seed
+    assert I._linked_candidates(cand, seed).tolist() == [5, 16, 49, 59, 60]
