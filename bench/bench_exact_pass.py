@@ -1,7 +1,7 @@
 """Memory, wall and CPU time of the service's exact pass (`Pipeline.finalize`) at 26 MP mono.
 
 Builds a stack of N synthetic 26 MP mono frames through the real pipeline (malloc tuned as the CLI
-tunes it: daemon/cli.py keep_freed_memory), resets the process's high-water mark, then runs
+tunes it: daemon/memory.py keep_freed_memory), resets the process's high-water mark, then runs
 `Pipeline.finalize` (exact pass with large-scale rejection, rebuilt live state, FITS products).
 A sampling thread reads VmRSS and glibc's bytes in use (mallinfo2) every few ms and attributes both
 peaks, and wall and CPU time, to the stage running: the batch integration, within it the
@@ -113,9 +113,9 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=4176)
     args = ap.parse_args()
 
-    from stackwatch.daemon import cli
+    from stackwatch.daemon import memory
 
-    cli.keep_freed_memory()
+    memory.keep_freed_memory()
     from stackwatch.daemon.config import Config
     from stackwatch.daemon.pipeline import Pipeline, classify_paths
     from stackwatch.engine import fitsio, integrate, live

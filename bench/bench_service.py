@@ -371,7 +371,7 @@ def main() -> int:
                         "glibc's defaults")
     args = parser.parse_args()
     if args.malloc == "keep":
-        from stackwatch.daemon.cli import keep_freed_memory
+        from stackwatch.daemon.memory import keep_freed_memory
 
         keep_freed_memory()  # before the service's threads exist, as at the CLI's start
     if args.pipeline == "real" and not have_real:

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from stackwatch.daemon.cli import release_free_memory
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.library_store import CalibrationLibrary, record_dict
+from stackwatch.daemon.memory import release_free_memory
 from stackwatch.engine import cfa, cosmetic, fitsio, gates, normalize, register, resample, stars, stats
 from stackwatch.engine.calibrate import Overscan, calibrate_light
 from stackwatch.engine.classify import FrameInfo, classify, field_target
@@ -419,7 +419,7 @@ class Pipeline:
 
     @staticmethod
     def _release_free_memory(stack: _Stack) -> None:
-        """Return a freed peak to the system (daemon/cli.py release_free_memory) when the heap holds more
+        """Return a freed peak to the system (daemon/memory.py release_free_memory) when the heap holds more
         free memory than a frame's own work leaves between frames: ~4.2 float32 frames at 26 MP mono
         (438 MB), 892 MB after an early exact pass, which otherwise stayed resident all night."""
         shape = stack.reference.shape if stack.reference is not None else ()

@@ -1,4 +1,4 @@
-"""The CLI's malloc tuning (daemon/cli.py keep_freed_memory): a freed frame-sized block is reused by the
+"""The CLI's malloc tuning (daemon/memory.py keep_freed_memory): a freed frame-sized block is reused by the
 next frame's allocation in any thread, without new page faults; glibc's defaults unmap it instead. A
 peak freed below the heap's top goes back to the system with release_free_memory.
 
@@ -27,12 +27,12 @@ _PROBE = textwrap.dedent(
     """
     import json, resource, sys, threading
     import numpy as np
-    from stackwatch.daemon import cli
+    from stackwatch.daemon import cli, memory
 
     mode = sys.argv[1]
     applied = None
     if mode == "function":
-        applied = cli.keep_freed_memory()
+        applied = memory.keep_freed_memory()
     elif mode == "main":
         sys.argv = ["stackwatch"]
         cli.main()  # no command: prints the usage, after the process-start tuning
@@ -92,23 +92,23 @@ _RELEASE = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from stackwatch.daemon import cli
+    from stackwatch.daemon import memory
 
     def rss():
         with open("/proc/self/status") as fh:
             return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
 
-    out = {"released_untuned": cli.release_free_memory(0)}
-    cli.keep_freed_memory()
+    out = {"released_untuned": memory.release_free_memory(0)}
+    memory.keep_freed_memory()
     peak = [np.ones(25 * 2**20, np.float32) for _ in range(3)]
     pin = np.ones(2**20 // 4, np.float32)  # 1 MB above them
     del peak
     out["before"] = rss()
-    out["released_above_free"] = cli.release_free_memory(2**30)
+    out["released_above_free"] = memory.release_free_memory(2**30)
     out["after_above_free"] = rss()
-    out["released"] = cli.release_free_memory(100 * 2**20)
+    out["released"] = memory.release_free_memory(100 * 2**20)
     out["after"] = rss()
-    out["released_again"] = cli.release_free_memory(100 * 2**20)
+    out["released_again"] = memory.release_free_memory(100 * 2**20)
     print(json.dumps(out))
     """
 )
