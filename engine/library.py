@@ -1142,7 +1142,8 @@ def master_header(result: MasterResult, key: MasterKey, infos: Sequence[FrameInf
     h = fits.Header()
     h["IMAGETYP"] = (_IMAGETYP[result.kind], "stackwatch master")
     h["SWKIND"] = (result.kind, "master kind")
-    h["SWKEY"] = (key.id, "stackwatch library key")
+    # with the readout mode a key is often too long for a comment beside it (astropy would cut it, warning)
+    h["SWKEY"] = (key.id, "stackwatch library key" if len(key.id) <= 43 else "")
     h["NCOMBINE"] = (result.ncombine, "frames integrated")
     if key.camera:
         h["INSTRUME"] = key.camera
