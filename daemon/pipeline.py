@@ -1068,6 +1068,8 @@ class Pipeline:
             "reference": s.reference.path if s.reference else None,
             "version": s.version,
             "final": s.final is not None,
+            # the live image is the batch integration of its frames (an exact pass since the last frame)
+            "exact": s.live is not None and s.live.is_exact,
             "stale": s.dirty,
             "closed": s.closed,
             "store_bytes": sum(self._store_bytes.get(s.id, {}).values()),

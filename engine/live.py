@@ -1452,6 +1452,12 @@ class LiveStack:
                       self.k_high + self.k_low + 1, quiet, out)
         return self._shape_out(out)
 
+    @property
+    def is_exact(self) -> bool:
+        """Whether `image` is the exact pass's result (the batch integration of the included frames):
+        no update or exclusion since the last exact pass."""
+        return self._exact is not None
+
     def _batch_rule(self) -> tuple[int, np.ndarray, np.ndarray]:
         """The batch integrator's rejection for the included frames (registry code, packed
         parameters) and its noise-floor parameters (ε², κ_low, κ_high), as `exact_pass` runs it."""

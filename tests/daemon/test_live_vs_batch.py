@@ -54,6 +54,8 @@ def _run(night: Path, state: Path, config: Config) -> list[tuple[int, bool, floa
             if ran:
                 pipe.finalize(stack.id)
                 new = 0
+            (summary,) = pipe.stacks()
+            assert summary["exact"] is ran  # what /api/stacks tells the web view
             pipe.flush_store()
             ids = list(live.frame_ids)
             weights = [next(f.weight for f in live.frames if f.frame_id == fid) for fid in ids]

@@ -305,7 +305,8 @@
     }
     const s = state.stacks.find((x) => x.id === sel.id) || {};
     const rows = [["target", s.target], ["filter", s.filter], ["frames", s.ncombine],
-      ["exposure", s.exposure_s ? `${(s.exposure_s / 3600).toFixed(2)} h` : "–"], ["reference", s.reference], ["version", s.version]];
+      ["exposure", s.exposure_s ? `${(s.exposure_s / 3600).toFixed(2)} h` : "–"], ["reference", s.reference],
+      ["integration", s.exact === undefined ? undefined : s.exact ? "exact (the batch result)" : "live (exact pass pending)"], ["version", s.version]];
     info.replaceChildren(el("dl", null, ...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v === undefined || v === null ? "–" : String(v) })])));
     const base = `/api/stacks/${encodeURIComponent(s.id)}/fits`;
     dl.replaceChildren(
