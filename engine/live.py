@@ -1191,6 +1191,7 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     v.flags.writeable = False
     return v
 
+
 class _StateFromBatch:
     """The live state's retained extremes and rejection lists rebuilt from the batch integrator's
     decisions as it makes them (`integrate`'s on_band), band by band: the frames are not read again,
@@ -1208,6 +1209,7 @@ class _StateFromBatch:
         self.redone_lists: dict[int, list[np.ndarray]] = {}
 
     def band(self, y0: int, y1: int, band: np.ndarray, codes: np.ndarray, redo: np.ndarray | None) -> None:
+        """`integrate`'s on_band: rows [y0, y1) of every channel, every pixel or those in redo."""
         live = self.live
         h, w = live._h, live._w
         todo = _NO_PIXELS if redo is None else redo
