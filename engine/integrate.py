@@ -729,6 +729,9 @@ def integrate(
         quiet_kappa = quiet_kappa_for(spec.code, packed, (float(nm_par[1]), float(nm_par[2])))
     cand_kappa = float(large_scale_candidate_kappa) if large_scale else 0.0
     cands: list[list[np.ndarray]] = [[] for _ in range(n)]  # flat indices per band (_linked_candidates)
+    # the per-frame index lists of pass 1 live until the maps are built: int32 halves them (at 300
+    # frames of 26 MP the bands are 9 rows high and the candidates at their edges are ~1 MB a frame)
+    flat_dtype = np.int32 if height * width < 2**31 else np.int64
 
     def run_pass(pre_idx: list[np.ndarray] | None, record_high: bool) -> list[list[np.ndarray]]:
         highs: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -803,10 +806,10 @@ def integrate(
             on_band(y0, y1, band, codes, redo)
         if union is not None:
             for i in range(n):
-                highs[i].append(np.flatnonzero(union[i]) + y0 * width)
+                highs[i].append((np.flatnonzero(union[i]) + y0 * width).astype(flat_dtype))
         if cand is not None and union is not None:
             for i in range(n):
-                cands[i].append(_linked_candidates(cand[i], union[i]) + y0 * width)
+                cands[i].append((_linked_candidates(cand[i], union[i]) + y0 * width).astype(flat_dtype))
 
     ls_counts: tuple[int, ...] = ()
     if large_scale:
