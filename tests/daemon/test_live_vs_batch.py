@@ -17,18 +17,16 @@ import pytest
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
 from stackwatch.daemon.service import exact_pass_due
-from stackwatch.engine import simulate
 from stackwatch.engine.integrate import NpySource, integrate
 from stackwatch.engine.reject import auto_rejection
+
+from tests.nights import small_night
 
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("night")
-    spec = simulate.preset("small", n_lights=9, n_darks=3, n_flats=3, n_darkflats=3, n_biases=3, seed=5,
-                           trails=(0, 3), clouds=((5, 0.6),), stars_per_mpix=20000.0)
-    simulate.simulate_night(spec, out, truth_files=False)
-    return out
+    return small_night(tmp_path_factory.mktemp("night"), n_lights=9, seed=5, trails=(0, 3), clouds=((5, 0.6),),
+                       stars_per_mpix=20000.0)
 
 
 def _run(night: Path, state: Path, config: Config) -> list[tuple[int, bool, float]]:

@@ -12,16 +12,13 @@ import pytest
 from stackwatch.daemon import pipeline as pipeline_mod
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
-from stackwatch.engine import simulate
+
+from tests.nights import small_night
 
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("night")
-    spec = simulate.preset("small", n_lights=7, n_darks=3, n_flats=3, n_darkflats=3, n_biases=3, seed=31,
-                           trails=(), stars_per_mpix=30000.0)
-    simulate.simulate_night(spec, out, truth_files=False)
-    return out
+    return small_night(tmp_path_factory.mktemp("night"), n_lights=7, seed=31, trails=(), stars_per_mpix=30000.0)
 
 
 def _lights(folder: Path) -> list[tuple[Path, object]]:

@@ -11,19 +11,17 @@ import pytest
 from astropy.io import fits
 from stackwatch.daemon.config import Config
 from stackwatch.daemon.pipeline import Pipeline, classify_paths
-from stackwatch.engine import fitsio, simulate
+from stackwatch.engine import fitsio
 from stackwatch.engine.calibrate import calibrate_light
 from stackwatch.engine.classify import classify
 from stackwatch.engine.errors import FrameError
 
+from tests.nights import small_night
+
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("night")
-    spec = simulate.preset("small", n_lights=4, n_darks=3, n_flats=3, n_darkflats=3, n_biases=3, seed=41,
-                           trails=(), stars_per_mpix=30000.0)
-    simulate.simulate_night(spec, out, truth_files=False)
-    return out
+    return small_night(tmp_path_factory.mktemp("night"), n_lights=4, seed=41, trails=(), stars_per_mpix=30000.0)
 
 
 def _pipeline(night: Path, state: Path) -> Pipeline:
